@@ -1,0 +1,128 @@
+"""The authorize service: from a validated request to a decision, over any store.
+
+Transports (HTTP, gRPC) call this and only this for decisions. It owns the deadline,
+the fail mode, the breaker that spares a dead Redis a connection attempt per request,
+and the API key lookup cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cachetools import TTLCache
+
+from sidecar import metrics
+from sidecar.config import Settings
+from sidecar.core.api_keys import hash_api_key
+from sidecar.core.decision import DecisionPolicy, new_decision_id, present, unavailable
+from sidecar.core.models import AuthorizeRequest, Decision, Outcome
+from sidecar.core.reasons import Reason
+from sidecar.core.windows import WINDOWS, all_bounds
+from sidecar.store.base import DecisionCall, Store, StoreUnavailable
+
+_NO_WINDOWS = (None,) * len(WINDOWS)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Authorizer:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.policy = DecisionPolicy(
+            deny_ttl_seconds=settings.deny_ttl_seconds,
+            quota_ttl_cap_seconds=settings.quota_ttl_cap_seconds,
+        )
+        self._deadline_s = settings.decision_timeout_ms / 1000
+        self._cooldown_s = settings.breaker_cooldown_ms / 1000
+        self._idempotency_ttl_ms = settings.idempotency_ttl_seconds * 1000
+        self._down_until = 0.0
+        # A key hash belongs to one consumer for good (keys are generated, never
+        # reassigned); revocation is checked by the store on every decision, so this
+        # cache can only save lookups, never admit a revoked key.
+        self._key_owner: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=300)
+
+    @property
+    def store_down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    async def authorize(self, request: AuthorizeRequest, at_ms: int | None = None) -> Decision:
+        """Decide a request already checked by ``AuthorizeRequest.validated``."""
+        started = time.perf_counter()
+        moment = now_ms() if at_ms is None else at_ms
+        decision_id = new_decision_id(moment)
+        request_id = request.request_id or decision_id
+        consumer_id = request.consumer_id
+        bounds = all_bounds(moment)
+        resets = tuple(reset for _, reset in bounds)
+        try:
+            if self.store_down:
+                raise StoreUnavailable("breaker open after a recent store failure")
+            async with asyncio.timeout(self._deadline_s):
+                key_hash = None
+                if request.api_key is not None:
+                    key_hash = hash_api_key(request.api_key)
+                    consumer_id = await self._owner(request.tenant, key_hash)
+                if consumer_id is None:
+                    outcome = Outcome(
+                        Reason.INVALID_KEY.value, 0, None, decision_id, 0, _NO_WINDOWS, _NO_WINDOWS
+                    )
+                else:
+                    outcome = await self.store.decide(
+                        DecisionCall(
+                            tenant=request.tenant,
+                            consumer_id=consumer_id,
+                            key_hash=key_hash,
+                            product=request.product,
+                            operation=request.operation,
+                            cost=request.cost,
+                            hits=request.hits,
+                            request_id=request_id,
+                            decision_id=decision_id,
+                            now_ms=moment,
+                            window_starts_ms=tuple(start for start, _ in bounds),
+                            resets_ms=resets,
+                            idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
+                        )
+                    )
+        except (StoreUnavailable, TimeoutError):
+            self._down_until = time.monotonic() + self._cooldown_s
+            metrics.STORE_ERRORS.labels("decide").inc()
+            metrics.DEGRADED.inc()
+            decision = unavailable(
+                fail_open=self.settings.fail_open(request.tenant),
+                tenant=request.tenant,
+                consumer_id=consumer_id,
+                product=request.product,
+                request_id=request_id,
+                decision_id=decision_id,
+            )
+        else:
+            decision = present(
+                outcome,
+                tenant=request.tenant,
+                consumer_id=consumer_id,
+                product=request.product,
+                request_id=request_id,
+                now_ms=moment,
+                resets_ms=resets,
+                policy=self.policy,
+            )
+        metrics.DECISIONS.labels(decision.reason).inc()
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+        return decision
+
+    async def _owner(self, tenant: str, key_hash: str) -> str | None:
+        ident = f"{tenant}:{key_hash}"
+        owner = self._key_owner.get(ident)
+        if owner is None:
+            owner = await self.store.resolve_key(tenant, key_hash)
+            if owner is not None:
+                self._key_owner[ident] = owner
+        return owner
+
+    def forget_key(self, tenant: str, key_hash: str) -> None:
+        self._key_owner.pop(f"{tenant}:{key_hash}", None)

@@ -1,0 +1,144 @@
+"""`aforo-sidecar`: serve, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import msgspec
+
+from sidecar import __version__
+from sidecar.config import Settings, SettingsError, load_settings
+
+# CLI flag -> Settings field, for the flags `serve` and `demo` share.
+_SERVER_FLAGS = {
+    "host": "host",
+    "port": "port",
+    "admin_token": "admin_token",
+    "log_level": "log_level",
+}
+
+
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="bind address (AFORO_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (AFORO_PORT, default 8080)")
+    parser.add_argument("--admin-token", help="bearer token of the admin API (AFORO_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--log-level", help="critical|error|warning|info|debug (AFORO_LOG_LEVEL, default info)"
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aforo-sidecar",
+        description="Aforo gateway sidecar: per-request quota and wallet decisions.",
+    )
+    parser.add_argument("--version", action="version", version=f"aforo-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the decision service")
+    _server_args(serve)
+    serve.add_argument("--redis-url", help="Redis URL (AFORO_REDIS_URL); unset: embedded store")
+    serve.add_argument("--workers", type=int, help="worker processes (AFORO_WORKERS, default 1)")
+    serve.add_argument("--fail-mode", help="open|closed when Redis is unreachable (AFORO_FAIL_MODE)")
+    serve.add_argument("--decision-timeout-ms", type=int, help="deadline of one decision (default 50)")
+    serve.add_argument("--key-prefix", help="Redis key prefix (AFORO_KEY_PREFIX, default aforo:)")
+
+    demo = sub.add_parser("demo", help="run on the embedded store with a demo catalog")
+    _server_args(demo)
+    return parser
+
+
+def _settings(args: argparse.Namespace, extra: dict[str, object]) -> Settings:
+    overrides = {field: getattr(args, flag, None) for flag, field in _SERVER_FLAGS.items()}
+    overrides.update(extra)
+    return load_settings(overrides)
+
+
+def _run(settings: Settings, access_log: bool) -> None:
+    import uvicorn
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": access_log,
+        "timeout_graceful_shutdown": 5,
+    }
+    if settings.workers == 1:
+        from sidecar.http.app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Workers are separate processes: they rebuild the settings from the environment
+    # and share one Prometheus directory so /metrics adds them up.
+    os.environ.update(settings.to_env())
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="aforo-metrics-"))
+    uvicorn.run("sidecar.http.app:app_from_env", factory=True, workers=settings.workers, **common)
+
+
+def _demo(settings: Settings, access_log: bool) -> None:
+    from sidecar.authorizer import now_ms
+    from sidecar.demo import curl_examples, load_demo
+    from sidecar.http.app import create_app
+    from sidecar.store.memory_store import MemoryStore
+
+    store = MemoryStore()
+    api_key = asyncio.run(load_demo(store, now_ms()))
+    base = f"http://{settings.host}:{settings.port}"
+    print("Aforo sidecar demo: embedded store, plans free/pro/metered, consumers")
+    print("app-free, app-pro (10.00 prepaid), app-metered (postpaid).")
+    print(f"admin token: {settings.admin_token}\n")
+    print(curl_examples(base, settings.admin_token or "", api_key), flush=True)
+    print()
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings, store),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=access_log,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            settings = _settings(
+                args,
+                {
+                    "redis_url": args.redis_url,
+                    "workers": args.workers,
+                    "fail_mode": args.fail_mode,
+                    "decision_timeout_ms": args.decision_timeout_ms,
+                    "key_prefix": args.key_prefix,
+                },
+            )
+        else:
+            settings = _settings(args, {"redis_url": ""})
+            if settings.admin_token is None:
+                settings = msgspec.structs.replace(settings, admin_token=secrets.token_urlsafe(24))
+    except SettingsError as exc:
+        print(f"aforo-sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        _run(settings, args.access_log)
+    else:
+        _demo(settings, args.access_log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""One Settings object, read from the environment (AFORO_*) and CLI flags, validated
+once at start with a message that names the bad value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import msgspec
+
+from sidecar.core.models import TENANT_RE
+
+ENV_PREFIX = "AFORO_"
+FailMode = Literal["open", "closed"]
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Hot store. Unset: the embedded in-process store (one process, nothing shared).
+    redis_url: str | None = None
+    key_prefix: str = "aforo:"
+    redis_connect_timeout_ms: int = 250
+    redis_max_connections: int = 256
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 65_536
+    # Decisions.
+    decision_timeout_ms: int = 50
+    fail_mode: FailMode = "open"
+    tenant_fail_modes: dict[str, FailMode] = {}
+    breaker_cooldown_ms: int = 500
+    idempotency_ttl_seconds: int = 86_400
+    deny_ttl_seconds: int = 5
+    quota_ttl_cap_seconds: int = 60
+    # Admin API: bearer token; unset disables every admin endpoint (401).
+    admin_token: str | None = None
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def fail_open(self, tenant: str) -> bool:
+        return self.tenant_fail_modes.get(tenant, self.fail_mode) == "open"
+
+    def validate(self) -> Settings:
+        if self.redis_url is not None:
+            parsed = urlparse(self.redis_url)
+            if parsed.scheme not in ("redis", "rediss", "unix") or (
+                parsed.scheme != "unix" and not parsed.hostname
+            ):
+                raise SettingsError(
+                    f"redis_url {self.redis_url!r} is not a Redis URL "
+                    "(expected redis://host:port/db, rediss://... or unix:///path)"
+                )
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"port {self.port} is out of range 1-65535")
+        if not 1 <= self.workers <= 64:
+            raise SettingsError(f"workers {self.workers} is out of range 1-64")
+        if self.workers > 1 and self.redis_url is None:
+            raise SettingsError(
+                "workers > 1 needs redis_url: the embedded store lives in one process, "
+                "so several workers would each count on their own"
+            )
+        for name, low, high in (
+            ("decision_timeout_ms", 1, 60_000),
+            ("redis_connect_timeout_ms", 1, 60_000),
+            ("redis_max_connections", 1, 100_000),
+            ("max_body_bytes", 256, 64 * 1024 * 1024),
+            ("breaker_cooldown_ms", 0, 600_000),
+            ("idempotency_ttl_seconds", 1, 90 * 86_400),
+            ("deny_ttl_seconds", 0, 86_400),
+            ("quota_ttl_cap_seconds", 0, 86_400 * 31),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise SettingsError(f"{name} {value} is out of range {low}-{high}")
+        for tenant in self.tenant_fail_modes:
+            if not TENANT_RE.fullmatch(tenant):
+                raise SettingsError(f"tenant_fail_modes names an invalid tenant {tenant!r}")
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            raise SettingsError("key_prefix must not contain braces (they delimit hash tags)")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise SettingsError("admin_token must be at least 16 characters")
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that rebuilds these settings (for worker processes)."""
+        env: dict[str, str] = {}
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+            env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+
+def _parse_mapping(name: str, text: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{name} expects entries like tenant=closed, got {item!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build and validate Settings: defaults < environment (AFORO_*) < overrides."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    fields = set(Settings.__struct_fields__)
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in fields:
+            continue  # other AFORO_* variables belong to other tools (the plugin, tests)
+        raw[name] = value
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    if isinstance(raw.get("tenant_fail_modes"), str):
+        raw["tenant_fail_modes"] = _parse_mapping("tenant_fail_modes", raw["tenant_fail_modes"])
+    for key in ("redis_url", "admin_token"):
+        if raw.get(key) == "":
+            raw[key] = None
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid setting: {exc} (environment variables are AFORO_<NAME>)") from None
+    return settings.validate()

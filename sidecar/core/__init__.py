@@ -1,0 +1,1 @@
+"""The pure decision core: models, windows, money and the decision rule. No I/O here."""

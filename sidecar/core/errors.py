@@ -1,0 +1,26 @@
+"""Errors the core raises for input it refuses. Transports map them to 4xx / INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+
+class InvalidInput(ValueError):
+    """Input that breaks a rule of the domain; nothing was changed.
+
+    ``code`` is machine-readable and stable, ``field`` names the offending field when
+    there is one.
+    """
+
+    def __init__(self, message: str, *, code: str = "invalid_request", field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.field = field
+
+
+class NotFound(LookupError):
+    """A plan or consumer the caller named does not exist."""
+
+    def __init__(self, message: str, *, code: str):
+        super().__init__(message)
+        self.message = message
+        self.code = code

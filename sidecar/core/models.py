@@ -1,0 +1,238 @@
+"""Domain models as msgspec Structs, with the validation rules of each."""
+
+from __future__ import annotations
+
+import enum
+import re
+
+import msgspec
+
+from sidecar.core.errors import InvalidInput
+from sidecar.core.money import MAX_MICROS
+from sidecar.core.windows import WINDOW_NAMES, WINDOWS
+
+# Tenants become part of Redis keys and of the cluster hash tag `{tenant:consumer}`:
+# no braces, no colon, no whitespace.
+TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Consumer ids come from gateways (Kong UUIDs, Apigee app ids, custom ids). Braces
+# would break the hash tag, whitespace and control characters are never legitimate.
+CONSUMER_ID_RE = re.compile(r"[A-Za-z0-9._~@:+=/-]{1,200}")
+PLAN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+PRODUCT_RE = re.compile(r"[^\s|{}]{1,200}")
+REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,200}")
+MAX_LIMIT = 2**53 - 1
+MAX_HITS = 1_000_000
+DEFAULT_TENANT = "default"
+
+
+class ConsumerStatus(enum.StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+
+
+class WalletMode(enum.StrEnum):
+    # Calls are refused when the balance does not cover their cost.
+    PREPAID = "prepaid"
+    # Calls are never refused for money; debits accrue and are invoiced later.
+    POSTPAID = "postpaid"
+
+
+def check_id(value: str, pattern: re.Pattern[str], field: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidInput(
+            f"{field} {value!r} is not valid (allowed: {pattern.pattern})",
+            code="invalid_identifier",
+            field=field,
+        )
+    return value
+
+
+class Plan(msgspec.Struct, forbid_unknown_fields=True):
+    """A plan: quota per window, a price per call, and the products it grants."""
+
+    id: str
+    tenant: str = DEFAULT_TENANT
+    windows: dict[str, int] = {}
+    price: int = 0  # micros per call when the request names no cost
+    products: list[str] = []  # empty: every product
+    name: str = ""
+
+    def validated(self) -> Plan:
+        check_id(self.tenant, TENANT_RE, "tenant")
+        check_id(self.id, PLAN_ID_RE, "id")
+        for name, limit in self.windows.items():
+            if name not in WINDOW_NAMES:
+                valid = ", ".join(w.value for w in WINDOWS)
+                raise InvalidInput(
+                    f"unknown window {name!r}; expected one of: {valid}",
+                    code="unknown_window",
+                    field=f"windows.{name}",
+                )
+            if not 0 <= limit <= MAX_LIMIT:
+                raise InvalidInput(
+                    f"limit of window {name!r} must be between 0 and {MAX_LIMIT}",
+                    code="invalid_limit",
+                    field=f"windows.{name}",
+                )
+        if not 0 <= self.price <= MAX_MICROS:
+            raise InvalidInput(
+                f"price must be between 0 and {MAX_MICROS} micros", code="invalid_amount", field="price"
+            )
+        for product in self.products:
+            check_id(product, PRODUCT_RE, "products[]")
+        return self
+
+    def limits(self) -> tuple[int | None, ...]:
+        """Limits in ``WINDOWS`` order; ``None`` where the plan sets no limit."""
+        return tuple(self.windows.get(w.value) for w in WINDOWS)
+
+
+class ConsumerSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A consumer (a Kong consumer, an Apigee developer app) bound to a plan, as an
+    admin writes it. ``status`` and ``wallet_mode`` left out keep their current value
+    (``active`` and ``prepaid`` on creation), so re-binding a plan never resumes a
+    suspended consumer by accident."""
+
+    id: str
+    plan_id: str
+    tenant: str = DEFAULT_TENANT
+    status: ConsumerStatus | None = None
+    wallet_mode: WalletMode | None = None
+
+    def validated(self) -> ConsumerSpec:
+        check_id(self.tenant, TENANT_RE, "tenant")
+        check_id(self.id, CONSUMER_ID_RE, "id")
+        check_id(self.plan_id, PLAN_ID_RE, "plan_id")
+        return self
+
+
+class ConsumerState(msgspec.Struct):
+    """What the decision rule reads of a consumer: its binding and wallet, denormalised."""
+
+    status: ConsumerStatus
+    plan_id: str
+    limits: tuple[int | None, ...]
+    price: int
+    products: tuple[str, ...]
+    wallet_mode: WalletMode
+    base: int  # balance as of the last settlement
+    pending: int  # debits since the last settlement
+
+    @property
+    def balance(self) -> int:
+        return self.base - self.pending
+
+
+class ConsumerView(msgspec.Struct):
+    """A consumer as the admin API shows it."""
+
+    tenant: str
+    id: str
+    plan_id: str
+    status: ConsumerStatus
+    wallet_mode: WalletMode
+    balance: int
+    pending: int
+    version: int
+    windows: dict[str, int]  # used count of each limited window, current period
+
+
+class AuthorizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """May this consumer call this product now, at this cost?
+
+    The consumer is named by ``consumer_id`` or by a raw ``api_key`` (hashed, looked up,
+    never stored). ``cost`` is in micros; when absent the plan's price applies. ``hits``
+    is how much quota the call consumes in every window.
+    """
+
+    product: str
+    tenant: str = DEFAULT_TENANT
+    consumer_id: str | None = None
+    api_key: str | None = None
+    operation: str = ""
+    cost: int | None = None
+    hits: int = 1
+    request_id: str | None = None
+
+    def validated(self) -> AuthorizeRequest:
+        check_id(self.tenant, TENANT_RE, "tenant")
+        if (self.consumer_id is None) == (self.api_key is None):
+            raise InvalidInput(
+                "exactly one of consumer_id and api_key is required",
+                code="missing_consumer",
+                field="consumer_id",
+            )
+        if self.consumer_id is not None:
+            check_id(self.consumer_id, CONSUMER_ID_RE, "consumer_id")
+        if self.api_key is not None and not 8 <= len(self.api_key) <= 512:
+            raise InvalidInput("api_key must be 8 to 512 characters", code="invalid_key", field="api_key")
+        check_id(self.product, PRODUCT_RE, "product")
+        if len(self.operation) > 512:
+            raise InvalidInput("operation is longer than 512 characters", field="operation")
+        if self.cost is not None and not 0 <= self.cost <= MAX_MICROS:
+            raise InvalidInput(
+                f"cost must be between 0 and {MAX_MICROS} micros", code="invalid_amount", field="cost"
+            )
+        if not 1 <= self.hits <= MAX_HITS:
+            raise InvalidInput(f"hits must be between 1 and {MAX_HITS}", field="hits")
+        if self.request_id is not None:
+            check_id(self.request_id, REQUEST_ID_RE, "request_id")
+        return self
+
+
+class Outcome(msgspec.Struct, array_like=True):
+    """What a store answers for one decision, before it is dressed for the caller.
+
+    ``used`` and ``limits`` are in ``WINDOWS`` order, ``None`` for an unlimited window;
+    ``used`` is the count after this decision. ``retry_at_ms`` is when a quota denial
+    may succeed (0 otherwise).
+    """
+
+    reason: str
+    charged: int
+    balance: int | None
+    decision_id: str
+    retry_at_ms: int
+    used: tuple[int | None, ...]
+    limits: tuple[int | None, ...]
+    replayed: bool = False
+
+
+class UsageRecord(msgspec.Struct):
+    """One allowed call as the usage stream holds it, for billing."""
+
+    request_id: str
+    decision_id: str
+    ts_ms: int
+    tenant: str
+    consumer_id: str
+    product: str
+    operation: str
+    cost: int
+    hits: int
+
+
+class WindowStatus(msgspec.Struct):
+    window: str
+    limit: int
+    remaining: int
+    reset: int  # epoch seconds at which the window resets
+
+
+class Decision(msgspec.Struct, omit_defaults=False):
+    allow: bool
+    reason: str
+    status: int
+    decision_id: str
+    request_id: str
+    tenant: str
+    consumer_id: str | None
+    product: str
+    ttl_seconds: int
+    retry_after: int | None
+    windows: list[WindowStatus]
+    balance: int | None  # remaining balance in micros after this decision
+    charged: int  # micros debited by this decision
+    degraded: bool = False
+    replayed: bool = False

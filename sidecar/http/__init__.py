@@ -1,0 +1,1 @@
+"""The HTTP transport: Starlette routes over the authorizer and the store."""

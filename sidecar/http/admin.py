@@ -1,0 +1,289 @@
+"""Admin endpoints: plans, consumers, wallets, API keys, suspension.
+
+Every endpoint checks the bearer token before it reads the body, so an unauthorised
+call learns nothing and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sidecar.authorizer import Authorizer, now_ms
+from sidecar.core.api_keys import generate_api_key, hash_api_key
+from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.models import (
+    CONSUMER_ID_RE,
+    DEFAULT_TENANT,
+    PLAN_ID_RE,
+    REQUEST_ID_RE,
+    TENANT_RE,
+    ConsumerSpec,
+    ConsumerStatus,
+    Plan,
+    check_id,
+)
+from sidecar.core.money import MAX_MICROS
+from sidecar.http.auth import require_admin
+from sidecar.http.bodies import decode_into, read_body
+from sidecar.store.base import Store
+
+log = logging.getLogger("aforo.admin")
+_encode = msgspec.json.Encoder().encode
+_KEY_HASH_LEN = 64
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(_encode(value), status_code=status, media_type="application/json")
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+async def _admin_body(request: Request) -> bytes:
+    require_admin(request)
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    return body or b"{}"
+
+
+def _tenant(request: Request) -> str:
+    return check_id(request.query_params.get("tenant", DEFAULT_TENANT), TENANT_RE, "tenant")
+
+
+def _record(request: Request, action: str, tenant: str, target: str, **detail: Any) -> None:
+    """One structured line per admin change (the Postgres audit log supersedes it)."""
+    client = request.client.host if request.client else "-"
+    log.info(
+        "admin %s tenant=%s target=%s client=%s %s",
+        action,
+        tenant,
+        target,
+        client,
+        " ".join(f"{k}={v!r}" for k, v in detail.items()),
+    )
+
+
+# --- plans -------------------------------------------------------------------------
+
+
+async def put_plan(request: Request) -> Response:
+    body = await _admin_body(request)
+    plan = decode_into(body, Plan, id=request.path_params["plan_id"]).validated()
+    created = await _store(request).put_plan(plan)
+    _record(request, "plan.put", plan.tenant, plan.id, windows=plan.windows, price=plan.price)
+    return _json(plan, 201 if created else 200)
+
+
+async def get_plan(request: Request) -> Response:
+    require_admin(request)
+    plan_id = check_id(request.path_params["plan_id"], PLAN_ID_RE, "plan_id")
+    plan = await _store(request).get_plan(_tenant(request), plan_id)
+    if plan is None:
+        raise NotFound(f"plan {plan_id!r} does not exist", code="plan_not_found")
+    return _json(plan)
+
+
+# --- consumers ---------------------------------------------------------------------
+
+
+async def put_consumer(request: Request) -> Response:
+    body = await _admin_body(request)
+    spec = decode_into(body, ConsumerSpec, id=request.path_params["consumer_id"]).validated()
+    view, created = await _store(request).put_consumer(spec, now_ms())
+    _record(request, "consumer.put", spec.tenant, spec.id, plan=spec.plan_id, status=spec.status)
+    return _json(view, 201 if created else 200)
+
+
+async def get_consumer(request: Request) -> Response:
+    require_admin(request)
+    consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
+    view = await _store(request).get_consumer(_tenant(request), consumer_id, now_ms())
+    if view is None:
+        raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+    return _json(view)
+
+
+class StatusChange(msgspec.Struct, forbid_unknown_fields=True):
+    consumer_id: str
+    tenant: str = DEFAULT_TENANT
+    reason: str = ""
+
+
+async def _change_status(
+    request: Request, tenant: str, consumer_id: str, status: ConsumerStatus, reason: str
+) -> Response:
+    check_id(tenant, TENANT_RE, "tenant")
+    check_id(consumer_id, CONSUMER_ID_RE, "consumer_id")
+    if len(reason) > 1000:
+        raise InvalidInput("reason is longer than 1000 characters", field="reason")
+    view = await _store(request).set_status(tenant, consumer_id, status, now_ms())
+    _record(request, f"consumer.{status.value}", tenant, consumer_id, reason=reason)
+    return _json(view)
+
+
+def _status_endpoint(status: ConsumerStatus):
+    async def endpoint(request: Request) -> Response:
+        body = await _admin_body(request)
+        change = decode_into(body, StatusChange, consumer_id=request.path_params["consumer_id"])
+        return await _change_status(request, change.tenant, change.consumer_id, status, change.reason)
+
+    return endpoint
+
+
+class TopUp(msgspec.Struct, forbid_unknown_fields=True):
+    consumer_id: str
+    amount: int  # micros, > 0
+    reference: str | None = None  # idempotency: a reference is credited once
+    tenant: str = DEFAULT_TENANT
+
+
+async def top_up(request: Request) -> Response:
+    body = await _admin_body(request)
+    topup = decode_into(body, TopUp, consumer_id=request.path_params["consumer_id"])
+    check_id(topup.tenant, TENANT_RE, "tenant")
+    check_id(topup.consumer_id, CONSUMER_ID_RE, "consumer_id")
+    if not 0 < topup.amount <= MAX_MICROS:
+        raise InvalidInput(
+            f"amount must be between 1 and {MAX_MICROS} micros", code="invalid_amount", field="amount"
+        )
+    if topup.reference is not None:
+        check_id(topup.reference, REQUEST_ID_RE, "reference")
+    result = await _store(request).top_up(topup.tenant, topup.consumer_id, topup.amount, topup.reference)
+    _record(
+        request,
+        "wallet.topup",
+        topup.tenant,
+        topup.consumer_id,
+        amount=topup.amount,
+        reference=topup.reference,
+        applied=result.applied,
+    )
+    return _json({"balance": result.balance, "applied": result.applied})
+
+
+# --- API keys ----------------------------------------------------------------------
+
+
+class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    consumer_id: str
+    tenant: str = DEFAULT_TENANT
+
+
+async def create_key(request: Request) -> Response:
+    body = await _admin_body(request)
+    ask = decode_into(body, KeyRequest, consumer_id=request.path_params["consumer_id"])
+    check_id(ask.tenant, TENANT_RE, "tenant")
+    check_id(ask.consumer_id, CONSUMER_ID_RE, "consumer_id")
+    raw = generate_api_key()
+    key_hash = hash_api_key(raw)
+    await _store(request).add_key(ask.tenant, ask.consumer_id, key_hash)
+    _record(request, "key.create", ask.tenant, ask.consumer_id, key_hash=key_hash)
+    return _json(
+        {
+            "api_key": raw,
+            "key_hash": key_hash,
+            "consumer_id": ask.consumer_id,
+            "tenant": ask.tenant,
+            "note": "the raw key is shown only now; the sidecar keeps its SHA-256 hash",
+        },
+        201,
+    )
+
+
+async def revoke_key(request: Request) -> Response:
+    require_admin(request)
+    tenant = _tenant(request)
+    consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
+    key_hash = request.path_params["key_hash"].lower()
+    if len(key_hash) != _KEY_HASH_LEN or any(ch not in "0123456789abcdef" for ch in key_hash):
+        raise InvalidInput("key_hash must be 64 hex digits (SHA-256)", field="key_hash")
+    removed = await _store(request).revoke_key(tenant, consumer_id, key_hash)
+    if not removed:
+        raise NotFound("no such key on this consumer", code="key_not_found")
+    authorizer: Authorizer = request.app.state.authorizer
+    authorizer.forget_key(tenant, key_hash)
+    _record(request, "key.revoke", tenant, consumer_id, key_hash=key_hash)
+    return _json({"revoked": True, "key_hash": key_hash})
+
+
+# --- seed contracts: gateway-side suspension ---------------------------------------
+
+
+async def kong_suspend(request: Request) -> Response:
+    body = await _admin_body(request)
+    change = decode_into(body, StatusChange)
+    return await _change_status(
+        request, change.tenant, change.consumer_id, ConsumerStatus.SUSPENDED, change.reason
+    )
+
+
+async def kong_resume(request: Request) -> Response:
+    body = await _admin_body(request)
+    change = decode_into(body, StatusChange)
+    return await _change_status(
+        request, change.tenant, change.consumer_id, ConsumerStatus.ACTIVE, change.reason
+    )
+
+
+class ApigeeStatusChange(msgspec.Struct, forbid_unknown_fields=True):
+    """``mode`` of a suspension: ``suspend`` (reversible) or ``revoke`` (for good)."""
+
+    appId: str
+    developer: str = ""
+    mode: str = "suspend"
+    reason: str = ""
+    tenant: str = DEFAULT_TENANT
+
+
+_APIGEE_MODES = {"suspend": ConsumerStatus.SUSPENDED, "revoke": ConsumerStatus.REVOKED}
+
+
+async def apigee_suspend(request: Request) -> Response:
+    body = await _admin_body(request)
+    change = decode_into(body, ApigeeStatusChange)
+    status = _APIGEE_MODES.get(change.mode)
+    if status is None:
+        raise InvalidInput(f"mode {change.mode!r} is not one of: {', '.join(_APIGEE_MODES)}", field="mode")
+    return await _change_status(request, change.tenant, change.appId, status, change.reason)
+
+
+async def apigee_resume(request: Request) -> Response:
+    body = await _admin_body(request)
+    change = decode_into(body, ApigeeStatusChange)
+    return await _change_status(request, change.tenant, change.appId, ConsumerStatus.ACTIVE, change.reason)
+
+
+ROUTES = [
+    Route("/v1/admin/plans/{plan_id}", put_plan, methods=["PUT"]),
+    Route("/v1/admin/plans/{plan_id}", get_plan, methods=["GET"]),
+    Route("/v1/admin/consumers/{consumer_id}", put_consumer, methods=["PUT"]),
+    Route("/v1/admin/consumers/{consumer_id}", get_consumer, methods=["GET"]),
+    Route(
+        "/v1/admin/consumers/{consumer_id}/suspend",
+        _status_endpoint(ConsumerStatus.SUSPENDED),
+        methods=["POST"],
+    ),
+    Route(
+        "/v1/admin/consumers/{consumer_id}/resume",
+        _status_endpoint(ConsumerStatus.ACTIVE),
+        methods=["POST"],
+    ),
+    Route(
+        "/v1/admin/consumers/{consumer_id}/revoke",
+        _status_endpoint(ConsumerStatus.REVOKED),
+        methods=["POST"],
+    ),
+    Route("/v1/admin/consumers/{consumer_id}/topup", top_up, methods=["POST"]),
+    Route("/v1/admin/consumers/{consumer_id}/keys", create_key, methods=["POST"]),
+    Route("/v1/admin/consumers/{consumer_id}/keys/{key_hash}", revoke_key, methods=["DELETE"]),
+    Route("/integrations/kong/suspend", kong_suspend, methods=["POST"]),
+    Route("/integrations/kong/resume", kong_resume, methods=["POST"]),
+    Route("/integrations/apigee/suspend", apigee_suspend, methods=["POST"]),
+    Route("/integrations/apigee/resume", apigee_resume, methods=["POST"]),
+]

@@ -1,0 +1,63 @@
+"""Reading request bodies: bounded in size, decoded straight into Structs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+
+from sidecar.core.errors import InvalidInput
+from sidecar.http.errors import ApiError
+
+T = TypeVar("T")
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (413) before reading more than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def invalid_from(exc: msgspec.MsgspecError) -> InvalidInput:
+    """A msgspec error as InvalidInput, naming the offending field when msgspec does."""
+    if isinstance(exc, msgspec.ValidationError):
+        text = str(exc)
+        match = _PATH.search(text)
+        field = match.group(1) if match else None
+        return InvalidInput(text, code="invalid_field", field=field or None)
+    return InvalidInput(f"malformed JSON: {exc}", code="malformed_json")
+
+
+def decode(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    if not data:
+        raise InvalidInput("a JSON body is required", code="malformed_json")
+    try:
+        return decoder.decode(data)
+    except msgspec.MsgspecError as exc:
+        raise invalid_from(exc) from None
+
+
+def decode_into(data: bytes, kind: type[T], **fixed: Any) -> T:
+    """Decode a JSON object and convert it to ``kind``, with ``fixed`` fields set from the
+    path (a body may repeat them only with the same value)."""
+    raw = decode(data, msgspec.json.Decoder(dict[str, Any]))
+    for name, value in fixed.items():
+        if name in raw and raw[name] != value:
+            raise InvalidInput(f"{name} in the body does not match the path", field=name)
+        raw[name] = value
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise invalid_from(exc) from None

@@ -1,0 +1,100 @@
+"""The store protocol every hot store implements, and the input of one decision."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from sidecar.core.models import (
+    ConsumerSpec,
+    ConsumerStatus,
+    ConsumerView,
+    Outcome,
+    Plan,
+    UsageRecord,
+)
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or did not answer in time. Nothing is known to
+    have changed; the caller applies its fail mode."""
+
+
+class DecisionCall(msgspec.Struct, frozen=True):
+    """Everything a store needs for one decision, computed by the caller.
+
+    ``key_hash`` is set when the consumer was named by an API key: the store then
+    checks the key is still registered to the consumer, atomically with the rest.
+    ``idempotency_ttl_ms`` is 0 when the caller gave no request id (nobody can retry).
+    """
+
+    tenant: str
+    consumer_id: str
+    key_hash: str | None
+    product: str
+    operation: str
+    cost: int | None
+    hits: int
+    request_id: str
+    decision_id: str
+    now_ms: int
+    window_starts_ms: tuple[int, ...]
+    resets_ms: tuple[int, ...]
+    idempotency_ttl_ms: int
+
+
+class TopUpResult(msgspec.Struct, frozen=True):
+    balance: int
+    applied: bool  # False when the reference was already applied
+
+
+class Store(Protocol):
+    async def decide(self, call: DecisionCall) -> Outcome:
+        """One atomic, all-or-nothing decision (see core.decision.evaluate)."""
+        ...
+
+    async def resolve_key(self, tenant: str, key_hash: str) -> str | None:
+        """The consumer id an API key hash was registered to, or None."""
+        ...
+
+    async def put_plan(self, plan: Plan) -> bool:
+        """Create or replace a plan; every consumer bound to it follows. True if created."""
+        ...
+
+    async def get_plan(self, tenant: str, plan_id: str) -> Plan | None: ...
+
+    async def put_consumer(self, consumer: ConsumerSpec, now_ms: int) -> tuple[ConsumerView, bool]:
+        """Create or update a consumer; raises NotFound for an unknown plan.
+        Returns the view and whether it was created."""
+        ...
+
+    async def get_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None: ...
+
+    async def set_status(
+        self, tenant: str, consumer_id: str, status: ConsumerStatus, now_ms: int
+    ) -> ConsumerView:
+        """Raises NotFound for an unknown consumer."""
+        ...
+
+    async def top_up(self, tenant: str, consumer_id: str, amount: int, reference: str | None) -> TopUpResult:
+        """Credit the wallet; a repeated ``reference`` is applied once. NotFound if unknown."""
+        ...
+
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str) -> None:
+        """Register an API key hash to a consumer; NotFound if unknown."""
+        ...
+
+    async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
+        """Unregister a key hash; False if it was not registered to this consumer."""
+        ...
+
+    async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
+        """The consumer's usage records not yet drained to the ledger, oldest first."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,49 @@
+"""The Redis key layout. Every key of one consumer shares the hash tag
+``{tenant:consumer}``, so a decision touches one Redis Cluster slot.
+
+    <prefix>{t:c}:c                consumer hash: status, plan binding, wallet, key hashes
+    <prefix>{t:c}:q:<window>:<ms>  counter of one window period (expires after its reset)
+    <prefix>{t:c}:r:<request id>   first decision of a request id (idempotency)
+    <prefix>{t:c}:u                usage stream (drained by the reconciler)
+    <prefix>{t:c}:t:<reference>    top-up reference already applied
+    <prefix>plan:{t}:<plan>        plan definition (JSON) and version
+    <prefix>plan:{t}:<plan>:m      set of consumer ids bound to the plan
+    <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
+"""
+
+from __future__ import annotations
+
+from sidecar.core.windows import WINDOWS
+
+
+class KeySpace:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def tag(self, tenant: str, consumer_id: str) -> str:
+        return f"{self.prefix}{{{tenant}:{consumer_id}}}"
+
+    def consumer(self, tenant: str, consumer_id: str) -> str:
+        return f"{self.tag(tenant, consumer_id)}:c"
+
+    def counters(self, tenant: str, consumer_id: str, starts_ms: tuple[int, ...]) -> list[str]:
+        tag = self.tag(tenant, consumer_id)
+        return [f"{tag}:q:{w.value}:{start}" for w, start in zip(WINDOWS, starts_ms, strict=True)]
+
+    def request(self, tenant: str, consumer_id: str, request_id: str) -> str:
+        return f"{self.tag(tenant, consumer_id)}:r:{request_id}"
+
+    def usage(self, tenant: str, consumer_id: str) -> str:
+        return f"{self.tag(tenant, consumer_id)}:u"
+
+    def topup(self, tenant: str, consumer_id: str, reference: str) -> str:
+        return f"{self.tag(tenant, consumer_id)}:t:{reference}"
+
+    def plan(self, tenant: str, plan_id: str) -> str:
+        return f"{self.prefix}plan:{{{tenant}}}:{plan_id}"
+
+    def plan_members(self, tenant: str, plan_id: str) -> str:
+        return f"{self.plan(tenant, plan_id)}:m"
+
+    def api_key(self, tenant: str, key_hash: str) -> str:
+        return f"{self.prefix}key:{tenant}:{key_hash}"

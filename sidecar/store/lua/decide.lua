@@ -1,0 +1,99 @@
+-- decide.lua: one authorize decision, atomic and all-or-nothing.
+-- Transcribes sidecar/core/decision.py:evaluate; the shared store tests hold both to
+-- the same answers.
+--
+-- KEYS (all under the consumer's hash tag {tenant:consumer}, so one cluster slot):
+--   1 consumer hash         2 idempotency record      3 usage stream
+--   4..8 window counters, minute hour day week month (key names carry the window start)
+-- ARGV:
+--   1 now_ms  2 request_id  3 decision_id  4 product  5 operation
+--   6 cost in micros ('' = the plan's price)  7 hits
+--   8 idempotency ttl ms ('0' = no record: the caller gave no request id)
+--   9 api key hash ('' = consumer named by id)  10..14 reset ms of each window
+--   15 tenant  16 consumer id
+-- Returns {replayed, reason, charged, balance|nil, decision_id, retry_at_ms,
+--          used1..used5, limit1..limit5}; -1 marks an unlimited window. `used` is the
+--          count after the decision (unchanged when denied).
+-- Guarantees: a denied call changes nothing; an allowed call increments every limited
+-- window by `hits`, adds its cost to `pending` and appends one usage record, together;
+-- a request id already allowed returns its first decision and changes nothing.
+
+local stored = redis.call('GET', KEYS[2])
+if stored then
+  local first = cmsgpack.unpack(stored)
+  first[1] = 1
+  return first
+end
+
+local c = redis.call('HMGET', KEYS[1], 'status', 'products', 'price', 'wallet', 'base', 'pending',
+  'l_minute', 'l_hour', 'l_day', 'l_week', 'l_month')
+local used = {-1, -1, -1, -1, -1}
+local limits = {-1, -1, -1, -1, -1}
+
+local function reply(reason, charged, balance, retry_at)
+  return {0, reason, charged, balance, ARGV[3], retry_at,
+    used[1], used[2], used[3], used[4], used[5],
+    limits[1], limits[2], limits[3], limits[4], limits[5]}
+end
+
+if not c[1] then
+  return reply('unknown_consumer', 0, false, 0)
+end
+
+local base = tonumber(c[5])
+local balance = base - tonumber(c[6])
+for i = 1, 5 do
+  if c[6 + i] then
+    limits[i] = tonumber(c[6 + i])
+    used[i] = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
+  end
+end
+
+if ARGV[9] ~= '' and redis.call('HEXISTS', KEYS[1], 'k:' .. ARGV[9]) == 0 then
+  return reply('invalid_key', 0, balance, 0)
+end
+if c[1] ~= 'active' then
+  return reply(c[1], 0, balance, 0)
+end
+if c[2] ~= '' and not string.find(c[2], '|' .. ARGV[4] .. '|', 1, true) then
+  return reply('product_not_allowed', 0, balance, 0)
+end
+
+local hits = tonumber(ARGV[7])
+local retry_at = 0
+for i = 1, 5 do
+  -- A denied call may only succeed once every exhausted window has reset.
+  if limits[i] >= 0 and used[i] + hits > limits[i] then
+    local reset = tonumber(ARGV[9 + i])
+    if reset > retry_at then retry_at = reset end
+  end
+end
+if retry_at > 0 then
+  return reply('quota_exceeded', 0, balance, retry_at)
+end
+
+local cost_text = ARGV[6]
+if cost_text == '' then cost_text = c[3] end
+local cost = tonumber(cost_text)
+if c[4] == 'prepaid' and balance < cost then
+  return reply('insufficient_balance', 0, balance, 0)
+end
+
+for i = 1, 5 do
+  if limits[i] >= 0 then
+    used[i] = redis.call('INCRBY', KEYS[3 + i], hits)
+    if used[i] == hits then
+      -- Kept 10 minutes past the reset so a late reconciliation can still read it.
+      redis.call('PEXPIREAT', KEYS[3 + i], tonumber(ARGV[9 + i]) + 600000)
+    end
+  end
+end
+balance = base - redis.call('HINCRBY', KEYS[1], 'pending', cost)
+redis.call('XADD', KEYS[3], '*', 'rid', ARGV[2], 'did', ARGV[3], 'ts', ARGV[1], 't', ARGV[15],
+  'c', ARGV[16], 'p', ARGV[4], 'op', ARGV[5], 'cost', cost_text, 'hits', ARGV[7])
+
+local out = reply('ok', cost, balance, 0)
+if ARGV[8] ~= '0' then
+  redis.call('SET', KEYS[2], cmsgpack.pack(out), 'PX', ARGV[8])
+end
+return out

@@ -1,0 +1,267 @@
+"""The embedded store: the same semantics as the Redis store, in one process.
+
+Used when no Redis URL is configured (development, demos, a single-process gateway
+test bed). Every operation runs without an ``await`` between its read and its write,
+so it is atomic on the event loop, as a Lua script is on Redis.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+from dataclasses import dataclass, field
+
+from sidecar.core.decision import evaluate
+from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.models import (
+    ConsumerSpec,
+    ConsumerState,
+    ConsumerStatus,
+    ConsumerView,
+    Outcome,
+    Plan,
+    UsageRecord,
+    WalletMode,
+)
+from sidecar.core.money import MAX_MICROS
+from sidecar.core.reasons import Reason
+from sidecar.core.windows import WINDOWS, all_bounds
+from sidecar.store.base import DecisionCall, TopUpResult
+
+
+@dataclass
+class _Consumer:
+    plan_id: str
+    status: ConsumerStatus = ConsumerStatus.ACTIVE
+    wallet_mode: WalletMode = WalletMode.PREPAID
+    base: int = 0
+    pending: int = 0
+    version: int = 0
+    key_hashes: set[str] = field(default_factory=set)
+    # Per window index: (period start ms, count in that period).
+    counters: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class MemoryStore:
+    def __init__(self, *, usage_capacity: int = 1_000_000) -> None:
+        self._plans: dict[tuple[str, str], Plan] = {}
+        self._consumers: dict[tuple[str, str], _Consumer] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+        # request identity -> (expiry ms, first outcome); expiries in a heap to purge.
+        self._requests: dict[tuple[str, str, str], tuple[int, Outcome]] = {}
+        self._request_expiry: list[tuple[int, tuple[str, str, str]]] = []
+        self._topups: dict[tuple[str, str, str], int] = {}
+        # No reconciler drains the embedded store: keep the newest records, bounded.
+        self._usage: dict[tuple[str, str], collections.deque[UsageRecord]] = {}
+        self._usage_capacity = usage_capacity
+
+    def _purge_requests(self, now_ms: int) -> None:
+        heap = self._request_expiry
+        while heap and heap[0][0] <= now_ms:
+            expiry, ident = heapq.heappop(heap)
+            entry = self._requests.get(ident)
+            if entry is not None and entry[0] == expiry:
+                del self._requests[ident]
+
+    @staticmethod
+    def _used(consumer: _Consumer, starts: tuple[int, ...]) -> list[int]:
+        used = []
+        for i, start in enumerate(starts):
+            period = consumer.counters.get(i)
+            used.append(period[1] if period is not None and period[0] == start else 0)
+        return used
+
+    async def decide(self, call: DecisionCall) -> Outcome:
+        self._purge_requests(call.now_ms)
+        ident = (call.tenant, call.consumer_id, call.request_id)
+        first = self._requests.get(ident)
+        if first is not None:
+            outcome = first[1]
+            return Outcome(
+                reason=outcome.reason,
+                charged=outcome.charged,
+                balance=outcome.balance,
+                decision_id=outcome.decision_id,
+                retry_at_ms=outcome.retry_at_ms,
+                used=outcome.used,
+                limits=outcome.limits,
+                replayed=True,
+            )
+        consumer = self._consumers.get((call.tenant, call.consumer_id))
+        none = (None,) * len(WINDOWS)
+        if consumer is None:
+            verdict = evaluate(
+                None,
+                key_valid=False,
+                product=call.product,
+                cost=call.cost,
+                hits=call.hits,
+                used=(0,) * len(WINDOWS),
+                resets_ms=call.resets_ms,
+            )
+            return Outcome(verdict.reason.value, 0, None, call.decision_id, 0, none, none)
+        plan = self._plans[(call.tenant, consumer.plan_id)]
+        limits = plan.limits()
+        state = ConsumerState(
+            status=consumer.status,
+            plan_id=plan.id,
+            limits=limits,
+            price=plan.price,
+            products=tuple(plan.products),
+            wallet_mode=consumer.wallet_mode,
+            base=consumer.base,
+            pending=consumer.pending,
+        )
+        used = self._used(consumer, call.window_starts_ms)
+        verdict = evaluate(
+            state,
+            key_valid=call.key_hash is None or call.key_hash in consumer.key_hashes,
+            product=call.product,
+            cost=call.cost,
+            hits=call.hits,
+            used=used,
+            resets_ms=call.resets_ms,
+        )
+        if verdict.reason is Reason.OK:
+            for i, limit in enumerate(limits):
+                if limit is not None:
+                    used[i] += call.hits
+                    consumer.counters[i] = (call.window_starts_ms[i], used[i])
+            consumer.pending += verdict.charged
+            records = self._usage.setdefault(
+                (call.tenant, call.consumer_id), collections.deque(maxlen=self._usage_capacity)
+            )
+            records.append(
+                UsageRecord(
+                    request_id=call.request_id,
+                    decision_id=call.decision_id,
+                    ts_ms=call.now_ms,
+                    tenant=call.tenant,
+                    consumer_id=call.consumer_id,
+                    product=call.product,
+                    operation=call.operation,
+                    cost=verdict.charged,
+                    hits=call.hits,
+                )
+            )
+        outcome = Outcome(
+            reason=verdict.reason.value,
+            charged=verdict.charged,
+            balance=consumer.base - consumer.pending,
+            decision_id=call.decision_id,
+            retry_at_ms=verdict.retry_at_ms,
+            used=tuple(u if limit is not None else None for u, limit in zip(used, limits, strict=True)),
+            limits=limits,
+        )
+        if verdict.reason is Reason.OK and call.idempotency_ttl_ms > 0:
+            expiry = call.now_ms + call.idempotency_ttl_ms
+            self._requests[ident] = (expiry, outcome)
+            heapq.heappush(self._request_expiry, (expiry, ident))
+        return outcome
+
+    async def resolve_key(self, tenant: str, key_hash: str) -> str | None:
+        return self._keys.get((tenant, key_hash))
+
+    async def put_plan(self, plan: Plan) -> bool:
+        created = (plan.tenant, plan.id) not in self._plans
+        self._plans[(plan.tenant, plan.id)] = plan
+        return created
+
+    async def get_plan(self, tenant: str, plan_id: str) -> Plan | None:
+        return self._plans.get((tenant, plan_id))
+
+    def _view(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
+        consumer = self._consumers.get((tenant, consumer_id))
+        if consumer is None:
+            return None
+        limits = self._plans[(tenant, consumer.plan_id)].limits()
+        used = self._used(consumer, tuple(start for start, _ in all_bounds(now_ms)))
+        return ConsumerView(
+            tenant=tenant,
+            id=consumer_id,
+            plan_id=consumer.plan_id,
+            status=consumer.status,
+            wallet_mode=consumer.wallet_mode,
+            balance=consumer.base - consumer.pending,
+            pending=consumer.pending,
+            version=consumer.version,
+            windows={
+                w.value: count
+                for w, count, limit in zip(WINDOWS, used, limits, strict=True)
+                if limit is not None
+            },
+        )
+
+    async def put_consumer(self, consumer: ConsumerSpec, now_ms: int) -> tuple[ConsumerView, bool]:
+        t, c = consumer.tenant, consumer.id
+        if (t, consumer.plan_id) not in self._plans:
+            raise NotFound(f"plan {consumer.plan_id!r} does not exist", code="plan_not_found")
+        current = self._consumers.get((t, c))
+        created = current is None
+        if current is None:
+            current = self._consumers[(t, c)] = _Consumer(plan_id=consumer.plan_id)
+        current.plan_id = consumer.plan_id
+        if consumer.status is not None:
+            current.status = consumer.status
+        if consumer.wallet_mode is not None:
+            current.wallet_mode = consumer.wallet_mode
+        current.version += 1
+        view = self._view(t, c, now_ms)
+        assert view is not None
+        return view, created
+
+    async def get_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
+        return self._view(tenant, consumer_id, now_ms)
+
+    def _existing(self, tenant: str, consumer_id: str) -> _Consumer:
+        consumer = self._consumers.get((tenant, consumer_id))
+        if consumer is None:
+            raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+        return consumer
+
+    async def set_status(
+        self, tenant: str, consumer_id: str, status: ConsumerStatus, now_ms: int
+    ) -> ConsumerView:
+        consumer = self._existing(tenant, consumer_id)
+        consumer.status = status
+        consumer.version += 1
+        view = self._view(tenant, consumer_id, now_ms)
+        assert view is not None
+        return view
+
+    async def top_up(self, tenant: str, consumer_id: str, amount: int, reference: str | None) -> TopUpResult:
+        consumer = self._existing(tenant, consumer_id)
+        if reference:
+            ident = (tenant, consumer_id, reference)
+            if ident in self._topups:
+                return TopUpResult(balance=consumer.base - consumer.pending, applied=False)
+        if consumer.base + amount > MAX_MICROS:
+            raise InvalidInput(
+                f"the balance would exceed {MAX_MICROS} micros", code="invalid_amount", field="amount"
+            )
+        if reference:
+            self._topups[(tenant, consumer_id, reference)] = amount
+        consumer.base += amount
+        consumer.version += 1
+        return TopUpResult(balance=consumer.base - consumer.pending, applied=True)
+
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str) -> None:
+        self._existing(tenant, consumer_id).key_hashes.add(key_hash)
+        self._keys[(tenant, key_hash)] = consumer_id
+
+    async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
+        consumer = self._consumers.get((tenant, consumer_id))
+        if consumer is None or key_hash not in consumer.key_hashes:
+            return False
+        consumer.key_hashes.discard(key_hash)
+        self._keys.pop((tenant, key_hash), None)
+        return True
+
+    async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
+        return list(self._usage.get((tenant, consumer_id), ()))
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

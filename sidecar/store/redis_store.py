@@ -1,0 +1,307 @@
+"""The Redis store: one EVALSHA per decision, all of a consumer's keys in one slot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from importlib import resources
+
+import msgspec
+import redis.exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.models import (
+    ConsumerSpec,
+    ConsumerStatus,
+    ConsumerView,
+    Outcome,
+    Plan,
+    UsageRecord,
+    WalletMode,
+)
+from sidecar.core.money import MAX_MICROS
+from sidecar.core.windows import WINDOWS, all_bounds
+from sidecar.store.base import DecisionCall, StoreUnavailable, TopUpResult
+from sidecar.store.keys import KeySpace
+
+# Errors that mean "Redis did not answer": the caller's fail mode applies. A script
+# error (ResponseError) is a bug and is left to surface as a 500.
+UNREACHABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+)
+_plan_decoder = msgspec.json.Decoder(Plan)
+_LIMIT_FIELDS = tuple(f"l_{w.value}" for w in WINDOWS)
+
+
+@contextlib.contextmanager
+def _guard() -> Iterator[None]:
+    """Turn "Redis did not answer" into StoreUnavailable, whatever the call."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise StoreUnavailable(f"redis unreachable: {exc!r}") from exc
+
+
+def _load_script(name: str) -> str:
+    return resources.files("sidecar.store").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _products_field(products: list[str]) -> str:
+    return f"|{'|'.join(products)}|" if products else ""
+
+
+def _plan_args(plan: Plan, version: int) -> list[str | int]:
+    return [
+        plan.id,
+        version,
+        plan.price,
+        _products_field(plan.products),
+        *("" if limit is None else limit for limit in plan.limits()),
+    ]
+
+
+def _opt(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+class RedisStore:
+    """Hot store on Redis (standalone or behind a proxy; the key layout is cluster-safe)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "aforo:",
+        connect_timeout_s: float = 0.25,
+        socket_timeout_s: float = 1.0,
+        max_connections: int = 256,
+        topup_reference_ttl_ms: int = 30 * 86_400_000,
+    ) -> None:
+        # No client-side retries: a decision that timed out may have run, and only the
+        # request id (not a blind retry) may safely repeat it.
+        self._redis = Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=max_connections,
+            health_check_interval=0,
+        )
+        self.keys = KeySpace(prefix)
+        self._topup_ttl_ms = topup_reference_ttl_ms
+        self._decide = self._redis.register_script(_load_script("decide.lua"))
+        self._bind = self._redis.register_script(_load_script("bind.lua"))
+        self._status = self._redis.register_script(_load_script("status.lua"))
+        self._topup = self._redis.register_script(_load_script("topup.lua"))
+        self._key = self._redis.register_script(_load_script("key.lua"))
+        self._scripts = (self._decide, self._bind, self._status, self._topup, self._key)
+
+    @property
+    def client(self) -> Redis:
+        return self._redis
+
+    async def load_scripts(self) -> None:
+        """Load every script once so the first decisions need no NOSCRIPT round trip."""
+        with _guard():
+            for script in self._scripts:
+                await self._redis.script_load(script.script)
+
+    async def decide(self, call: DecisionCall) -> Outcome:
+        ks = self.keys
+        tag = ks.tag(call.tenant, call.consumer_id)
+        keys = [
+            f"{tag}:c",
+            f"{tag}:r:{call.request_id}",
+            f"{tag}:u",
+            *ks.counters(call.tenant, call.consumer_id, call.window_starts_ms),
+        ]
+        args = [
+            call.now_ms,
+            call.request_id,
+            call.decision_id,
+            call.product,
+            call.operation,
+            "" if call.cost is None else call.cost,
+            call.hits,
+            call.idempotency_ttl_ms,
+            call.key_hash or "",
+            *call.resets_ms,
+            call.tenant,
+            call.consumer_id,
+        ]
+        with _guard():
+            reply = await self._decide(keys=keys, args=args)
+        return Outcome(
+            reason=reply[1].decode(),
+            charged=reply[2],
+            balance=reply[3],
+            decision_id=reply[4].decode(),
+            retry_at_ms=reply[5],
+            used=tuple(_opt(v) for v in reply[6:11]),
+            limits=tuple(_opt(v) for v in reply[11:16]),
+            replayed=reply[0] == 1,
+        )
+
+    async def resolve_key(self, tenant: str, key_hash: str) -> str | None:
+        with _guard():
+            found = await self._redis.get(self.keys.api_key(tenant, key_hash))
+        return None if found is None else found.decode()
+
+    async def put_plan(self, plan: Plan) -> bool:
+        key = self.keys.plan(plan.tenant, plan.id)
+        with _guard():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(key, "version", 1)
+                pipe.hset(key, "spec", msgspec.json.encode(plan))
+                version, _ = await pipe.execute()
+            members = await self._redis.smembers(self.keys.plan_members(plan.tenant, plan.id))
+            if members:
+                args = ["plan", 0, *_plan_args(plan, version), "", ""]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for member in members:
+                        consumer_key = self.keys.consumer(plan.tenant, member.decode())
+                        self._bind(keys=[consumer_key], args=args, client=pipe)
+                    await pipe.execute()
+        return version == 1
+
+    async def _read_plan(self, tenant: str, plan_id: str) -> tuple[Plan, int] | None:
+        spec, version = await self._redis.hmget(self.keys.plan(tenant, plan_id), "spec", "version")
+        if spec is None:
+            return None
+        return _plan_decoder.decode(spec), int(version)
+
+    async def get_plan(self, tenant: str, plan_id: str) -> Plan | None:
+        with _guard():
+            found = await self._read_plan(tenant, plan_id)
+        return None if found is None else found[0]
+
+    async def put_consumer(self, consumer: ConsumerSpec, now_ms: int) -> tuple[ConsumerView, bool]:
+        t, c = consumer.tenant, consumer.id
+        consumer_key = self.keys.consumer(t, c)
+        members = self.keys.plan_members(t, consumer.plan_id)
+        with _guard():
+            previous = await self._redis.hget(consumer_key, "plan")
+            # Join the plan's member set before reading the plan: a plan edit that
+            # lands after our read then finds us and re-applies (bind.lua orders them).
+            await self._redis.sadd(members, c)
+            found = await self._read_plan(t, consumer.plan_id)
+            if found is None:
+                if previous is None or previous.decode() != consumer.plan_id:
+                    await self._redis.srem(members, c)
+                raise NotFound(f"plan {consumer.plan_id!r} does not exist", code="plan_not_found")
+            plan, version = found
+            status = "" if consumer.status is None else consumer.status.value
+            wallet = "" if consumer.wallet_mode is None else consumer.wallet_mode.value
+            created, _ = await self._bind(
+                keys=[consumer_key],
+                args=["upsert", now_ms, *_plan_args(plan, version), status, wallet],
+            )
+            if previous is not None and previous.decode() != consumer.plan_id:
+                await self._redis.srem(self.keys.plan_members(t, previous.decode()), c)
+            view = await self._view(t, c, now_ms)
+        assert view is not None  # just written
+        return view, created == 1
+
+    async def _view(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
+        fields = await self._redis.hgetall(self.keys.consumer(tenant, consumer_id))
+        if not fields:
+            return None
+        starts = tuple(start for start, _ in all_bounds(now_ms))
+        counters = self.keys.counters(tenant, consumer_id, starts)
+        limited = [i for i, name in enumerate(_LIMIT_FIELDS) if name.encode() in fields]
+        counts = await self._redis.mget([counters[i] for i in limited]) if limited else []
+        base, pending = int(fields[b"base"]), int(fields[b"pending"])
+        return ConsumerView(
+            tenant=tenant,
+            id=consumer_id,
+            plan_id=fields[b"plan"].decode(),
+            status=ConsumerStatus(fields[b"status"].decode()),
+            wallet_mode=WalletMode(fields[b"wallet"].decode()),
+            balance=base - pending,
+            pending=pending,
+            version=int(fields[b"version"]),
+            windows={WINDOWS[i].value: int(count or 0) for i, count in zip(limited, counts, strict=True)},
+        )
+
+    async def get_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
+        with _guard():
+            return await self._view(tenant, consumer_id, now_ms)
+
+    async def set_status(
+        self, tenant: str, consumer_id: str, status: ConsumerStatus, now_ms: int
+    ) -> ConsumerView:
+        with _guard():
+            done = await self._status(keys=[self.keys.consumer(tenant, consumer_id)], args=[status.value])
+            view = await self._view(tenant, consumer_id, now_ms) if done else None
+        if view is None:
+            raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+        return view
+
+    async def top_up(self, tenant: str, consumer_id: str, amount: int, reference: str | None) -> TopUpResult:
+        keys = [
+            self.keys.consumer(tenant, consumer_id),
+            self.keys.topup(tenant, consumer_id, reference or ""),
+        ]
+        args = [amount, self._topup_ttl_ms, "1" if reference else "0", MAX_MICROS]
+        with _guard():
+            code, balance = await self._topup(keys=keys, args=args)
+        if code == -1:
+            raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+        if code == -2:
+            raise InvalidInput(
+                f"the balance would exceed {MAX_MICROS} micros", code="invalid_amount", field="amount"
+            )
+        return TopUpResult(balance=balance, applied=code == 1)
+
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str) -> None:
+        index = self.keys.api_key(tenant, key_hash)
+        with _guard():
+            await self._redis.set(index, consumer_id)
+            done = await self._key(keys=[self.keys.consumer(tenant, consumer_id)], args=["add", key_hash])
+            if done == -1:
+                await self._redis.delete(index)
+        if done == -1:
+            raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+
+    async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
+        index = self.keys.api_key(tenant, key_hash)
+        with _guard():
+            removed = await self._key(keys=[self.keys.consumer(tenant, consumer_id)], args=["del", key_hash])
+            owner = await self._redis.get(index)
+            if owner is not None and owner.decode() == consumer_id:
+                await self._redis.delete(index)
+        return removed == 1
+
+    async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
+        with _guard():
+            entries = await self._redis.xrange(self.keys.usage(tenant, consumer_id))
+        records = []
+        for _, f in entries:
+            records.append(
+                UsageRecord(
+                    request_id=f[b"rid"].decode(),
+                    decision_id=f[b"did"].decode(),
+                    ts_ms=int(f[b"ts"]),
+                    tenant=f[b"t"].decode(),
+                    consumer_id=f[b"c"].decode(),
+                    product=f[b"p"].decode(),
+                    operation=f[b"op"].decode(),
+                    cost=int(f[b"cost"]),
+                    hits=int(f[b"hits"]),
+                )
+            )
+        return records
+
+    async def ping(self) -> None:
+        with _guard():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
