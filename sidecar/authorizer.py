@@ -38,6 +38,7 @@ class Authorizer:
         )
         self._deadline_s = settings.decision_timeout_ms / 1000
         self._cooldown_s = settings.breaker_cooldown_ms / 1000
+        self._apply_margin_ms = settings.decision_timeout_ms + settings.late_apply_margin_ms
         self._idempotency_ttl_ms = settings.idempotency_ttl_seconds * 1000
         self._down_until = 0.0
         # A key hash belongs to one consumer for good (keys are generated, never
@@ -52,7 +53,8 @@ class Authorizer:
     async def authorize(self, request: AuthorizeRequest, at_ms: int | None = None) -> Decision:
         """Decide a request already checked by ``AuthorizeRequest.validated``."""
         started = time.perf_counter()
-        moment = now_ms() if at_ms is None else at_ms
+        wall = now_ms()
+        moment = wall if at_ms is None else at_ms
         decision_id = new_decision_id(moment)
         request_id = request.request_id or decision_id
         consumer_id = request.consumer_id
@@ -86,6 +88,7 @@ class Authorizer:
                             window_starts_ms=tuple(start for start, _ in bounds),
                             resets_ms=resets,
                             idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
+                            apply_by_ms=wall + self._apply_margin_ms,
                         )
                     )
         except (StoreUnavailable, TimeoutError):

@@ -36,6 +36,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fail_mode: FailMode = "open"
     tenant_fail_modes: dict[str, FailMode] = {}
     breaker_cooldown_ms: int = 500
+    # A decision that reaches Redis later than its deadline plus this margin (the clock
+    # skew tolerated between sidecar and Redis hosts) is discarded unapplied, so a call
+    # already answered by the fail mode is never counted or charged behind its back.
+    late_apply_margin_ms: int = 1_000
     idempotency_ttl_seconds: int = 86_400
     deny_ttl_seconds: int = 5
     quota_ttl_cap_seconds: int = 60
@@ -71,6 +75,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("redis_max_connections", 1, 100_000),
             ("max_body_bytes", 256, 64 * 1024 * 1024),
             ("breaker_cooldown_ms", 0, 600_000),
+            ("late_apply_margin_ms", 0, 3_600_000),
             ("idempotency_ttl_seconds", 1, 90 * 86_400),
             ("deny_ttl_seconds", 0, 86_400),
             ("quota_ttl_cap_seconds", 0, 86_400 * 31),

@@ -9,7 +9,7 @@ import msgspec
 
 from sidecar.core.errors import InvalidInput
 from sidecar.core.money import MAX_MICROS
-from sidecar.core.windows import WINDOW_NAMES, WINDOWS
+from sidecar.core.windows import WINDOWS, parse_window
 
 # Tenants become part of Redis keys and of the cluster hash tag `{tenant:consumer}`:
 # no braces, no colon, no whitespace.
@@ -62,13 +62,10 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True):
         check_id(self.tenant, TENANT_RE, "tenant")
         check_id(self.id, PLAN_ID_RE, "id")
         for name, limit in self.windows.items():
-            if name not in WINDOW_NAMES:
-                valid = ", ".join(w.value for w in WINDOWS)
-                raise InvalidInput(
-                    f"unknown window {name!r}; expected one of: {valid}",
-                    code="unknown_window",
-                    field=f"windows.{name}",
-                )
+            try:
+                parse_window(name)
+            except ValueError as exc:
+                raise InvalidInput(str(exc), code="unknown_window", field=f"windows.{name}") from None
             if not 0 <= limit <= MAX_LIMIT:
                 raise InvalidInput(
                     f"limit of window {name!r} must be between 0 and {MAX_LIMIT}",

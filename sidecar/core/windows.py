@@ -34,7 +34,6 @@ WINDOWS: tuple[Window, ...] = (
     Window.WEEK,
     Window.MONTH,
 )
-WINDOW_NAMES: frozenset[str] = frozenset(w.value for w in WINDOWS)
 
 
 def _month_start_ms(year: int, month: int) -> int:

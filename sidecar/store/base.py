@@ -27,6 +27,7 @@ class DecisionCall(msgspec.Struct, frozen=True):
     ``key_hash`` is set when the consumer was named by an API key: the store then
     checks the key is still registered to the consumer, atomically with the rest.
     ``idempotency_ttl_ms`` is 0 when the caller gave no request id (nobody can retry).
+    ``apply_by_ms`` bounds how late a networked store may still apply the decision.
     """
 
     tenant: str
@@ -42,6 +43,9 @@ class DecisionCall(msgspec.Struct, frozen=True):
     window_starts_ms: tuple[int, ...]
     resets_ms: tuple[int, ...]
     idempotency_ttl_ms: int
+    # Past this moment (ms, store clock) the store must refuse to apply the decision:
+    # the caller has given up and answered from its fail mode. 0: no limit.
+    apply_by_ms: int = 0
 
 
 class TopUpResult(msgspec.Struct, frozen=True):

@@ -135,9 +135,12 @@ class RedisStore:
             *call.resets_ms,
             call.tenant,
             call.consumer_id,
+            call.apply_by_ms,
         ]
         with _guard():
             reply = await self._decide(keys=keys, args=args)
+        if reply[1] == b"expired":
+            raise StoreUnavailable("the decision reached Redis after its deadline; nothing was applied")
         return Outcome(
             reason=reply[1].decode(),
             charged=reply[2],
@@ -167,7 +170,7 @@ class RedisStore:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for member in members:
                         consumer_key = self.keys.consumer(plan.tenant, member.decode())
-                        self._bind(keys=[consumer_key], args=args, client=pipe)
+                        await self._bind(keys=[consumer_key], args=args, client=pipe)
                     await pipe.execute()
         return version == 1
 

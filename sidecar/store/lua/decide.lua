@@ -11,12 +11,22 @@
 --   8 idempotency ttl ms ('0' = no record: the caller gave no request id)
 --   9 api key hash ('' = consumer named by id)  10..14 reset ms of each window
 --   15 tenant  16 consumer id
+--   17 apply-by ms (Redis clock; '0' = no limit): a decision that reaches Redis later is
+--      refused with reason 'expired' and changes nothing, since its caller has already
+--      answered from the fail mode and must not be charged behind its back
 -- Returns {replayed, reason, charged, balance|nil, decision_id, retry_at_ms,
 --          used1..used5, limit1..limit5}; -1 marks an unlimited window. `used` is the
 --          count after the decision (unchanged when denied).
 -- Guarantees: a denied call changes nothing; an allowed call increments every limited
 -- window by `hits`, adds its cost to `pending` and appends one usage record, together;
 -- a request id already allowed returns its first decision and changes nothing.
+
+if ARGV[17] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[17]) then
+    return {0, 'expired', 0, false, ARGV[3], 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}
+  end
+end
 
 local stored = redis.call('GET', KEYS[2])
 if stored then

@@ -1,0 +1,188 @@
+"""Shared fixtures: real Redis over real connections, a key prefix per test, sidecar
+processes started as a user would start them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from sidecar.config import Settings, load_settings
+from sidecar.http.app import create_app
+from sidecar.store.base import Store
+from sidecar.store.memory_store import MemoryStore
+from sidecar.store.redis_store import RedisStore
+
+REDIS_URL = os.environ.get("AFORO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # pragma: no cover - environment problem
+        pytest.fail(f"the tests need a running Redis at {REDIS_URL}: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; every key under it is deleted afterwards."""
+    value = f"test:{uuid.uuid4().hex[:12]}:"
+    yield value
+    delete_prefix(redis_url, value)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"admin_token": ADMIN_TOKEN, "decision_timeout_ms": 5000}
+    values.update(overrides)
+    return load_settings(values, environ={})
+
+
+@pytest.fixture
+async def store(backend: str, redis_url: str, prefix: str) -> AsyncIterator[Store]:
+    if backend == "memory":
+        yield MemoryStore()
+        return
+    redis_store = RedisStore(redis_url, prefix=prefix)
+    await redis_store.load_scripts()
+    yield redis_store
+    await redis_store.close()
+
+
+@pytest.fixture
+def settings(backend: str, redis_url: str, prefix: str) -> Settings:
+    if backend == "memory":
+        return make_settings()
+    return make_settings(redis_url=redis_url, key_prefix=prefix)
+
+
+@pytest.fixture
+async def client(settings: Settings, store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app in process over the parametrised store."""
+    app = create_app(settings, store)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as http:
+        yield http
+
+
+class SidecarProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _read(path: str) -> str:
+    with open(path) as file:
+        return file.read()
+
+
+@pytest.fixture
+def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
+    """Start `aforo-sidecar serve` as a separate process (as an operator would); stopped
+    at the end of the test."""
+    started: list[SidecarProcess] = []
+
+    def start(env: dict[str, str] | None = None, *args: str) -> SidecarProcess:
+        port = free_port()
+        log_path = str(tmp_path / f"sidecar-{port}.log")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
+        full_env.update({"AFORO_ADMIN_TOKEN": ADMIN_TOKEN, "AFORO_LOG_LEVEL": "warning"})
+        full_env.update(env or {})
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar.cli", "serve", "--port", str(port), *args],
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        sidecar = SidecarProcess(proc, port, log_path)
+        started.append(sidecar)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited: {_read(log_path)}")
+            try:
+                if httpx.get(f"{sidecar.url}/healthz", timeout=0.5).status_code == 200:
+                    return sidecar
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"sidecar did not start: {_read(log_path)}")
+
+    yield start
+    for sidecar in started:
+        sidecar.stop()
+
+
+async def seed(
+    http: httpx.AsyncClient,
+    *,
+    plan_id: str = "plan",
+    windows: dict[str, int] | None = None,
+    price: int = 0,
+    consumer_id: str = "c1",
+    balance: int = 0,
+    wallet_mode: str = "prepaid",
+    products: list[str] | None = None,
+    tenant: str = "default",
+) -> None:
+    """Create a plan and a consumer on it (and credit its wallet) through the admin API."""
+    plan = {"windows": windows or {}, "price": price, "products": products or [], "tenant": tenant}
+    response = await http.put(f"/v1/admin/plans/{plan_id}", json=plan, headers=ADMIN)
+    assert response.status_code in (200, 201), response.text
+    consumer = {"plan_id": plan_id, "wallet_mode": wallet_mode, "tenant": tenant}
+    response = await http.put(f"/v1/admin/consumers/{consumer_id}", json=consumer, headers=ADMIN)
+    assert response.status_code in (200, 201), response.text
+    if balance:
+        response = await http.post(
+            f"/v1/admin/consumers/{consumer_id}/topup",
+            json={"amount": balance, "tenant": tenant},
+            headers=ADMIN,
+        )
+        assert response.status_code == 200, response.text

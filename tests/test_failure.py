@@ -1,0 +1,184 @@
+"""Redis failing under a running sidecar: killed, frozen, back again.
+
+Each test runs a private redis-server (its own port) so it can be stopped without
+touching the shared one, and a real sidecar process in front of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN, free_port
+
+pytestmark = pytest.mark.slow
+BUDGET_S = 0.100  # every request answered within 100 ms while Redis is gone
+
+
+class PrivateRedis:
+    def __init__(self, tmp_dir: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        import redis
+
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.thaw()
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+def _env(server: PrivateRedis, fail_mode: str) -> dict[str, str]:
+    return {
+        "AFORO_REDIS_URL": server.url,
+        "AFORO_FAIL_MODE": fail_mode,
+        "AFORO_DECISION_TIMEOUT_MS": "50",
+        "AFORO_BREAKER_COOLDOWN_MS": "300",
+        "AFORO_LATE_APPLY_MARGIN_MS": "200",
+    }
+
+
+def _seed(http: httpx.Client, limit: int) -> None:
+    assert http.put("/v1/admin/plans/p", json={"windows": {"day": limit}}, headers=ADMIN).status_code == 201
+    assert http.put("/v1/admin/consumers/c1", json={"plan_id": "p"}, headers=ADMIN).status_code == 201
+
+
+def _timed_decisions(http: httpx.Client, count: int) -> list[tuple[float, httpx.Response]]:
+    results = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = http.post("/v1/authorize", json={"consumer_id": "c1", "product": "api"})
+        results.append((time.perf_counter() - started, response))
+    return results
+
+
+def _wait_until_exact(http: httpx.Client) -> None:
+    """Past the breaker's cooldown, a decision reaches Redis again."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if http.get("/readyz").status_code != 503:
+            time.sleep(0.4)  # the breaker cooldown
+            return
+        time.sleep(0.05)
+    raise AssertionError("sidecar never saw Redis again")
+
+
+def _day_count(http: httpx.Client) -> int:
+    return http.get("/v1/admin/consumers/c1", headers=ADMIN).json()["windows"]["day"]
+
+
+@pytest.mark.parametrize("outage", ["killed", "frozen"])
+def test_fail_open_answers_allow_degraded_within_budget(private_redis, start_sidecar, outage):
+    sidecar = start_sidecar(_env(private_redis, "open"))
+    with httpx.Client(base_url=sidecar.url, timeout=5) as http:
+        _seed(http, limit=20)
+        before = _timed_decisions(http, 5)
+        assert [r.status_code for _, r in before] == [200] * 5
+
+        private_redis.kill() if outage == "killed" else private_redis.freeze()
+        during = _timed_decisions(http, 40)
+        for elapsed, response in during:
+            body = response.json()
+            assert response.status_code == 200
+            assert (body["allow"], body["degraded"], body["reason"]) == (True, True, "store_unavailable")
+            assert elapsed < BUDGET_S, f"answered in {elapsed * 1000:.1f} ms"
+        assert http.get("/readyz").status_code == 503
+        metrics = http.get("/metrics").text
+        assert 'aforo_decisions_total{reason="store_unavailable"} 40.0' in metrics
+
+        if outage == "killed":
+            private_redis.start()  # a fresh, empty Redis on the same port
+            _wait_until_exact(http)
+            _seed(http, limit=20)
+            expected_allowed = 20
+        else:
+            # Frozen for longer than the deadline plus the late-apply margin: whatever
+            # the frozen Redis received must be discarded, not counted, on waking up.
+            time.sleep(0.5)
+            private_redis.thaw()
+            _wait_until_exact(http)
+            expected_allowed = 15
+        after = _timed_decisions(http, 25)
+        reasons = Counter(r.json()["reason"] for _, r in after)
+        assert reasons == {"ok": expected_allowed, "quota_exceeded": 25 - expected_allowed}
+        assert not any(r.json()["degraded"] for _, r in after)
+        assert _day_count(http) == 20
+
+
+@pytest.mark.parametrize("outage", ["killed", "frozen"])
+def test_fail_closed_answers_503(private_redis, start_sidecar, outage):
+    sidecar = start_sidecar(_env(private_redis, "closed"))
+    with httpx.Client(base_url=sidecar.url, timeout=5) as http:
+        _seed(http, limit=10)
+        assert http.post("/v1/authorize", json={"consumer_id": "c1", "product": "api"}).status_code == 200
+
+        private_redis.kill() if outage == "killed" else private_redis.freeze()
+        during = _timed_decisions(http, 30)
+        for elapsed, response in during:
+            body = response.json()
+            assert response.status_code == 503
+            assert (body["allow"], body["degraded"], body["reason"]) == (False, True, "store_unavailable")
+            assert response.headers["Retry-After"] == "1"
+            assert elapsed < BUDGET_S, f"answered in {elapsed * 1000:.1f} ms"
+        # Admin writes fail cleanly too, with a machine-readable code.
+        response = http.post("/v1/admin/consumers/c1/suspend", json={}, headers=ADMIN)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "store_unavailable"
+
+        if outage == "frozen":
+            time.sleep(0.5)
+            private_redis.thaw()
+            _wait_until_exact(http)
+            after = _timed_decisions(http, 12)
+            assert Counter(r.json()["reason"] for _, r in after) == {"ok": 9, "quota_exceeded": 3}
+            assert _day_count(http) == 10
