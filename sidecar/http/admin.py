@@ -56,6 +56,11 @@ def _tenant(request: Request) -> str:
     return check_id(request.query_params.get("tenant", DEFAULT_TENANT), TENANT_RE, "tenant")
 
 
+def _check_target(tenant: str, consumer_id: str) -> None:
+    check_id(tenant, TENANT_RE, "tenant")
+    check_id(consumer_id, CONSUMER_ID_RE, "consumer_id")
+
+
 def _record(request: Request, action: str, tenant: str, target: str, **detail: Any) -> None:
     """One structured line per admin change (the Postgres audit log supersedes it)."""
     client = request.client.host if request.client else "-"
@@ -118,8 +123,7 @@ class StatusChange(msgspec.Struct, forbid_unknown_fields=True):
 async def _change_status(
     request: Request, tenant: str, consumer_id: str, status: ConsumerStatus, reason: str
 ) -> Response:
-    check_id(tenant, TENANT_RE, "tenant")
-    check_id(consumer_id, CONSUMER_ID_RE, "consumer_id")
+    _check_target(tenant, consumer_id)
     if len(reason) > 1000:
         raise InvalidInput("reason is longer than 1000 characters", field="reason")
     view = await _store(request).set_status(tenant, consumer_id, status, now_ms())
@@ -146,8 +150,7 @@ class TopUp(msgspec.Struct, forbid_unknown_fields=True):
 async def top_up(request: Request) -> Response:
     body = await _admin_body(request)
     topup = decode_into(body, TopUp, consumer_id=request.path_params["consumer_id"])
-    check_id(topup.tenant, TENANT_RE, "tenant")
-    check_id(topup.consumer_id, CONSUMER_ID_RE, "consumer_id")
+    _check_target(topup.tenant, topup.consumer_id)
     if not 0 < topup.amount <= MAX_MICROS:
         raise InvalidInput(
             f"amount must be between 1 and {MAX_MICROS} micros", code="invalid_amount", field="amount"
@@ -178,8 +181,7 @@ class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
 async def create_key(request: Request) -> Response:
     body = await _admin_body(request)
     ask = decode_into(body, KeyRequest, consumer_id=request.path_params["consumer_id"])
-    check_id(ask.tenant, TENANT_RE, "tenant")
-    check_id(ask.consumer_id, CONSUMER_ID_RE, "consumer_id")
+    _check_target(ask.tenant, ask.consumer_id)
     raw = generate_api_key()
     key_hash = hash_api_key(raw)
     await _store(request).add_key(ask.tenant, ask.consumer_id, key_hash)

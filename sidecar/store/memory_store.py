@@ -11,6 +11,8 @@ import collections
 import heapq
 from dataclasses import dataclass, field
 
+import msgspec
+
 from sidecar.core.decision import evaluate
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
@@ -76,52 +78,36 @@ class MemoryStore:
         ident = (call.tenant, call.consumer_id, call.request_id)
         first = self._requests.get(ident)
         if first is not None:
-            outcome = first[1]
-            return Outcome(
-                reason=outcome.reason,
-                charged=outcome.charged,
-                balance=outcome.balance,
-                decision_id=outcome.decision_id,
-                retry_at_ms=outcome.retry_at_ms,
-                used=outcome.used,
-                limits=outcome.limits,
-                replayed=True,
-            )
+            return msgspec.structs.replace(first[1], replayed=True)
         consumer = self._consumers.get((call.tenant, call.consumer_id))
-        none = (None,) * len(WINDOWS)
         if consumer is None:
-            verdict = evaluate(
-                None,
-                key_valid=False,
-                product=call.product,
-                cost=call.cost,
-                hits=call.hits,
-                used=(0,) * len(WINDOWS),
-                resets_ms=call.resets_ms,
+            state, limits, used = None, (None,) * len(WINDOWS), [0] * len(WINDOWS)
+        else:
+            plan = self._plans[(call.tenant, consumer.plan_id)]
+            limits = plan.limits()
+            state = ConsumerState(
+                status=consumer.status,
+                plan_id=plan.id,
+                limits=limits,
+                price=plan.price,
+                products=tuple(plan.products),
+                wallet_mode=consumer.wallet_mode,
+                base=consumer.base,
+                pending=consumer.pending,
             )
-            return Outcome(verdict.reason.value, 0, None, call.decision_id, 0, none, none)
-        plan = self._plans[(call.tenant, consumer.plan_id)]
-        limits = plan.limits()
-        state = ConsumerState(
-            status=consumer.status,
-            plan_id=plan.id,
-            limits=limits,
-            price=plan.price,
-            products=tuple(plan.products),
-            wallet_mode=consumer.wallet_mode,
-            base=consumer.base,
-            pending=consumer.pending,
-        )
-        used = self._used(consumer, call.window_starts_ms)
+            used = self._used(consumer, call.window_starts_ms)
         verdict = evaluate(
             state,
-            key_valid=call.key_hash is None or call.key_hash in consumer.key_hashes,
+            key_valid=consumer is not None
+            and (call.key_hash is None or call.key_hash in consumer.key_hashes),
             product=call.product,
             cost=call.cost,
             hits=call.hits,
             used=used,
             resets_ms=call.resets_ms,
         )
+        if consumer is None:
+            return Outcome(verdict.reason.value, 0, None, call.decision_id, 0, limits, limits)
         if verdict.reason is Reason.OK:
             for i, limit in enumerate(limits):
                 if limit is not None:
