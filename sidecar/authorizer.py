@@ -28,6 +28,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class DeadlineExceeded(Exception):
+    """The caller's own deadline (shorter than the sidecar's) passed first. Nothing was
+    applied (the store refuses late decisions); the caller is no longer listening, so
+    no fail-mode answer is produced."""
+
+
 class Authorizer:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -38,7 +44,7 @@ class Authorizer:
         )
         self._deadline_s = settings.decision_timeout_ms / 1000
         self._cooldown_s = settings.breaker_cooldown_ms / 1000
-        self._apply_margin_ms = settings.decision_timeout_ms + settings.late_apply_margin_ms
+        self._apply_margin_ms = settings.late_apply_margin_ms
         self._idempotency_ttl_ms = settings.idempotency_ttl_seconds * 1000
         self._down_until = 0.0
         # A key hash belongs to one consumer for good (keys are generated, never
@@ -50,9 +56,20 @@ class Authorizer:
     def store_down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    async def authorize(self, request: AuthorizeRequest, at_ms: int | None = None) -> Decision:
-        """Decide a request already checked by ``AuthorizeRequest.validated``."""
+    async def authorize(
+        self, request: AuthorizeRequest, at_ms: int | None = None, deadline_s: float | None = None
+    ) -> Decision:
+        """Decide a request already checked by ``AuthorizeRequest.validated``.
+
+        ``deadline_s`` is the time the caller still waits (a gRPC deadline); when it is
+        shorter than the sidecar's own decision timeout and runs out, DeadlineExceeded
+        is raised instead of a fail-mode decision.
+        """
         started = time.perf_counter()
+        budget_s = self._deadline_s
+        caller_bound = deadline_s is not None and deadline_s < budget_s
+        if caller_bound:
+            budget_s = max(0.0, deadline_s or 0.0)
         wall = now_ms()
         moment = wall if at_ms is None else at_ms
         decision_id = new_decision_id(moment)
@@ -63,7 +80,7 @@ class Authorizer:
         try:
             if self.store_down:
                 raise StoreUnavailable("breaker open after a recent store failure")
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(budget_s):
                 key_hash = None
                 if request.api_key is not None:
                     key_hash = hash_api_key(request.api_key)
@@ -88,21 +105,15 @@ class Authorizer:
                             window_starts_ms=tuple(start for start, _ in bounds),
                             resets_ms=resets,
                             idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
-                            apply_by_ms=wall + self._apply_margin_ms,
+                            apply_by_ms=wall + int(budget_s * 1000) + self._apply_margin_ms,
                         )
                     )
-        except (StoreUnavailable, TimeoutError):
-            self._down_until = time.monotonic() + self._cooldown_s
-            metrics.STORE_ERRORS.labels("decide").inc()
-            metrics.DEGRADED.inc()
-            decision = unavailable(
-                fail_open=self.settings.fail_open(request.tenant),
-                tenant=request.tenant,
-                consumer_id=consumer_id,
-                product=request.product,
-                request_id=request_id,
-                decision_id=decision_id,
-            )
+        except TimeoutError:
+            if caller_bound:
+                raise DeadlineExceeded from None
+            decision = self._fail(request, consumer_id, request_id, decision_id)
+        except StoreUnavailable:
+            decision = self._fail(request, consumer_id, request_id, decision_id)
         else:
             decision = present(
                 outcome,
@@ -117,6 +128,22 @@ class Authorizer:
         metrics.DECISIONS.labels(decision.reason).inc()
         metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
         return decision
+
+    def _fail(
+        self, request: AuthorizeRequest, consumer_id: str | None, request_id: str, decision_id: str
+    ) -> Decision:
+        """The store did not answer in time: trip the breaker, answer per fail mode."""
+        self._down_until = time.monotonic() + self._cooldown_s
+        metrics.STORE_ERRORS.labels("decide").inc()
+        metrics.DEGRADED.inc()
+        return unavailable(
+            fail_open=self.settings.fail_open(request.tenant),
+            tenant=request.tenant,
+            consumer_id=consumer_id,
+            product=request.product,
+            request_id=request_id,
+            decision_id=decision_id,
+        )
 
     async def _owner(self, tenant: str, key_hash: str) -> str | None:
         ident = f"{tenant}:{key_hash}"

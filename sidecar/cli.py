@@ -22,12 +22,16 @@ _SERVER_FLAGS = {
     "port": "port",
     "admin_token": "admin_token",
     "log_level": "log_level",
+    "grpc_port": "grpc_port",
 }
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (AFORO_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (AFORO_PORT, default 8080)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="gRPC port (AFORO_GRPC_PORT, default 9090; 0 turns gRPC off)"
+    )
     parser.add_argument("--admin-token", help="bearer token of the admin API (AFORO_ADMIN_TOKEN)")
     parser.add_argument(
         "--log-level", help="critical|error|warning|info|debug (AFORO_LOG_LEVEL, default info)"
@@ -76,21 +80,21 @@ def _run(settings: Settings, access_log: bool) -> None:
         "timeout_graceful_shutdown": 5,
     }
     if settings.workers == 1:
-        from sidecar.http.app import create_app
+        from sidecar.server import build_app
 
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(build_app(settings), **common)
         return
     # Workers are separate processes: they rebuild the settings from the environment
     # and share one Prometheus directory so /metrics adds them up.
     os.environ.update(settings.to_env())
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="aforo-metrics-"))
-    uvicorn.run("sidecar.http.app:app_from_env", factory=True, workers=settings.workers, **common)
+    uvicorn.run("sidecar.server:app_from_env", factory=True, workers=settings.workers, **common)
 
 
 def _demo(settings: Settings, access_log: bool) -> None:
     from sidecar.authorizer import now_ms
     from sidecar.demo import curl_examples, load_demo
-    from sidecar.http.app import create_app
+    from sidecar.server import build_app
     from sidecar.store.memory_store import MemoryStore
 
     store = MemoryStore()
@@ -104,7 +108,7 @@ def _demo(settings: Settings, access_log: bool) -> None:
     import uvicorn
 
     uvicorn.run(
-        create_app(settings, store),
+        build_app(settings, store),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

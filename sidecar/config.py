@@ -31,6 +31,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 65_536
+    # gRPC server (Sidecar + Envoy RateLimitService), beside HTTP; 0 turns it off.
+    grpc_port: int = 9090
+    max_batch_items: int = 1_000
     # Decisions.
     decision_timeout_ms: int = 50
     fail_mode: FailMode = "open"
@@ -41,6 +44,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # already answered by the fail mode is never counted or charged behind its back.
     late_apply_margin_ms: int = 1_000
     idempotency_ttl_seconds: int = 86_400
+    # Gateway usage events resent within this time are recognised as duplicates.
+    event_dedupe_ttl_seconds: int = 3_600
     deny_ttl_seconds: int = 5
     quota_ttl_cap_seconds: int = 60
     # Admin API: bearer token; unset disables every admin endpoint (401).
@@ -62,6 +67,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 )
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port {self.port} is out of range 1-65535")
+        if not 0 <= self.grpc_port <= 65535:
+            raise SettingsError(f"grpc_port {self.grpc_port} is out of range 0-65535 (0 turns gRPC off)")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise SettingsError(f"grpc_port and port are both {self.port}: give gRPC its own port")
         if not 1 <= self.workers <= 64:
             raise SettingsError(f"workers {self.workers} is out of range 1-64")
         if self.workers > 1 and self.redis_url is None:
@@ -77,6 +86,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("breaker_cooldown_ms", 0, 600_000),
             ("late_apply_margin_ms", 0, 3_600_000),
             ("idempotency_ttl_seconds", 1, 90 * 86_400),
+            ("event_dedupe_ttl_seconds", 1, 90 * 86_400),
+            ("max_batch_items", 1, 100_000),
             ("deny_ttl_seconds", 0, 86_400),
             ("quota_ttl_cap_seconds", 0, 86_400 * 31),
         ):

@@ -4,6 +4,8 @@ processes started as a user would start them."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,10 +104,11 @@ async def client(settings: Settings, store: Store) -> AsyncIterator[httpx.AsyncC
 
 
 class SidecarProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, grpc_port: int, log_path: str) -> None:
         self.proc = proc
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
         self.log_path = log_path
 
     def stop(self) -> None:
@@ -116,6 +119,11 @@ class SidecarProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _read(path: str) -> str:
@@ -130,10 +138,16 @@ def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
     started: list[SidecarProcess] = []
 
     def start(env: dict[str, str] | None = None, *args: str) -> SidecarProcess:
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         log_path = str(tmp_path / f"sidecar-{port}.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
-        full_env.update({"AFORO_ADMIN_TOKEN": ADMIN_TOKEN, "AFORO_LOG_LEVEL": "warning"})
+        full_env.update(
+            {
+                "AFORO_ADMIN_TOKEN": ADMIN_TOKEN,
+                "AFORO_LOG_LEVEL": "warning",
+                "AFORO_GRPC_PORT": str(grpc_port),
+            }
+        )
         full_env.update(env or {})
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -142,14 +156,16 @@ def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        sidecar = SidecarProcess(proc, port, log_path)
+        sidecar = SidecarProcess(proc, port, grpc_port, log_path)
         started.append(sidecar)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited: {_read(log_path)}")
             try:
-                if httpx.get(f"{sidecar.url}/healthz", timeout=0.5).status_code == 200:
+                if httpx.get(f"{sidecar.url}/healthz", timeout=0.5).status_code == 200 and (
+                    grpc_port == 0 or _accepts(grpc_port)
+                ):
                     return sidecar
             except httpx.HTTPError:
                 time.sleep(0.05)
@@ -158,6 +174,59 @@ def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
     yield start
     for sidecar in started:
         sidecar.stop()
+
+
+class PrivateRedis:
+    def __init__(self, tmp_dir: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.thaw()
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
 
 
 async def seed(

@@ -6,76 +6,16 @@ touching the shared one, and a real sidecar process in front of it.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import ADMIN, free_port
+from tests.conftest import ADMIN, PrivateRedis
 
 pytestmark = pytest.mark.slow
 BUDGET_S = 0.100  # every request answered within 100 ms while Redis is gone
-
-
-class PrivateRedis:
-    def __init__(self, tmp_dir: str) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tmp_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.dir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        import redis
-
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.thaw()
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def private_redis(tmp_path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(str(tmp_path))
-    server.start()
-    yield server
-    server.stop()
 
 
 def _env(server: PrivateRedis, fail_mode: str) -> dict[str, str]:

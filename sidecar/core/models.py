@@ -210,6 +210,60 @@ class UsageRecord(msgspec.Struct):
     hits: int
 
 
+MAX_EVENT_HEADERS = 32
+
+
+class UsageEvent(msgspec.Struct, forbid_unknown_fields=True):
+    """What a gateway observed of one proxied request (the Kong plugin's log phase, an
+    ingested access log). Deduplicated on (tenant, consumer_id, request_id). Sizes in
+    bytes, times in ms; ``headers`` holds only allow-listed headers, never bodies."""
+
+    consumer_id: str
+    request_id: str
+    tenant: str = DEFAULT_TENANT
+    product: str = ""
+    route: str = ""
+    service: str = ""
+    method: str = ""
+    status: int = 0
+    started_at_ms: int = 0
+    latency_ms: int = 0
+    upstream_latency_ms: int = 0
+    gateway_latency_ms: int = 0
+    request_size: int = 0
+    response_size: int = 0
+    decision_id: str = ""
+    headers: dict[str, str] = {}
+
+    def validated(self) -> UsageEvent:
+        check_id(self.tenant, TENANT_RE, "tenant")
+        check_id(self.consumer_id, CONSUMER_ID_RE, "consumer_id")
+        check_id(self.request_id, REQUEST_ID_RE, "request_id")
+        if not 0 <= self.status <= 999:
+            raise InvalidInput("status must be between 0 and 999", field="status")
+        for name in (
+            "started_at_ms",
+            "latency_ms",
+            "upstream_latency_ms",
+            "gateway_latency_ms",
+            "request_size",
+            "response_size",
+        ):
+            if not 0 <= getattr(self, name) <= MAX_LIMIT:
+                raise InvalidInput(f"{name} must be between 0 and {MAX_LIMIT}", field=name)
+        for name in ("product", "route", "service", "method", "decision_id"):
+            if len(getattr(self, name)) > 512:
+                raise InvalidInput(f"{name} is longer than 512 characters", field=name)
+        if len(self.headers) > MAX_EVENT_HEADERS or any(
+            len(k) > 256 or len(v) > 2048 for k, v in self.headers.items()
+        ):
+            raise InvalidInput(
+                f"at most {MAX_EVENT_HEADERS} headers, names up to 256 and values up to 2048 characters",
+                field="headers",
+            )
+        return self
+
+
 class WindowStatus(msgspec.Struct):
     window: str
     limit: int

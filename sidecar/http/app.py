@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from sidecar.authorizer import Authorizer
-from sidecar.config import Settings, load_settings
+from sidecar.config import Settings
 from sidecar.http import admin, decisions, probes
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.store.base import Store, StoreUnavailable
@@ -20,10 +20,16 @@ from sidecar.store.redis_store import RedisStore
 log = logging.getLogger("aforo.http")
 
 
-def create_app(settings: Settings, store: Store | None = None) -> Starlette:
+# A service started beside HTTP for the app's lifetime (the composition root passes
+# the gRPC server): it gets the shared authorizer and store.
+Service = Callable[[Settings, Authorizer, Store], contextlib.AbstractAsyncContextManager[object]]
+
+
+def create_app(settings: Settings, store: Store | None = None, services: Sequence[Service] = ()) -> Starlette:
     """The app over ``store`` (built from the settings when not given; closed on exit)."""
     owned = store is None
     active: Store = build_store(settings) if store is None else store
+    authorizer = Authorizer(active, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -33,7 +39,10 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             except StoreUnavailable as exc:
                 # Start anyway: decisions follow the fail mode until Redis answers.
                 log.warning("redis unreachable at start (%s); serving in fail mode", exc)
-        yield
+        async with contextlib.AsyncExitStack() as stack:
+            for service in services:
+                await stack.enter_async_context(service(settings, authorizer, active))
+            yield
         if owned:
             await active.close()
 
@@ -48,10 +57,5 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.settings = settings
     app.state.store = active
-    app.state.authorizer = Authorizer(active, settings)
+    app.state.authorizer = authorizer
     return app
-
-
-def app_from_env() -> Starlette:
-    """Factory for uvicorn worker processes: settings come from AFORO_* variables."""
-    return create_app(load_settings())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
@@ -12,6 +13,7 @@ from sidecar.core.models import (
     ConsumerView,
     Outcome,
     Plan,
+    UsageEvent,
     UsageRecord,
 )
 
@@ -95,6 +97,15 @@ class Store(Protocol):
 
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
         """The consumer's usage records not yet drained to the ledger, oldest first."""
+        ...
+
+    async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
+        """Append validated gateway events; per event, True if stored, False if its
+        request id was already recorded within ``dedupe_ttl_ms``."""
+        ...
+
+    async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
+        """The consumer's recorded gateway events, oldest first."""
         ...
 
     async def ping(self) -> None:

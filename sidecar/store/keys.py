@@ -6,6 +6,8 @@
     <prefix>{t:c}:r:<request id>   first decision of a request id (idempotency)
     <prefix>{t:c}:u                usage stream (drained by the reconciler)
     <prefix>{t:c}:t:<reference>    top-up reference already applied
+    <prefix>{t:c}:g                gateway usage events (ReportUsage, ingestion)
+    <prefix>{t:c}:e:<request id>   gateway event already recorded (deduplication)
     <prefix>plan:{t}:<plan>        plan definition (JSON) and version
     <prefix>plan:{t}:<plan>:m      set of consumer ids bound to the plan
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
@@ -38,6 +40,12 @@ class KeySpace:
 
     def topup(self, tenant: str, consumer_id: str, reference: str) -> str:
         return f"{self.tag(tenant, consumer_id)}:t:{reference}"
+
+    def events(self, tenant: str, consumer_id: str) -> str:
+        return f"{self.tag(tenant, consumer_id)}:g"
+
+    def event_marker(self, tenant: str, consumer_id: str, request_id: str) -> str:
+        return f"{self.tag(tenant, consumer_id)}:e:{request_id}"
 
     def plan(self, tenant: str, plan_id: str) -> str:
         return f"{self.prefix}plan:{{{tenant}}}:{plan_id}"

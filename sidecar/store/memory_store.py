@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import collections
 import heapq
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import msgspec
 
@@ -22,6 +25,7 @@ from sidecar.core.models import (
     ConsumerView,
     Outcome,
     Plan,
+    UsageEvent,
     UsageRecord,
     WalletMode,
 )
@@ -29,6 +33,33 @@ from sidecar.core.money import MAX_MICROS
 from sidecar.core.reasons import Reason
 from sidecar.core.windows import WINDOWS, all_bounds
 from sidecar.store.base import DecisionCall, TopUpResult
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Expiring(Generic[K, V]):
+    """A map whose entries vanish at their expiry (ms), purged as time moves on."""
+
+    def __init__(self) -> None:
+        self._items: dict[K, tuple[int, V]] = {}
+        self._heap: list[tuple[int, int, K]] = []
+        self._order = 0  # tie-breaker: keys need not be comparable
+
+    def get(self, key: K, now_ms: int) -> V | None:
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms:
+            expiry, _, stale = heapq.heappop(heap)
+            item = self._items.get(stale)
+            if item is not None and item[0] == expiry:
+                del self._items[stale]
+        item = self._items.get(key)
+        return None if item is None else item[1]
+
+    def put(self, key: K, value: V, expiry_ms: int) -> None:
+        self._items[key] = (expiry_ms, value)
+        self._order += 1
+        heapq.heappush(self._heap, (expiry_ms, self._order, key))
 
 
 @dataclass
@@ -49,21 +80,14 @@ class MemoryStore:
         self._plans: dict[tuple[str, str], Plan] = {}
         self._consumers: dict[tuple[str, str], _Consumer] = {}
         self._keys: dict[tuple[str, str], str] = {}
-        # request identity -> (expiry ms, first outcome); expiries in a heap to purge.
-        self._requests: dict[tuple[str, str, str], tuple[int, Outcome]] = {}
-        self._request_expiry: list[tuple[int, tuple[str, str, str]]] = []
+        # request identity -> first allowed outcome, for the idempotency window.
+        self._requests: _Expiring[tuple[str, str, str], Outcome] = _Expiring()
         self._topups: dict[tuple[str, str, str], int] = {}
         # No reconciler drains the embedded store: keep the newest records, bounded.
         self._usage: dict[tuple[str, str], collections.deque[UsageRecord]] = {}
         self._usage_capacity = usage_capacity
-
-    def _purge_requests(self, now_ms: int) -> None:
-        heap = self._request_expiry
-        while heap and heap[0][0] <= now_ms:
-            expiry, ident = heapq.heappop(heap)
-            entry = self._requests.get(ident)
-            if entry is not None and entry[0] == expiry:
-                del self._requests[ident]
+        self._events: dict[tuple[str, str], collections.deque[UsageEvent]] = {}
+        self._event_markers: _Expiring[tuple[str, str, str], bool] = _Expiring()
 
     @staticmethod
     def _used(consumer: _Consumer, starts: tuple[int, ...]) -> list[int]:
@@ -74,11 +98,10 @@ class MemoryStore:
         return used
 
     async def decide(self, call: DecisionCall) -> Outcome:
-        self._purge_requests(call.now_ms)
         ident = (call.tenant, call.consumer_id, call.request_id)
-        first = self._requests.get(ident)
+        first = self._requests.get(ident, call.now_ms)
         if first is not None:
-            return msgspec.structs.replace(first[1], replayed=True)
+            return msgspec.structs.replace(first, replayed=True)
         consumer = self._consumers.get((call.tenant, call.consumer_id))
         if consumer is None:
             state, limits, used = None, (None,) * len(WINDOWS), [0] * len(WINDOWS)
@@ -140,9 +163,7 @@ class MemoryStore:
             limits=limits,
         )
         if verdict.reason is Reason.OK and call.idempotency_ttl_ms > 0:
-            expiry = call.now_ms + call.idempotency_ttl_ms
-            self._requests[ident] = (expiry, outcome)
-            heapq.heappush(self._request_expiry, (expiry, ident))
+            self._requests.put(ident, outcome, call.now_ms + call.idempotency_ttl_ms)
         return outcome
 
     async def resolve_key(self, tenant: str, key_hash: str) -> str | None:
@@ -245,6 +266,24 @@ class MemoryStore:
 
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
         return list(self._usage.get((tenant, consumer_id), ()))
+
+    async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
+        now = time.time_ns() // 1_000_000
+        results = []
+        for event in events:
+            ident = (event.tenant, event.consumer_id, event.request_id)
+            if self._event_markers.get(ident, now):
+                results.append(False)
+                continue
+            self._event_markers.put(ident, True, now + dedupe_ttl_ms)
+            self._events.setdefault(
+                (event.tenant, event.consumer_id), collections.deque(maxlen=self._usage_capacity)
+            ).append(event)
+            results.append(True)
+        return results
+
+    async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
+        return list(self._events.get((tenant, consumer_id), ()))
 
     async def ping(self) -> None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 
 import msgspec
@@ -20,6 +20,7 @@ from sidecar.core.models import (
     ConsumerView,
     Outcome,
     Plan,
+    UsageEvent,
     UsageRecord,
     WalletMode,
 )
@@ -37,6 +38,8 @@ UNREACHABLE = (
     asyncio.TimeoutError,
 )
 _plan_decoder = msgspec.json.Decoder(Plan)
+_event_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(UsageEvent)
 _LIMIT_FIELDS = tuple(f"l_{w.value}" for w in WINDOWS)
 
 
@@ -101,7 +104,8 @@ class RedisStore:
         self._status = self._redis.register_script(_load_script("status.lua"))
         self._topup = self._redis.register_script(_load_script("topup.lua"))
         self._key = self._redis.register_script(_load_script("key.lua"))
-        self._scripts = (self._decide, self._bind, self._status, self._topup, self._key)
+        self._event = self._redis.register_script(_load_script("event.lua"))
+        self._scripts = (self._decide, self._bind, self._status, self._topup, self._key, self._event)
 
     @property
     def client(self) -> Redis:
@@ -301,6 +305,29 @@ class RedisStore:
                 )
             )
         return records
+
+    async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
+        if not events:
+            return []
+        ks = self.keys
+        with _guard():
+            # One round trip for the whole batch; each event is its own atomic script
+            # (events of different consumers live in different cluster slots).
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for event in events:
+                    t, c = event.tenant, event.consumer_id
+                    await self._event(
+                        keys=[ks.event_marker(t, c, event.request_id), ks.events(t, c)],
+                        args=[dedupe_ttl_ms, _event_encoder.encode(event)],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+        return [reply == 1 for reply in replies]
+
+    async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
+        with _guard():
+            entries = await self._redis.xrange(self.keys.events(tenant, consumer_id))
+        return [_event_decoder.decode(fields[b"e"]) for _, fields in entries]
 
     async def ping(self) -> None:
         with _guard():

@@ -1,0 +1,125 @@
+"""aforo.sidecar.v1.Sidecar: decisions, batches, usage events, consumer status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from sidecar.authorizer import Authorizer, DeadlineExceeded, now_ms
+from sidecar.config import Settings
+from sidecar.core.errors import InvalidInput
+from sidecar.core.models import CONSUMER_ID_RE, DEFAULT_TENANT, TENANT_RE, Decision, UsageEvent, check_id
+from sidecar.grpc import convert
+from sidecar.grpc.errors import abort_invalid
+from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2 as pb
+from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from sidecar.store.base import Store, StoreUnavailable
+
+# Events are written to the store in slices of this size (one round trip each).
+EVENT_FLUSH = 500
+# How many per-event errors a UsageAck lists (the count is always complete).
+ACK_ERRORS = 10
+
+
+class SidecarService(pb_grpc.SidecarServicer):
+    def __init__(self, authorizer: Authorizer, store: Store, settings: Settings) -> None:
+        self.authorizer = authorizer
+        self.store = store
+        self.max_batch = settings.max_batch_items
+        self.event_ttl_ms = settings.event_dedupe_ttl_seconds * 1000
+
+    async def _decide(
+        self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
+    ) -> Decision | InvalidInput:
+        try:
+            query = convert.authorize_request(request)
+        except InvalidInput as exc:
+            return exc
+        try:
+            return await self.authorizer.authorize(query, deadline_s=context.time_remaining())
+        except DeadlineExceeded:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed while waiting on the store"
+            )
+            raise  # unreachable: abort raises
+
+    async def Authorize(self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext) -> pb.Decision:
+        result = await self._decide(request, context)
+        if isinstance(result, InvalidInput):
+            await abort_invalid(context, result)
+        return convert.decision_message(result)
+
+    async def AuthorizeBatch(
+        self, request: pb.AuthorizeBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AuthorizeBatchResponse:
+        if len(request.requests) > self.max_batch:
+            await abort_invalid(
+                context,
+                InvalidInput(
+                    f"a batch holds at most {self.max_batch} requests",
+                    code="batch_too_large",
+                    field="requests",
+                ),
+            )
+        # Independent decisions, decided concurrently (one store round trip each).
+        outcomes = await asyncio.gather(*(self._decide(item, context) for item in request.requests))
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, InvalidInput):
+                error = pb.Error(code=outcome.code, message=outcome.message, field=outcome.field or "")
+                results.append(pb.AuthorizeBatchResult(error=error))
+            else:
+                results.append(pb.AuthorizeBatchResult(decision=convert.decision_message(outcome)))
+        return pb.AuthorizeBatchResponse(results=results)
+
+    async def ReportUsage(
+        self, request_iterator: AsyncIterator[pb.UsageEvent], context: grpc.aio.ServicerContext
+    ) -> pb.UsageAck:
+        ack = pb.UsageAck()
+        pending: list[UsageEvent] = []
+
+        async def flush() -> None:
+            try:
+                stored = await self.store.record_events(pending, self.event_ttl_ms)
+            except StoreUnavailable:
+                # Resending the whole stream is safe: stored events are deduplicated.
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"store unreachable after {ack.accepted} events were stored; resend the stream",
+                )
+            ack.accepted += sum(stored)
+            ack.duplicates += len(stored) - sum(stored)
+            pending.clear()
+
+        async for message in request_iterator:
+            try:
+                pending.append(convert.usage_event(message))
+            except InvalidInput as exc:
+                ack.rejected += 1
+                if len(ack.errors) < ACK_ERRORS:
+                    ack.errors.append(pb.Error(code=exc.code, message=exc.message, field=exc.field or ""))
+                continue
+            if len(pending) >= EVENT_FLUSH:
+                await flush()
+        if pending:
+            await flush()
+        return ack
+
+    async def GetConsumerStatus(
+        self, request: pb.ConsumerStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConsumerStatus:
+        tenant = request.tenant or DEFAULT_TENANT
+        try:
+            check_id(tenant, TENANT_RE, "tenant")
+            check_id(request.consumer_id, CONSUMER_ID_RE, "consumer_id")
+        except InvalidInput as exc:
+            await abort_invalid(context, exc)
+        try:
+            view = await self.store.get_consumer(tenant, request.consumer_id, now_ms())
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"consumer {request.consumer_id!r} does not exist")
+        return convert.consumer_status(view)
