@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from sidecar.authorizer import Authorizer
 from sidecar.config import Settings
-from sidecar.http import admin, decisions, probes
+from sidecar.http import admin, decisions, probes, usage
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import build_store
@@ -49,6 +49,7 @@ def create_app(settings: Settings, store: Store | None = None, services: Sequenc
     routes = [
         Route("/v1/authorize", decisions.authorize, methods=["POST"]),
         Route("/integrations/apigee/authorize", decisions.apigee_authorize, methods=["POST"]),
+        Route("/v1/usage", usage.report_usage, methods=["POST"]),
         *admin.ROUTES,
         Route("/healthz", probes.healthz, methods=["GET"]),
         Route("/readyz", probes.readyz, methods=["GET"]),
