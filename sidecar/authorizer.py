@@ -156,3 +156,9 @@ class Authorizer:
 
     def forget_key(self, tenant: str, key_hash: str) -> None:
         self._key_owner.pop(f"{tenant}:{key_hash}", None)
+
+    def forget_consumer(self, tenant: str, consumer_id: str) -> None:
+        """Drop every cached entry that names this consumer (admin-rate, so a scan)."""
+        for ident, owner in list(self._key_owner.items()):
+            if owner == consumer_id and ident.startswith(f"{tenant}:"):
+                self._key_owner.pop(ident, None)

@@ -55,9 +55,38 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--decision-timeout-ms", type=int, help="deadline of one decision (default 50)")
     serve.add_argument("--key-prefix", help="Redis key prefix (AFORO_KEY_PREFIX, default aforo:)")
 
+    serve.add_argument(
+        "--database-url", help="Postgres URL (AFORO_DATABASE_URL): admin writes go there first"
+    )
+
     demo = sub.add_parser("demo", help="run on the embedded store with a demo catalog")
     _server_args(demo)
+
+    migrate = sub.add_parser("migrate", help="apply the Postgres schema migrations (idempotent)")
+    _data_args(migrate, redis=False)
+
+    reconcile = sub.add_parser(
+        "reconcile", help="keep Redis in step with Postgres and drain usage into Postgres"
+    )
+    _data_args(reconcile, redis=True)
+    mode = reconcile.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="one full sync and a complete drain, then exit")
+    mode.add_argument("--report", action="store_true", help="print the reconciliation report and exit")
+    reconcile.add_argument("--json", action="store_true", help="with --report: JSON instead of a table")
+
+    audit = sub.add_parser("audit", help="audit log tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the audit log's hash chain (exit 1 if broken)")
+    _data_args(verify, redis=False)
     return parser
+
+
+def _data_args(parser: argparse.ArgumentParser, *, redis: bool) -> None:
+    parser.add_argument("--database-url", help="Postgres URL (AFORO_DATABASE_URL)")
+    if redis:
+        parser.add_argument("--redis-url", help="Redis URL (AFORO_REDIS_URL)")
+        parser.add_argument("--key-prefix", help="Redis key prefix (AFORO_KEY_PREFIX)")
+    parser.add_argument("--log-level", help="critical|error|warning|info|debug (AFORO_LOG_LEVEL)")
 
 
 def _settings(args: argparse.Namespace, extra: dict[str, object]) -> Settings:
@@ -116,8 +145,37 @@ def _demo(settings: Settings, access_log: bool) -> None:
     )
 
 
+def _data_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(
+        {
+            "database_url": args.database_url,
+            "redis_url": getattr(args, "redis_url", None),
+            "key_prefix": getattr(args, "key_prefix", None),
+            "log_level": args.log_level,
+        }
+    )
+    if settings.database_url is None:
+        raise SettingsError("this command needs Postgres: set AFORO_DATABASE_URL or --database-url")
+    if (
+        getattr(args, "redis_url", None) is None
+        and args.command == "reconcile"
+        and settings.redis_url is None
+    ):
+        raise SettingsError("reconcile needs Redis: set AFORO_REDIS_URL or --redis-url")
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("migrate", "reconcile", "audit"):
+        try:
+            settings = _data_settings(args)
+        except SettingsError as exc:
+            print(f"aforo-sidecar: configuration error: {exc}", file=sys.stderr)
+            return 2
+        from sidecar.reconciler.commands import run_data_command
+
+        return run_data_command(args, settings)
     try:
         if args.command == "serve":
             settings = _settings(
@@ -128,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "fail_mode": args.fail_mode,
                     "decision_timeout_ms": args.decision_timeout_ms,
                     "key_prefix": args.key_prefix,
+                    "database_url": args.database_url,
                 },
             )
         else:

@@ -48,6 +48,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     event_dedupe_ttl_seconds: int = 3_600
     deny_ttl_seconds: int = 5
     quota_ttl_cap_seconds: int = 60
+    # Postgres, the source of truth. Unset: no Postgres (Redis or the embedded store is
+    # all there is). Set: admin writes go to Postgres first; needs redis_url.
+    database_url: str | None = None
+    drain_interval_ms: int = 250
+    drain_batch: int = 1_000
+    full_sync_interval_seconds: int = 300
+    drift_threshold_pct: float = 2.0
     # Admin API: bearer token; unset disables every admin endpoint (401).
     admin_token: str | None = None
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -65,6 +72,17 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     f"redis_url {self.redis_url!r} is not a Redis URL "
                     "(expected redis://host:port/db, rediss://... or unix:///path)"
                 )
+        if self.database_url is not None:
+            if urlparse(self.database_url).scheme not in ("postgres", "postgresql"):
+                raise SettingsError(
+                    f"database_url {self.database_url!r} is not a Postgres URL (expected postgresql://...)"
+                )
+            if self.redis_url is None:
+                raise SettingsError(
+                    "database_url needs redis_url: Postgres is synced into Redis, not the embedded store"
+                )
+        if not 0 <= self.drift_threshold_pct <= 100:
+            raise SettingsError(f"drift_threshold_pct {self.drift_threshold_pct} is out of range 0-100")
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"port {self.port} is out of range 1-65535")
         if not 0 <= self.grpc_port <= 65535:
@@ -88,6 +106,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("idempotency_ttl_seconds", 1, 90 * 86_400),
             ("event_dedupe_ttl_seconds", 1, 90 * 86_400),
             ("max_batch_items", 1, 100_000),
+            ("drain_interval_ms", 10, 600_000),
+            ("drain_batch", 1, 100_000),
+            ("full_sync_interval_seconds", 1, 86_400 * 7),
             ("deny_ttl_seconds", 0, 86_400),
             ("quota_ttl_cap_seconds", 0, 86_400 * 31),
         ):
@@ -145,7 +166,7 @@ def load_settings(
             raw[key] = value
     if isinstance(raw.get("tenant_fail_modes"), str):
         raw["tenant_fail_modes"] = _parse_mapping("tenant_fail_modes", raw["tenant_fail_modes"])
-    for key in ("redis_url", "admin_token"):
+    for key in ("redis_url", "admin_token", "database_url"):
         if raw.get(key) == "":
             raw[key] = None
     try:

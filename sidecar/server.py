@@ -1,18 +1,91 @@
 """The composition root: the HTTP app with the gRPC server beside it, sharing one
-store and one authorizer per process. Transports never import each other; this does."""
+store and one authorizer per process, and Postgres behind the admin API when it is
+configured. Transports never import each other; this module wires them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
 from starlette.applications import Starlette
 
+from sidecar.authorizer import Authorizer
 from sidecar.config import Settings, load_settings
 from sidecar.grpc.server import grpc_server
-from sidecar.http.app import create_app
+from sidecar.http.app import Service, create_app
 from sidecar.store.base import Store
+from sidecar.store.factory import build_store
+from sidecar.store.redis_store import RedisStore
+
+log = logging.getLogger("aforo.server")
+
+
+@contextlib.asynccontextmanager
+async def _invalidations(settings: Settings, authorizer: Authorizer, store: Store) -> AsyncIterator[None]:
+    """Drop this process's cached view of a consumer when any process changes it."""
+    assert isinstance(store, RedisStore)
+
+    async def listen() -> None:
+        while True:
+            try:
+                async with store.client.pubsub() as pubsub:
+                    await pubsub.subscribe(store.keys.invalidations())
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            tenant, _, consumer_id = message["data"].decode().partition(":")
+                            authorizer.forget_consumer(tenant, consumer_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the subscription is best effort; keep trying
+                log.warning("invalidation subscription lost (%s); resubscribing", exc)
+                await asyncio.sleep(1)
+
+    task = asyncio.create_task(listen())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def build_app(settings: Settings, store: Store | None = None) -> Starlette:
-    return create_app(settings, store, services=[grpc_server] if settings.grpc_port else [])
+    active = build_store(settings) if store is None else store
+    services: list[Service] = []
+    if store is None:
+
+        @contextlib.asynccontextmanager
+        async def closing(settings: Settings, authorizer: Authorizer, store: Store) -> AsyncIterator[None]:
+            try:
+                yield
+            finally:
+                await store.close()
+
+        services.append(closing)  # entered first, so closed after every other service
+    if settings.grpc_port:
+        services.append(grpc_server)
+    catalog = None
+    if isinstance(active, RedisStore):
+        services.append(_invalidations)
+    if settings.database_url is not None:
+        from sidecar.reconciler.catalog import PostgresCatalog
+
+        assert isinstance(active, RedisStore)  # Settings.validate guarantees it
+        catalog = PostgresCatalog(settings, active)
+        pg_catalog = catalog
+
+        @contextlib.asynccontextmanager
+        async def postgres(settings: Settings, authorizer: Authorizer, store: Store) -> AsyncIterator[None]:
+            await pg_catalog.start()
+            try:
+                yield
+            finally:
+                await pg_catalog.close()
+
+        services.append(postgres)
+    return create_app(settings, active, services=services, catalog=catalog)
 
 
 def app_from_env() -> Starlette:

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.authorizer import Authorizer, now_ms
+from sidecar.catalog import Catalog, NeedsPostgres
 from sidecar.core.api_keys import generate_api_key, hash_api_key
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
@@ -31,6 +32,7 @@ from sidecar.core.models import (
 from sidecar.core.money import MAX_MICROS
 from sidecar.http.auth import require_admin
 from sidecar.http.bodies import decode_into, read_body
+from sidecar.http.errors import ApiError
 from sidecar.store.base import Store
 
 log = logging.getLogger("aforo.admin")
@@ -44,6 +46,15 @@ def _json(value: Any, status: int = 200) -> Response:
 
 def _store(request: Request) -> Store:
     return request.app.state.store
+
+
+def _catalog(request: Request) -> Catalog:
+    return request.app.state.catalog
+
+
+def _actor(request: Request) -> str:
+    """Who made a change, for the audit trail."""
+    return f"admin-api@{request.client.host if request.client else '-'}"
 
 
 async def _admin_body(request: Request) -> bytes:
@@ -80,7 +91,7 @@ def _record(request: Request, action: str, tenant: str, target: str, **detail: A
 async def put_plan(request: Request) -> Response:
     body = await _admin_body(request)
     plan = decode_into(body, Plan, id=request.path_params["plan_id"]).validated()
-    created = await _store(request).put_plan(plan)
+    created = await _catalog(request).put_plan(plan, _actor(request))
     _record(request, "plan.put", plan.tenant, plan.id, windows=plan.windows, price=plan.price)
     return _json(plan, 201 if created else 200)
 
@@ -100,7 +111,7 @@ async def get_plan(request: Request) -> Response:
 async def put_consumer(request: Request) -> Response:
     body = await _admin_body(request)
     spec = decode_into(body, ConsumerSpec, id=request.path_params["consumer_id"]).validated()
-    view, created = await _store(request).put_consumer(spec, now_ms())
+    view, created = await _catalog(request).put_consumer(spec, _actor(request))
     _record(request, "consumer.put", spec.tenant, spec.id, plan=spec.plan_id, status=spec.status)
     return _json(view, 201 if created else 200)
 
@@ -126,7 +137,7 @@ async def _change_status(
     _check_target(tenant, consumer_id)
     if len(reason) > 1000:
         raise InvalidInput("reason is longer than 1000 characters", field="reason")
-    view = await _store(request).set_status(tenant, consumer_id, status, now_ms())
+    view = await _catalog(request).set_status(tenant, consumer_id, status, _actor(request))
     _record(request, f"consumer.{status.value}", tenant, consumer_id, reason=reason)
     return _json(view)
 
@@ -157,7 +168,9 @@ async def top_up(request: Request) -> Response:
         )
     if topup.reference is not None:
         check_id(topup.reference, REQUEST_ID_RE, "reference")
-    result = await _store(request).top_up(topup.tenant, topup.consumer_id, topup.amount, topup.reference)
+    result = await _catalog(request).top_up(
+        topup.tenant, topup.consumer_id, topup.amount, topup.reference, _actor(request)
+    )
     _record(
         request,
         "wallet.topup",
@@ -184,7 +197,7 @@ async def create_key(request: Request) -> Response:
     _check_target(ask.tenant, ask.consumer_id)
     raw = generate_api_key()
     key_hash = hash_api_key(raw)
-    await _store(request).add_key(ask.tenant, ask.consumer_id, key_hash)
+    await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, _actor(request))
     _record(request, "key.create", ask.tenant, ask.consumer_id, key_hash=key_hash)
     return _json(
         {
@@ -205,7 +218,7 @@ async def revoke_key(request: Request) -> Response:
     key_hash = request.path_params["key_hash"].lower()
     if len(key_hash) != _KEY_HASH_LEN or any(ch not in "0123456789abcdef" for ch in key_hash):
         raise InvalidInput("key_hash must be 64 hex digits (SHA-256)", field="key_hash")
-    removed = await _store(request).revoke_key(tenant, consumer_id, key_hash)
+    removed = await _catalog(request).revoke_key(tenant, consumer_id, key_hash, _actor(request))
     if not removed:
         raise NotFound("no such key on this consumer", code="key_not_found")
     authorizer: Authorizer = request.app.state.authorizer
@@ -261,7 +274,17 @@ async def apigee_resume(request: Request) -> Response:
     return await _change_status(request, change.tenant, change.appId, ConsumerStatus.ACTIVE, change.reason)
 
 
+async def reconciliation(request: Request) -> Response:
+    require_admin(request)
+    try:
+        report = await _catalog(request).reconciliation()
+    except NeedsPostgres as exc:
+        raise ApiError(501, "postgres_required", str(exc)) from None
+    return _json(report)
+
+
 ROUTES = [
+    Route("/v1/admin/reconciliation", reconciliation, methods=["GET"]),
     Route("/v1/admin/plans/{plan_id}", put_plan, methods=["PUT"]),
     Route("/v1/admin/plans/{plan_id}", get_plan, methods=["GET"]),
     Route("/v1/admin/consumers/{consumer_id}", put_consumer, methods=["PUT"]),

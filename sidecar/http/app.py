@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from sidecar.authorizer import Authorizer
+from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
 from sidecar.http import admin, decisions, probes, usage
 from sidecar.http.errors import EXCEPTION_HANDLERS
@@ -25,8 +26,14 @@ log = logging.getLogger("aforo.http")
 Service = Callable[[Settings, Authorizer, Store], contextlib.AbstractAsyncContextManager[object]]
 
 
-def create_app(settings: Settings, store: Store | None = None, services: Sequence[Service] = ()) -> Starlette:
-    """The app over ``store`` (built from the settings when not given; closed on exit)."""
+def create_app(
+    settings: Settings,
+    store: Store | None = None,
+    services: Sequence[Service] = (),
+    catalog: Catalog | None = None,
+) -> Starlette:
+    """The app over ``store`` (built from the settings when not given; closed on exit).
+    ``catalog`` is the admin write path; by default the store alone."""
     owned = store is None
     active: Store = build_store(settings) if store is None else store
     authorizer = Authorizer(active, settings)
@@ -59,4 +66,5 @@ def create_app(settings: Settings, store: Store | None = None, services: Sequenc
     app.state.settings = settings
     app.state.store = active
     app.state.authorizer = authorizer
+    app.state.catalog = StoreCatalog(active) if catalog is None else catalog
     return app

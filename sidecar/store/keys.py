@@ -11,6 +11,7 @@
     <prefix>plan:{t}:<plan>        plan definition (JSON) and version
     <prefix>plan:{t}:<plan>:m      set of consumer ids bound to the plan
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
+    <prefix>invalidate             pub/sub channel: "tenant:consumer" changed
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class KeySpace:
 
     def plan_members(self, tenant: str, plan_id: str) -> str:
         return f"{self.plan(tenant, plan_id)}:m"
+
+    def invalidations(self) -> str:
+        return f"{self.prefix}invalidate"
 
     def api_key(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}key:{tenant}:{key_hash}"

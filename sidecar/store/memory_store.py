@@ -68,6 +68,7 @@ class _Consumer:
     status: ConsumerStatus = ConsumerStatus.ACTIVE
     wallet_mode: WalletMode = WalletMode.PREPAID
     base: int = 0
+    # Debits not yet settled: the embedded store has no Postgres, so nothing settles.
     pending: int = 0
     version: int = 0
     key_hashes: set[str] = field(default_factory=set)

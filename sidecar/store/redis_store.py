@@ -70,6 +70,26 @@ def _plan_args(plan: Plan, version: int) -> list[str | int]:
     ]
 
 
+def _usage_record(f: dict[bytes, bytes]) -> UsageRecord:
+    return UsageRecord(
+        request_id=f[b"rid"].decode(),
+        decision_id=f[b"did"].decode(),
+        ts_ms=int(f[b"ts"]),
+        tenant=f[b"t"].decode(),
+        consumer_id=f[b"c"].decode(),
+        product=f[b"p"].decode(),
+        operation=f[b"op"].decode(),
+        cost=int(f[b"cost"]),
+        hits=int(f[b"hits"]),
+    )
+
+
+def next_stream_id(entry_id: str) -> str:
+    """The smallest stream id above ``entry_id`` (XTRIM MINID keeps ids >= it)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
 def _opt(value: int) -> int | None:
     return None if value < 0 else value
 
@@ -105,7 +125,18 @@ class RedisStore:
         self._topup = self._redis.register_script(_load_script("topup.lua"))
         self._key = self._redis.register_script(_load_script("key.lua"))
         self._event = self._redis.register_script(_load_script("event.lua"))
-        self._scripts = (self._decide, self._bind, self._status, self._topup, self._key, self._event)
+        self._plan = self._redis.register_script(_load_script("plan.lua"))
+        self._settle = self._redis.register_script(_load_script("settle.lua"))
+        self._scripts = (
+            self._decide,
+            self._bind,
+            self._status,
+            self._topup,
+            self._key,
+            self._event,
+            self._plan,
+            self._settle,
+        )
 
     @property
     def client(self) -> Redis:
@@ -162,21 +193,27 @@ class RedisStore:
         return None if found is None else found.decode()
 
     async def put_plan(self, plan: Plan) -> bool:
-        key = self.keys.plan(plan.tenant, plan.id)
+        return await self.apply_plan(plan, None) == 1
+
+    async def apply_plan(self, plan: Plan, version: int | None) -> int:
+        """Store ``plan`` at ``version`` (None: the next one) and re-apply it to every
+        consumer bound to it. Returns the version stored, 0 if a newer one was there."""
         with _guard():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hincrby(key, "version", 1)
-                pipe.hset(key, "spec", msgspec.json.encode(plan))
-                version, _ = await pipe.execute()
+            stored = await self._plan(
+                keys=[self.keys.plan(plan.tenant, plan.id)],
+                args=["" if version is None else version, msgspec.json.encode(plan)],
+            )
+            if stored == 0:
+                return 0
             members = await self._redis.smembers(self.keys.plan_members(plan.tenant, plan.id))
             if members:
-                args = ["plan", 0, *_plan_args(plan, version), "", ""]
+                args = ["plan", 0, *_plan_args(plan, stored), "", ""]
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for member in members:
                         consumer_key = self.keys.consumer(plan.tenant, member.decode())
                         await self._bind(keys=[consumer_key], args=args, client=pipe)
                     await pipe.execute()
-        return version == 1
+        return stored
 
     async def _read_plan(self, tenant: str, plan_id: str) -> tuple[Plan, int] | None:
         spec, version = await self._redis.hmget(self.keys.plan(tenant, plan_id), "spec", "version")
@@ -190,31 +227,40 @@ class RedisStore:
         return None if found is None else found[0]
 
     async def put_consumer(self, consumer: ConsumerSpec, now_ms: int) -> tuple[ConsumerView, bool]:
+        with _guard():
+            # Join the plan's member set before reading the plan: a plan edit that lands
+            # after our read then finds us and re-applies (bind.lua orders versions).
+            members = self.keys.plan_members(consumer.tenant, consumer.plan_id)
+            joined = await self._redis.sadd(members, consumer.id)
+            found = await self._read_plan(consumer.tenant, consumer.plan_id)
+            if found is None:
+                if joined:
+                    await self._redis.srem(members, consumer.id)
+                raise NotFound(f"plan {consumer.plan_id!r} does not exist", code="plan_not_found")
+        created = await self.apply_consumer(consumer, *found, now_ms)
+        view = await self.get_consumer(consumer.tenant, consumer.id, now_ms)
+        assert view is not None  # just written
+        return view, created
+
+    async def apply_consumer(
+        self, consumer: ConsumerSpec, plan: Plan, plan_version: int, now_ms: int
+    ) -> bool:
+        """Bind ``consumer`` to ``plan`` at ``plan_version`` (status and wallet mode left
+        None keep theirs). Returns whether the consumer was created."""
         t, c = consumer.tenant, consumer.id
         consumer_key = self.keys.consumer(t, c)
-        members = self.keys.plan_members(t, consumer.plan_id)
+        status = "" if consumer.status is None else consumer.status.value
+        wallet = "" if consumer.wallet_mode is None else consumer.wallet_mode.value
         with _guard():
             previous = await self._redis.hget(consumer_key, "plan")
-            # Join the plan's member set before reading the plan: a plan edit that
-            # lands after our read then finds us and re-applies (bind.lua orders them).
-            await self._redis.sadd(members, c)
-            found = await self._read_plan(t, consumer.plan_id)
-            if found is None:
-                if previous is None or previous.decode() != consumer.plan_id:
-                    await self._redis.srem(members, c)
-                raise NotFound(f"plan {consumer.plan_id!r} does not exist", code="plan_not_found")
-            plan, version = found
-            status = "" if consumer.status is None else consumer.status.value
-            wallet = "" if consumer.wallet_mode is None else consumer.wallet_mode.value
+            await self._redis.sadd(self.keys.plan_members(t, plan.id), c)
             created, _ = await self._bind(
                 keys=[consumer_key],
-                args=["upsert", now_ms, *_plan_args(plan, version), status, wallet],
+                args=["upsert", now_ms, *_plan_args(plan, plan_version), status, wallet],
             )
-            if previous is not None and previous.decode() != consumer.plan_id:
+            if previous is not None and previous.decode() != plan.id:
                 await self._redis.srem(self.keys.plan_members(t, previous.decode()), c)
-            view = await self._view(t, c, now_ms)
-        assert view is not None  # just written
-        return view, created == 1
+        return created == 1
 
     async def _view(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
         fields = await self._redis.hgetall(self.keys.consumer(tenant, consumer_id))
@@ -224,7 +270,8 @@ class RedisStore:
         counters = self.keys.counters(tenant, consumer_id, starts)
         limited = [i for i, name in enumerate(_LIMIT_FIELDS) if name.encode() in fields]
         counts = await self._redis.mget([counters[i] for i in limited]) if limited else []
-        base, pending = int(fields[b"base"]), int(fields[b"pending"])
+        pending = int(fields[b"spent"]) - int(fields[b"settled"])
+        base = int(fields[b"base"])
         return ConsumerView(
             tenant=tenant,
             id=consumer_id,
@@ -251,12 +298,16 @@ class RedisStore:
             raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
         return view
 
-    async def top_up(self, tenant: str, consumer_id: str, amount: int, reference: str | None) -> TopUpResult:
+    async def top_up(
+        self, tenant: str, consumer_id: str, amount: int, reference: str | None, version: int | None = None
+    ) -> TopUpResult:
+        """Credit the wallet. ``version``: the wallet's Postgres version after this credit
+        (skipped when Redis already holds that version or a newer one)."""
         keys = [
             self.keys.consumer(tenant, consumer_id),
             self.keys.topup(tenant, consumer_id, reference or ""),
         ]
-        args = [amount, self._topup_ttl_ms, "1" if reference else "0", MAX_MICROS]
+        args = [amount, self._topup_ttl_ms, "1" if reference else "0", MAX_MICROS, version or ""]
         with _guard():
             code, balance = await self._topup(keys=keys, args=args)
         if code == -1:
@@ -289,22 +340,7 @@ class RedisStore:
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
         with _guard():
             entries = await self._redis.xrange(self.keys.usage(tenant, consumer_id))
-        records = []
-        for _, f in entries:
-            records.append(
-                UsageRecord(
-                    request_id=f[b"rid"].decode(),
-                    decision_id=f[b"did"].decode(),
-                    ts_ms=int(f[b"ts"]),
-                    tenant=f[b"t"].decode(),
-                    consumer_id=f[b"c"].decode(),
-                    product=f[b"p"].decode(),
-                    operation=f[b"op"].decode(),
-                    cost=int(f[b"cost"]),
-                    hits=int(f[b"hits"]),
-                )
-            )
-        return records
+        return [_usage_record(fields) for _, fields in entries]
 
     async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
         if not events:
@@ -328,6 +364,74 @@ class RedisStore:
         with _guard():
             entries = await self._redis.xrange(self.keys.events(tenant, consumer_id))
         return [_event_decoder.decode(fields[b"e"]) for _, fields in entries]
+
+    # --- used by the reconciler (Postgres is the truth) -------------------------------
+
+    async def apply_keys(self, tenant: str, consumer_id: str, active: set[str]) -> None:
+        """Make the consumer's registered key hashes exactly ``active``."""
+        consumer_key = self.keys.consumer(tenant, consumer_id)
+        with _guard():
+            fields = await self._redis.hkeys(consumer_key)
+            present = {f.decode()[2:] for f in fields if f.startswith(b"k:")}
+            for key_hash in active - present:
+                await self.add_key(tenant, consumer_id, key_hash)
+            for key_hash in present - active:
+                await self.revoke_key(tenant, consumer_id, key_hash)
+
+    async def settle(
+        self,
+        tenant: str,
+        consumer_id: str,
+        balance: int,
+        settled: int,
+        version: int,
+        trim_before: str | None = None,
+    ) -> bool:
+        """Take the Postgres wallet (see settle.lua) and trim the usage stream below
+        ``trim_before``. Returns whether the wallet was applied (False: Redis had it)."""
+        with _guard():
+            applied, _ = await self._settle(
+                keys=[self.keys.consumer(tenant, consumer_id), self.keys.usage(tenant, consumer_id)],
+                args=[balance, settled, version, trim_before or ""],
+            )
+        return applied == 1
+
+    async def scan_streams(self, kind: str) -> list[tuple[str, str]]:
+        """(tenant, consumer) of every stream of ``kind`` ("u": usage, "g": events)."""
+        pattern = f"{self.keys.prefix}{{*}}:{kind}"
+        found = set()
+        with _guard():
+            async for key in self._redis.scan_iter(match=pattern, count=1000, _type="stream"):
+                tag = key.decode()[len(self.keys.prefix) :].split("}", 1)[0][1:]
+                tenant, _, consumer_id = tag.partition(":")
+                found.add((tenant, consumer_id))
+        return sorted(found)
+
+    async def read_usage(self, tenant: str, consumer_id: str, count: int) -> list[tuple[str, UsageRecord]]:
+        """The oldest ``count`` usage records with their stream ids."""
+        with _guard():
+            entries = await self._redis.xrange(self.keys.usage(tenant, consumer_id), count=count)
+        return [(entry_id.decode(), _usage_record(fields)) for entry_id, fields in entries]
+
+    async def read_events(self, tenant: str, consumer_id: str, count: int) -> list[tuple[str, UsageEvent]]:
+        with _guard():
+            entries = await self._redis.xrange(self.keys.events(tenant, consumer_id), count=count)
+        return [(entry_id.decode(), _event_decoder.decode(fields[b"e"])) for entry_id, fields in entries]
+
+    async def trim_events(self, tenant: str, consumer_id: str, before: str) -> None:
+        with _guard():
+            await self._redis.xtrim(self.keys.events(tenant, consumer_id), minid=before, approximate=False)
+
+    async def window_counts(self, tenant: str, consumer_id: str, starts_ms: tuple[int, ...]) -> list[int]:
+        """The current count of every window period (WINDOWS order; 0 when absent)."""
+        with _guard():
+            values = await self._redis.mget(self.keys.counters(tenant, consumer_id, starts_ms))
+        return [int(v or 0) for v in values]
+
+    async def publish_invalidation(self, tenant: str, consumer_id: str) -> None:
+        """Tell every sidecar process to drop what it cached of this consumer."""
+        with _guard():
+            await self._redis.publish(self.keys.invalidations(), f"{tenant}:{consumer_id}")
 
     async def ping(self) -> None:
         with _guard():

@@ -34,7 +34,7 @@ end
 
 if ARGV[1] == 'upsert' then
   if not exists then
-    redis.call('HSET', KEYS[1], 'status', 'active', 'wallet', 'prepaid', 'base', 0, 'pending', 0,
+    redis.call('HSET', KEYS[1], 'status', 'active', 'wallet', 'prepaid', 'base', 0, 'spent', 0, 'settled', 0,
       'created', ARGV[2])
   end
   if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[12]) end

@@ -18,7 +18,7 @@
 --          used1..used5, limit1..limit5}; -1 marks an unlimited window. `used` is the
 --          count after the decision (unchanged when denied).
 -- Guarantees: a denied call changes nothing; an allowed call increments every limited
--- window by `hits`, adds its cost to `pending` and appends one usage record, together;
+-- window by `hits`, adds its cost to `spent` and appends one usage record, together;
 -- a request id already allowed returns its first decision and changes nothing.
 
 if ARGV[17] ~= '0' then
@@ -35,7 +35,10 @@ if stored then
   return first
 end
 
-local c = redis.call('HMGET', KEYS[1], 'status', 'products', 'price', 'wallet', 'base', 'pending',
+-- Wallet: base is the settled balance of the last Postgres sync, spent the cumulative
+-- debits made here, settled the cumulative debits Postgres had at that sync; what
+-- Postgres has not settled yet is spent - settled.
+local c = redis.call('HMGET', KEYS[1], 'status', 'products', 'price', 'wallet', 'base', 'spent', 'settled',
   'l_minute', 'l_hour', 'l_day', 'l_week', 'l_month')
 local used = {-1, -1, -1, -1, -1}
 local limits = {-1, -1, -1, -1, -1}
@@ -50,11 +53,11 @@ if not c[1] then
   return reply('unknown_consumer', 0, false, 0)
 end
 
-local base = tonumber(c[5])
-local balance = base - tonumber(c[6])
+local unsettled_base = tonumber(c[5]) + tonumber(c[7])
+local balance = unsettled_base - tonumber(c[6])
 for i = 1, 5 do
-  if c[6 + i] then
-    limits[i] = tonumber(c[6 + i])
+  if c[7 + i] then
+    limits[i] = tonumber(c[7 + i])
     used[i] = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
   end
 end
@@ -98,7 +101,7 @@ for i = 1, 5 do
     end
   end
 end
-balance = base - redis.call('HINCRBY', KEYS[1], 'pending', cost)
+balance = unsettled_base - redis.call('HINCRBY', KEYS[1], 'spent', cost)
 redis.call('XADD', KEYS[3], '*', 'rid', ARGV[2], 'did', ARGV[3], 'ts', ARGV[1], 't', ARGV[15],
   'c', ARGV[16], 'p', ARGV[4], 'op', ARGV[5], 'cost', cost_text, 'hits', ARGV[7])
 

@@ -1,0 +1,74 @@
+"""The admin write path: plans, consumers, wallets, keys, suspension.
+
+Without Postgres the hot store is all there is (StoreCatalog). With Postgres, the
+PostgresCatalog (sidecar/reconciler/catalog.py) writes the truth first, audited, and
+then brings the hot store in step. The HTTP admin API only knows this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sidecar.authorizer import now_ms
+from sidecar.core.models import ConsumerSpec, ConsumerStatus, ConsumerView, Plan
+from sidecar.store.base import Store, TopUpResult
+
+
+class NeedsPostgres(Exception):
+    """The operation exists only when Postgres is configured."""
+
+
+class Catalog(Protocol):
+    async def put_plan(self, plan: Plan, actor: str) -> bool:
+        """Create or replace a plan; True if created."""
+        ...
+
+    async def put_consumer(self, spec: ConsumerSpec, actor: str) -> tuple[ConsumerView, bool]: ...
+
+    async def set_status(
+        self, tenant: str, consumer_id: str, status: ConsumerStatus, actor: str
+    ) -> ConsumerView: ...
+
+    async def top_up(
+        self, tenant: str, consumer_id: str, amount: int, reference: str | None, actor: str
+    ) -> TopUpResult: ...
+
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None: ...
+
+    async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool: ...
+
+    async def reconciliation(self) -> object:
+        """The reconciliation report; raises NeedsPostgres without Postgres."""
+        ...
+
+
+class StoreCatalog:
+    """The embedded behaviour: the hot store is the only state (no audit trail)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def put_plan(self, plan: Plan, actor: str) -> bool:
+        return await self.store.put_plan(plan)
+
+    async def put_consumer(self, spec: ConsumerSpec, actor: str) -> tuple[ConsumerView, bool]:
+        return await self.store.put_consumer(spec, now_ms())
+
+    async def set_status(
+        self, tenant: str, consumer_id: str, status: ConsumerStatus, actor: str
+    ) -> ConsumerView:
+        return await self.store.set_status(tenant, consumer_id, status, now_ms())
+
+    async def top_up(
+        self, tenant: str, consumer_id: str, amount: int, reference: str | None, actor: str
+    ) -> TopUpResult:
+        return await self.store.top_up(tenant, consumer_id, amount, reference)
+
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
+        await self.store.add_key(tenant, consumer_id, key_hash)
+
+    async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
+        return await self.store.revoke_key(tenant, consumer_id, key_hash)
+
+    async def reconciliation(self) -> object:
+        raise NeedsPostgres("the reconciliation report compares Redis with Postgres: set AFORO_DATABASE_URL")

@@ -1,0 +1,358 @@
+"""The ledger: every read and write of the truth in Postgres (asyncpg)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.models import ConsumerSpec, ConsumerStatus, Plan, UsageEvent, UsageRecord, WalletMode
+from sidecar.core.money import MAX_MICROS
+
+
+class PlanRow(msgspec.Struct, frozen=True):
+    plan: Plan
+    version: int
+
+
+class ConsumerRow(msgspec.Struct, frozen=True):
+    tenant: str
+    id: str
+    plan_id: str
+    status: ConsumerStatus
+    wallet_mode: WalletMode
+    version: int
+
+    def spec(self) -> ConsumerSpec:
+        return ConsumerSpec(
+            id=self.id,
+            plan_id=self.plan_id,
+            tenant=self.tenant,
+            status=self.status,
+            wallet_mode=self.wallet_mode,
+        )
+
+
+class WalletRow(msgspec.Struct, frozen=True):
+    tenant: str
+    consumer_id: str
+    balance: int
+    settled: int
+    version: int
+
+
+def _plan(row: asyncpg.Record) -> PlanRow:
+    windows = msgspec.json.decode(row["windows"], type=dict[str, int])
+    plan = Plan(
+        id=row["id"],
+        tenant=row["tenant"],
+        windows=windows,
+        price=row["price"],
+        products=list(row["products"]),
+        name=row["name"],
+    )
+    return PlanRow(plan, row["version"])
+
+
+def _consumer(row: asyncpg.Record) -> ConsumerRow:
+    return ConsumerRow(
+        tenant=row["tenant"],
+        id=row["id"],
+        plan_id=row["plan_id"],
+        status=ConsumerStatus(row["status"]),
+        wallet_mode=WalletMode(row["wallet_mode"]),
+        version=row["version"],
+    )
+
+
+def _wallet(row: asyncpg.Record) -> WalletRow:
+    return WalletRow(row["tenant"], row["consumer_id"], row["balance"], row["settled_debits"], row["version"])
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+_PLAN_COLUMNS = "tenant, id, name, windows::text AS windows, price, products, version"
+_WALLET_COLUMNS = "tenant, consumer_id, balance, settled_debits, version"
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def _change(self, actor: str) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction whose audit rows name ``actor``."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('aforo.actor', $1, true)", actor)
+            yield conn
+
+    # --- admin writes: one transaction each, audited by the triggers ---------------
+
+    async def put_plan(self, plan: Plan, actor: str) -> tuple[PlanRow, bool]:
+        async with self._change(actor) as conn:
+            await conn.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", plan.tenant)
+            row = await conn.fetchrow(
+                f"""INSERT INTO plans (tenant, id, name, windows, price, products)
+                    VALUES ($1, $2, $3, $4::jsonb, $5, $6)
+                    ON CONFLICT (tenant, id) DO UPDATE SET name = EXCLUDED.name,
+                        windows = EXCLUDED.windows, price = EXCLUDED.price, products = EXCLUDED.products
+                    RETURNING {_PLAN_COLUMNS}, (xmax = 0) AS created""",
+                plan.tenant,
+                plan.id,
+                plan.name,
+                msgspec.json.encode(plan.windows).decode(),
+                plan.price,
+                plan.products,
+            )
+        return _plan(row), row["created"]
+
+    async def put_consumer(self, spec: ConsumerSpec, actor: str) -> tuple[ConsumerRow, PlanRow, bool]:
+        async with self._change(actor) as conn:
+            plan = await conn.fetchrow(
+                f"SELECT {_PLAN_COLUMNS} FROM plans WHERE tenant = $1 AND id = $2 FOR SHARE",
+                spec.tenant,
+                spec.plan_id,
+            )
+            if plan is None:
+                raise NotFound(f"plan {spec.plan_id!r} does not exist", code="plan_not_found")
+            row = await conn.fetchrow(
+                """INSERT INTO consumers (tenant, id, plan_id, status, wallet_mode)
+                   VALUES ($1, $2, $3, coalesce($4, 'active'), coalesce($5, 'prepaid'))
+                   ON CONFLICT (tenant, id) DO UPDATE SET plan_id = EXCLUDED.plan_id,
+                       status = coalesce($4, consumers.status),
+                       wallet_mode = coalesce($5, consumers.wallet_mode)
+                   RETURNING *, (xmax = 0) AS created""",
+                spec.tenant,
+                spec.id,
+                spec.plan_id,
+                None if spec.status is None else spec.status.value,
+                None if spec.wallet_mode is None else spec.wallet_mode.value,
+            )
+        return _consumer(row), _plan(plan), row["created"]
+
+    async def set_status(
+        self, tenant: str, consumer_id: str, status: ConsumerStatus, actor: str
+    ) -> tuple[ConsumerRow, PlanRow]:
+        async with self._change(actor) as conn:
+            row = await conn.fetchrow(
+                "UPDATE consumers SET status = $3 WHERE tenant = $1 AND id = $2 RETURNING *",
+                tenant,
+                consumer_id,
+                status.value,
+            )
+            if row is None:
+                raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+            plan = await conn.fetchrow(
+                f"SELECT {_PLAN_COLUMNS} FROM plans WHERE tenant = $1 AND id = $2", tenant, row["plan_id"]
+            )
+        return _consumer(row), _plan(plan)
+
+    async def top_up(
+        self, tenant: str, consumer_id: str, amount: int, reference: str | None, actor: str
+    ) -> tuple[WalletRow, bool]:
+        """Credit the wallet once per reference; returns the wallet and whether it was applied."""
+        async with self._change(actor) as conn:
+            wallet = await conn.fetchrow(
+                f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE tenant = $1 AND consumer_id = $2 FOR UPDATE",
+                tenant,
+                consumer_id,
+            )
+            if wallet is None:
+                raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+            inserted = await conn.fetchval(
+                """INSERT INTO wallet_transactions (tenant, consumer_id, kind, amount, reference)
+                   VALUES ($1, $2, 'topup', $3, $4) ON CONFLICT DO NOTHING RETURNING id""",
+                tenant,
+                consumer_id,
+                amount,
+                reference,
+            )
+            if inserted is None:
+                return _wallet(wallet), False
+            if wallet["balance"] + amount > MAX_MICROS:
+                raise InvalidInput(
+                    f"the balance would exceed {MAX_MICROS} micros", code="invalid_amount", field="amount"
+                )
+            row = await conn.fetchrow(
+                f"""UPDATE wallets SET balance = balance + $3 WHERE tenant = $1 AND consumer_id = $2
+                    RETURNING {_WALLET_COLUMNS}""",
+                tenant,
+                consumer_id,
+                amount,
+            )
+        return _wallet(row), True
+
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
+        async with self._change(actor) as conn:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM consumers WHERE tenant = $1 AND id = $2", tenant, consumer_id
+            )
+            if exists is None:
+                raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+            await conn.execute(
+                "INSERT INTO api_keys (tenant, key_hash, consumer_id) VALUES ($1, $2, $3)",
+                tenant,
+                key_hash,
+                consumer_id,
+            )
+
+    async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
+        async with self._change(actor) as conn:
+            revoked = await conn.fetchval(
+                """UPDATE api_keys SET revoked_at = now()
+                   WHERE tenant = $1 AND consumer_id = $2 AND key_hash = $3 AND revoked_at IS NULL
+                   RETURNING 1""",
+                tenant,
+                consumer_id,
+                key_hash,
+            )
+        return revoked is not None
+
+    # --- reads for the sync ----------------------------------------------------------
+
+    async def plans(self, tenant: str | None = None, plan_id: str | None = None) -> list[PlanRow]:
+        rows = await self.pool.fetch(
+            f"""SELECT {_PLAN_COLUMNS} FROM plans
+                WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR id = $2)""",
+            tenant,
+            plan_id,
+        )
+        return [_plan(r) for r in rows]
+
+    async def consumers(
+        self, tenant: str | None = None, consumer_id: str | None = None, plan_id: str | None = None
+    ) -> list[ConsumerRow]:
+        rows = await self.pool.fetch(
+            """SELECT * FROM consumers WHERE ($1::text IS NULL OR tenant = $1)
+                   AND ($2::text IS NULL OR id = $2) AND ($3::text IS NULL OR plan_id = $3)""",
+            tenant,
+            consumer_id,
+            plan_id,
+        )
+        return [_consumer(r) for r in rows]
+
+    async def active_keys(
+        self, tenant: str | None = None, consumer_id: str | None = None
+    ) -> dict[tuple[str, str], set[str]]:
+        rows = await self.pool.fetch(
+            """SELECT tenant, consumer_id, key_hash FROM api_keys WHERE revoked_at IS NULL
+                   AND ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR consumer_id = $2)""",
+            tenant,
+            consumer_id,
+        )
+        keys: dict[tuple[str, str], set[str]] = {}
+        for r in rows:
+            keys.setdefault((r["tenant"], r["consumer_id"]), set()).add(r["key_hash"])
+        return keys
+
+    async def wallets(self, tenant: str | None = None, consumer_id: str | None = None) -> list[WalletRow]:
+        rows = await self.pool.fetch(
+            f"""SELECT {_WALLET_COLUMNS} FROM wallets WHERE ($1::text IS NULL OR tenant = $1)
+                   AND ($2::text IS NULL OR consumer_id = $2)""",
+            tenant,
+            consumer_id,
+        )
+        return [_wallet(r) for r in rows]
+
+    # --- usage -----------------------------------------------------------------------
+
+    async def settle_usage(
+        self, tenant: str, consumer_id: str, records: Sequence[UsageRecord], batch_reference: str
+    ) -> tuple[WalletRow, int]:
+        """Record a batch of one consumer's usage and debit its wallet by the cost of the
+        rows that were new, in one transaction. Rows already recorded (a batch resent
+        after a crash) are neither recorded nor debited again. Returns the wallet after
+        and the number of new rows."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The settlement moves wallets all day; the usage ledger is its audit.
+            await conn.execute("SELECT set_config('aforo.origin', 'settlement', true)")
+            new = await conn.fetch(
+                """INSERT INTO usage_records
+                       (tenant, consumer_id, request_id, decision_id, ts, product, operation, cost, hits)
+                   SELECT $1, $2, * FROM unnest($3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                                                $7::text[], $8::bigint[], $9::bigint[])
+                   ON CONFLICT DO NOTHING RETURNING cost""",
+                tenant,
+                consumer_id,
+                [r.request_id for r in records],
+                [r.decision_id for r in records],
+                [_ts(r.ts_ms) for r in records],
+                [r.product for r in records],
+                [r.operation for r in records],
+                [r.cost for r in records],
+                [r.hits for r in records],
+            )
+            debit = sum(r["cost"] for r in new)
+            await conn.execute(
+                "INSERT INTO wallets (tenant, consumer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                tenant,
+                consumer_id,
+            )
+            if debit:
+                await conn.execute(
+                    """INSERT INTO wallet_transactions (tenant, consumer_id, kind, amount, reference)
+                       VALUES ($1, $2, 'usage', $3, $4)""",
+                    tenant,
+                    consumer_id,
+                    -debit,
+                    batch_reference,
+                )
+                row = await conn.fetchrow(
+                    f"""UPDATE wallets SET balance = balance - $3, settled_debits = settled_debits + $3
+                        WHERE tenant = $1 AND consumer_id = $2 RETURNING {_WALLET_COLUMNS}""",
+                    tenant,
+                    consumer_id,
+                    debit,
+                )
+            else:
+                row = await conn.fetchrow(
+                    f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE tenant = $1 AND consumer_id = $2",
+                    tenant,
+                    consumer_id,
+                )
+        return _wallet(row), len(new)
+
+    async def record_events(self, events: Sequence[UsageEvent]) -> int:
+        """Record gateway events, each once; returns how many were new."""
+        columns: dict[str, list[Any]] = {
+            name: [getattr(e, name) for e in events]
+            for name in (
+                "tenant", "consumer_id", "request_id", "product", "route", "service", "method", "status",
+                "latency_ms", "upstream_latency_ms", "gateway_latency_ms", "request_size", "response_size",
+                "decision_id",
+            )
+        }  # fmt: skip
+        started = [_ts(e.started_at_ms) if e.started_at_ms else None for e in events]
+        headers = [msgspec.json.encode(e.headers).decode() for e in events]
+        inserted = await self.pool.fetch(
+            """INSERT INTO gateway_events (tenant, consumer_id, request_id, product, route, service, method,
+                   status, latency_ms, upstream_latency_ms, gateway_latency_ms, request_size, response_size,
+                   decision_id, started_at, headers)
+               SELECT t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, sa, h::jsonb FROM unnest(
+                   $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                   $8::int[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
+                   $14::text[], $15::timestamptz[], $16::text[])
+                   AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, sa, h)
+               ON CONFLICT DO NOTHING RETURNING 1""",
+            *columns.values(),
+            started,
+            headers,
+        )
+        return len(inserted)
+
+    async def usage_hits(self, tenant: str, consumer_id: str, start: datetime, end: datetime) -> int:
+        return await self.pool.fetchval(
+            """SELECT coalesce(sum(hits), 0)::bigint FROM usage_records
+               WHERE tenant = $1 AND consumer_id = $2 AND ts >= $3 AND ts < $4""",
+            tenant,
+            consumer_id,
+            start,
+            end,
+        )

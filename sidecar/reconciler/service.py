@@ -1,0 +1,159 @@
+"""The reconciler: full sync at start and on a timer, the change feed (LISTEN/NOTIFY)
+applied as it comes, the streams drained continuously; Postgres or Redis going away
+is waited out with backoff, and nothing is lost meanwhile (streams are only trimmed
+once Postgres has their entries)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import msgspec
+
+from sidecar.config import Settings
+from sidecar.reconciler.drain import drain_events, drain_usage
+from sidecar.reconciler.ledger import Ledger
+from sidecar.reconciler.migrations import pending
+from sidecar.reconciler.sync import apply_change, full_sync
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.redis_store import RedisStore
+
+log = logging.getLogger("aforo.reconciler")
+CHANNEL = "aforo_changes"
+# Failures waited out with backoff: the database or Redis is away for a while.
+RECOVERABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, StoreUnavailable, TimeoutError)
+
+
+class SchemaNotReady(RuntimeError):
+    """Migrations are pending: run `aforo-sidecar migrate` first."""
+
+
+class Change(msgspec.Struct):
+    table: str
+    tenant: str
+    id: str
+    origin: str = ""
+
+
+@contextlib.asynccontextmanager
+async def open_pool(settings: Settings, min_size: int = 1, max_size: int = 8) -> AsyncIterator[asyncpg.Pool]:
+    assert settings.database_url is not None
+    pool = await asyncio.wait_for(
+        asyncpg.create_pool(settings.database_url, min_size=min_size, max_size=max_size, command_timeout=30),
+        timeout=10,
+    )
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+class Backoff:
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=self.delay)
+        self.delay = min(self.cap, self.delay * 2)
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, store: RedisStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.synced = asyncio.Event()  # set after each successful full sync (for tests)
+
+    async def run_once(self) -> dict[str, int]:
+        """One full sync and a complete drain (cron-style use, tests)."""
+        async with open_pool(self.settings) as pool:
+            ledger = await self._ledger(pool)
+            counts = await full_sync(ledger, self.store)
+            counts["usage"] = await drain_usage(ledger, self.store, self.settings.drain_batch)
+            counts["events"] = await drain_events(ledger, self.store, self.settings.drain_batch)
+            return counts
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set: sessions, each ended by a recoverable failure."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                await self._session(stop, backoff)
+            except* RECOVERABLE as group:
+                log.warning(
+                    "reconciler interrupted (%s); retrying in %.1fs", group.exceptions[0], backoff.delay
+                )
+                await backoff.wait(stop)
+
+    async def _ledger(self, pool: asyncpg.Pool) -> Ledger:
+        async with pool.acquire() as conn:
+            missing = await pending(conn)
+        if missing:
+            raise SchemaNotReady(f"migrations not applied: {', '.join(missing)}; run `aforo-sidecar migrate`")
+        return Ledger(pool)
+
+    async def _session(self, stop: asyncio.Event, backoff: Backoff) -> None:
+        async with open_pool(self.settings) as pool:
+            ledger = await self._ledger(pool)
+            changes: asyncio.Queue[Change] = asyncio.Queue()
+            listener = await asyncpg.connect(self.settings.database_url)
+            try:
+                # Listen before the full sync: a change made during it is applied after.
+                await listener.add_listener(CHANNEL, lambda *args: self._notified(changes, args[3]))
+                await full_sync(ledger, self.store)
+                self.synced.set()
+                backoff.reset()
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._apply_changes(ledger, changes, stop))
+                    tasks.create_task(self._drain(ledger, stop))
+                    tasks.create_task(self._resync(ledger, listener, stop))
+            finally:
+                with contextlib.suppress(Exception):
+                    await listener.close(timeout=2)
+
+    @staticmethod
+    def _notified(changes: asyncio.Queue[Change], payload: str) -> None:
+        try:
+            changes.put_nowait(msgspec.json.decode(payload, type=Change))
+        except msgspec.DecodeError:
+            log.warning("ignoring malformed change notification %r", payload)
+
+    async def _apply_changes(
+        self, ledger: Ledger, changes: asyncio.Queue[Change], stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            try:
+                change = await asyncio.wait_for(changes.get(), timeout=0.5)
+            except TimeoutError:
+                continue
+            if change.origin == "settlement":
+                continue  # our own wallet writes: Redis already has them
+            await apply_change(ledger, self.store, change.table, change.tenant, change.id)
+
+    async def _drain(self, ledger: Ledger, stop: asyncio.Event) -> None:
+        interval = self.settings.drain_interval_ms / 1000
+        while not stop.is_set():
+            await drain_usage(ledger, self.store, self.settings.drain_batch)
+            await drain_events(ledger, self.store, self.settings.drain_batch)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+
+    async def _resync(self, ledger: Ledger, listener: asyncpg.Connection, stop: asyncio.Event) -> None:
+        """A full sync on the slow timer; and end the session if the change feed's
+        connection is gone (the next session resyncs, so no change is missed)."""
+        last = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            if listener.is_closed():
+                raise OSError("the change feed connection was lost")
+            if time.monotonic() - last >= self.settings.full_sync_interval_seconds:
+                await full_sync(ledger, self.store)
+                last = time.monotonic()

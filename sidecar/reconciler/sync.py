@@ -1,0 +1,83 @@
+"""Bring Redis in step with Postgres: everything (full sync) or one changed row."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable
+
+from sidecar.authorizer import now_ms
+from sidecar.reconciler.ledger import ConsumerRow, Ledger, PlanRow, WalletRow
+from sidecar.store.redis_store import RedisStore
+
+log = logging.getLogger("aforo.reconciler")
+# Consumers synced at once during a full sync (each is a few Redis round trips).
+_PARALLEL = 32
+
+
+async def _bounded(tasks: Iterable[Awaitable[object]]) -> None:
+    gate = asyncio.Semaphore(_PARALLEL)
+
+    async def run(task: Awaitable[object]) -> None:
+        async with gate:
+            await task
+
+    await asyncio.gather(*(run(task) for task in tasks))
+
+
+async def apply_consumer(store: RedisStore, consumer: ConsumerRow, plan: PlanRow) -> None:
+    await store.apply_consumer(consumer.spec(), plan.plan, plan.version, now_ms())
+    await store.publish_invalidation(consumer.tenant, consumer.id)
+
+
+async def apply_wallet(store: RedisStore, wallet: WalletRow, trim_before: str | None = None) -> bool:
+    return await store.settle(
+        wallet.tenant, wallet.consumer_id, wallet.balance, wallet.settled, wallet.version, trim_before
+    )
+
+
+async def full_sync(ledger: Ledger, store: RedisStore) -> dict[str, int]:
+    """Copy every plan, consumer, key set and wallet from Postgres into Redis.
+
+    Versions guard every write, so a full sync racing the change feed or the admin
+    API never puts an older state back."""
+    plans = {(p.plan.tenant, p.plan.id): p for p in await ledger.plans()}
+    consumers = await ledger.consumers()
+    keys = await ledger.active_keys()
+    wallets = await ledger.wallets()
+    for plan in plans.values():
+        await store.apply_plan(plan.plan, plan.version)
+    await _bounded(apply_consumer(store, c, plans[(c.tenant, c.plan_id)]) for c in consumers)
+    await _bounded(store.apply_keys(c.tenant, c.id, keys.get((c.tenant, c.id), set())) for c in consumers)
+    await _bounded(apply_wallet(store, w) for w in wallets)
+    counts = {"plans": len(plans), "consumers": len(consumers), "wallets": len(wallets)}
+    log.info("full sync: %s", counts)
+    return counts
+
+
+async def apply_change(ledger: Ledger, store: RedisStore, table: str, tenant: str, target: str) -> None:
+    """Apply one changed row named by a change notification (``target`` is the plan id
+    for plans, the consumer id otherwise). Reads the row anew: the notification only
+    says what changed, Postgres says what it is now."""
+    if table == "plans":
+        for plan in await ledger.plans(tenant, target):
+            await store.apply_plan(plan.plan, plan.version)
+            # Consumers Redis has not bound yet (a plan created with them in SQL).
+            for consumer in await ledger.consumers(tenant, plan_id=target):
+                await apply_consumer(store, consumer, plan)
+    elif table == "consumers":
+        for consumer in await ledger.consumers(tenant, target):
+            (plan,) = await ledger.plans(tenant, consumer.plan_id)
+            await apply_consumer(store, consumer, plan)
+            await store.apply_keys(
+                tenant, target, (await ledger.active_keys(tenant, target)).get((tenant, target), set())
+            )
+    elif table == "api_keys":
+        active = await ledger.active_keys(tenant, target)
+        await store.apply_keys(tenant, target, active.get((tenant, target), set()))
+        await store.publish_invalidation(tenant, target)
+    elif table == "wallets":
+        for wallet in await ledger.wallets(tenant, target):
+            await apply_wallet(store, wallet)
+    else:
+        log.warning("change notification for unknown table %r", table)
