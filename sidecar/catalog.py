@@ -18,6 +18,10 @@ class NeedsPostgres(Exception):
     """The operation exists only when Postgres is configured."""
 
 
+class TruthUnavailable(Exception):
+    """Postgres could not be reached: nothing was changed (the truth is written first)."""
+
+
 class Catalog(Protocol):
     async def put_plan(self, plan: Plan, actor: str) -> bool:
         """Create or replace a plan; True if created."""

@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "key_prefix": args.key_prefix,
                     "database_url": args.database_url,
                 },
-            )
+            ).check_serving()
         else:
             settings = _settings(args, {"redis_url": ""})
             if settings.admin_token is None:

@@ -72,15 +72,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     f"redis_url {self.redis_url!r} is not a Redis URL "
                     "(expected redis://host:port/db, rediss://... or unix:///path)"
                 )
-        if self.database_url is not None:
-            if urlparse(self.database_url).scheme not in ("postgres", "postgresql"):
-                raise SettingsError(
-                    f"database_url {self.database_url!r} is not a Postgres URL (expected postgresql://...)"
-                )
-            if self.redis_url is None:
-                raise SettingsError(
-                    "database_url needs redis_url: Postgres is synced into Redis, not the embedded store"
-                )
+        if self.database_url is not None and urlparse(self.database_url).scheme not in (
+            "postgres",
+            "postgresql",
+        ):
+            raise SettingsError(
+                f"database_url {self.database_url!r} is not a Postgres URL (expected postgresql://...)"
+            )
         if not 0 <= self.drift_threshold_pct <= 100:
             raise SettingsError(f"drift_threshold_pct {self.drift_threshold_pct} is out of range 0-100")
         if not 1 <= self.port <= 65535:
@@ -122,6 +120,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise SettingsError("key_prefix must not contain braces (they delimit hash tags)")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise SettingsError("admin_token must be at least 16 characters")
+        return self
+
+    def check_serving(self) -> Settings:
+        """What serving adds to the rules (the data commands need less)."""
+        if self.database_url is not None and self.redis_url is None:
+            raise SettingsError(
+                "database_url needs redis_url: Postgres is synced into Redis, not the embedded store"
+            )
         return self
 
     def to_env(self) -> dict[str, str]:

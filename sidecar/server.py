@@ -52,6 +52,7 @@ async def _invalidations(settings: Settings, authorizer: Authorizer, store: Stor
 
 
 def build_app(settings: Settings, store: Store | None = None) -> Starlette:
+    settings.check_serving()
     active = build_store(settings) if store is None else store
     services: list[Service] = []
     if store is None:

@@ -3,17 +3,22 @@ processes started as a user would start them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis
@@ -25,6 +30,8 @@ from sidecar.store.memory_store import MemoryStore
 from sidecar.store.redis_store import RedisStore
 
 REDIS_URL = os.environ.get("AFORO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# A role allowed to create databases; each test that needs Postgres gets its own.
+PG_URL = os.environ.get("AFORO_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -227,6 +234,91 @@ def private_redis(tmp_path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
+
+
+def _pg(sql: str, url: str = PG_URL) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def database_in(url: str, name: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A fresh, empty database of this test's own, dropped afterwards."""
+    name = f"aforo_test_{uuid.uuid4().hex[:12]}"
+    try:
+        _pg(f"CREATE DATABASE {name}")
+    except (OSError, asyncpg.PostgresError) as exc:  # pragma: no cover - environment problem
+        pytest.fail(f"the tests need PostgreSQL at {PG_URL}: {exc}")
+    yield database_in(PG_URL, name)
+    _pg(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def migrated_database(database_url: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "migrate", "--database-url", database_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return database_url
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb in a temporary folder, its own
+    port), so a test can stop and restart it without touching the shared one."""
+
+    def __init__(self) -> None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+        assert found, "PostgreSQL server binaries (initdb) are not installed"
+        self.bin = os.path.dirname(found[-1])
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="aforo-pg-", dir="/tmp")
+        self.data = os.path.join(self.dir, "data")
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres = os.geteuid() == 0  # initdb refuses to run as root
+        if self._as_postgres:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [os.path.join(self.bin, tool), *args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.dir, "log"), "-w", "start"
+        )
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    server.start()
+    yield server
+    server.destroy()
 
 
 async def seed(

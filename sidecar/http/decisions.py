@@ -37,7 +37,7 @@ async def authorize(request: Request) -> Response:
     )
 
 
-class ApigeeAuthorize(msgspec.Struct):
+class ApigeeAuthorize(msgspec.Struct, forbid_unknown_fields=True):
     """The seed contract an Apigee ServiceCallout sends. ``estimatedCost`` is in currency
     units (0.05), converted to micros exactly; absent, the plan's price applies."""
 

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sidecar import metrics
+from sidecar.catalog import TruthUnavailable
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.store.base import StoreUnavailable
 
@@ -90,6 +91,16 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _truth_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("postgres unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "database_unavailable",
+        "Postgres, the source of truth, is unreachable; nothing was changed: retry later",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
@@ -108,6 +119,7 @@ EXCEPTION_HANDLERS = {
     InvalidInput: _invalid,
     NotFound: _not_found,
     StoreUnavailable: _unavailable,
+    TruthUnavailable: _truth_unavailable,
     HTTPException: _http,
     Exception: _unexpected,
 }

@@ -5,9 +5,15 @@ reconciler's change feed applies it within a second."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import asyncpg
 
 from sidecar.authorizer import now_ms
+from sidecar.catalog import TruthUnavailable
 from sidecar.config import Settings
 from sidecar.core.models import ConsumerSpec, ConsumerStatus, ConsumerView, Plan
 from sidecar.reconciler.ledger import Ledger
@@ -16,25 +22,56 @@ from sidecar.reconciler.sync import apply_consumer
 from sidecar.store.base import TopUpResult
 from sidecar.store.redis_store import RedisStore
 
+log = logging.getLogger("aforo.admin")
+# Postgres did not answer: the admin call fails whole (the truth is written first).
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    asyncpg.AdminShutdownError,
+)
+
+
+@contextlib.contextmanager
+def _truth() -> Iterator[None]:
+    try:
+        yield
+    except _UNREACHABLE as exc:
+        raise TruthUnavailable(f"postgres unreachable: {exc!r}") from exc
+
 
 class PostgresCatalog:
     def __init__(self, settings: Settings, store: RedisStore) -> None:
         self.settings = settings
         self.store = store
         self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
 
     async def start(self) -> None:
-        self._pool = await asyncpg.create_pool(
-            self.settings.database_url, min_size=1, max_size=4, command_timeout=10
-        )
+        """Open the pool now if Postgres answers; otherwise on the first admin call. The
+        sidecar starts and decides from Redis whether or not Postgres is up."""
+        try:
+            with _truth():
+                await self._ledger()
+        except TruthUnavailable as exc:
+            log.warning("postgres unreachable at start (%s); admin writes answer 503 until it is back", exc)
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
 
-    @property
-    def ledger(self) -> Ledger:
-        assert self._pool is not None, "PostgresCatalog.start() was not awaited"
+    async def _ledger(self) -> Ledger:
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncio.wait_for(
+                    asyncpg.create_pool(
+                        self.settings.database_url, min_size=1, max_size=4, command_timeout=10
+                    ),
+                    timeout=5,
+                )
         return Ledger(self._pool)
 
     async def _view(self, tenant: str, consumer_id: str) -> ConsumerView:
@@ -43,44 +80,60 @@ class PostgresCatalog:
         return view
 
     async def put_plan(self, plan: Plan, actor: str) -> bool:
-        row, created = await self.ledger.put_plan(plan, actor)
+        with _truth():
+            ledger = await self._ledger()
+            row, created = await ledger.put_plan(plan, actor)
         await self.store.apply_plan(row.plan, row.version)
         return created
 
     async def put_consumer(self, spec: ConsumerSpec, actor: str) -> tuple[ConsumerView, bool]:
-        consumer, plan, created = await self.ledger.put_consumer(spec, actor)
+        with _truth():
+            ledger = await self._ledger()
+            consumer, plan, created = await ledger.put_consumer(spec, actor)
         await apply_consumer(self.store, consumer, plan)
         if created:
-            (wallet,) = await self.ledger.wallets(spec.tenant, spec.id)
+            with _truth():
+                ledger = await self._ledger()
+                (wallet,) = await ledger.wallets(spec.tenant, spec.id)
             await self.store.settle(spec.tenant, spec.id, wallet.balance, wallet.settled, wallet.version)
         return await self._view(spec.tenant, spec.id), created
 
     async def set_status(
         self, tenant: str, consumer_id: str, status: ConsumerStatus, actor: str
     ) -> ConsumerView:
-        consumer, plan = await self.ledger.set_status(tenant, consumer_id, status, actor)
+        with _truth():
+            ledger = await self._ledger()
+            consumer, plan = await ledger.set_status(tenant, consumer_id, status, actor)
         await apply_consumer(self.store, consumer, plan)
         return await self._view(tenant, consumer_id)
 
     async def top_up(
         self, tenant: str, consumer_id: str, amount: int, reference: str | None, actor: str
     ) -> TopUpResult:
-        wallet, applied = await self.ledger.top_up(tenant, consumer_id, amount, reference, actor)
+        with _truth():
+            ledger = await self._ledger()
+            wallet, applied = await ledger.top_up(tenant, consumer_id, amount, reference, actor)
         if applied:
             await self.store.top_up(tenant, consumer_id, amount, None, version=wallet.version)
         view = await self._view(tenant, consumer_id)
         return TopUpResult(balance=view.balance, applied=applied)
 
     async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
-        await self.ledger.add_key(tenant, consumer_id, key_hash, actor)
+        with _truth():
+            ledger = await self._ledger()
+            await ledger.add_key(tenant, consumer_id, key_hash, actor)
         await self.store.add_key(tenant, consumer_id, key_hash)
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
-        revoked = await self.ledger.revoke_key(tenant, consumer_id, key_hash, actor)
+        with _truth():
+            ledger = await self._ledger()
+            revoked = await ledger.revoke_key(tenant, consumer_id, key_hash, actor)
         if revoked:
             await self.store.revoke_key(tenant, consumer_id, key_hash)
             await self.store.publish_invalidation(tenant, consumer_id)
         return revoked
 
     async def reconciliation(self) -> Report:
-        return await reconciliation_report(self.ledger, self.store, self.settings.drift_threshold_pct)
+        with _truth():
+            ledger = await self._ledger()
+            return await reconciliation_report(ledger, self.store, self.settings.drift_threshold_pct)
