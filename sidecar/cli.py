@@ -132,8 +132,15 @@ def _demo(settings: Settings, access_log: bool) -> None:
     print("Aforo sidecar demo: embedded store, plans free/pro/metered, consumers")
     print("app-free, app-pro (10.00 prepaid), app-metered (postpaid).")
     print(f"admin token: {settings.admin_token}\n")
-    print(curl_examples(base, settings.admin_token or "", api_key), flush=True)
-    print()
+    print(curl_examples(base, settings.admin_token or "", api_key))
+    if settings.grpc_port:
+        print(
+            f"# gRPC (aforo.sidecar.v1.Sidecar, envoy.service.ratelimit.v3) on {settings.host}:"
+            f"{settings.grpc_port}, with reflection:\n"
+            f"grpcurl -plaintext -d '{{\"consumer_id\":\"app-free\",\"product\":\"any-api\"}}' "
+            f"{settings.host}:{settings.grpc_port} aforo.sidecar.v1.Sidecar/Authorize"
+        )
+    print(flush=True)
     import uvicorn
 
     uvicorn.run(
