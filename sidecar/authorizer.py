@@ -18,7 +18,7 @@ from sidecar.core.api_keys import hash_api_key
 from sidecar.core.decision import DecisionPolicy, new_decision_id, present, unavailable
 from sidecar.core.models import AuthorizeRequest, Decision, Outcome
 from sidecar.core.reasons import Reason
-from sidecar.core.windows import WINDOWS, all_bounds
+from sidecar.core.windows import WINDOWS, periods
 from sidecar.store.base import DecisionCall, Store, StoreUnavailable
 
 _NO_WINDOWS = (None,) * len(WINDOWS)
@@ -75,8 +75,7 @@ class Authorizer:
         decision_id = new_decision_id(moment)
         request_id = request.request_id or decision_id
         consumer_id = request.consumer_id
-        bounds = all_bounds(moment)
-        resets = tuple(reset for _, reset in bounds)
+        starts, resets = periods(moment)
         try:
             if self.store_down:
                 raise StoreUnavailable("breaker open after a recent store failure")
@@ -102,7 +101,7 @@ class Authorizer:
                             request_id=request_id,
                             decision_id=decision_id,
                             now_ms=moment,
-                            window_starts_ms=tuple(start for start, _ in bounds),
+                            window_starts_ms=starts,
                             resets_ms=resets,
                             idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
                             apply_by_ms=wall + int(budget_s * 1000) + self._apply_margin_ms,
@@ -125,7 +124,7 @@ class Authorizer:
                 resets_ms=resets,
                 policy=self.policy,
             )
-        metrics.DECISIONS.labels(decision.reason).inc()
+        metrics.DECISIONS_BY_REASON[decision.reason].inc()
         metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
         return decision
 

@@ -23,12 +23,18 @@ _SERVER_FLAGS = {
     "admin_token": "admin_token",
     "log_level": "log_level",
     "grpc_port": "grpc_port",
+    "decision_port": "decision_port",
 }
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (AFORO_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (AFORO_PORT, default 8080)")
+    parser.add_argument(
+        "--decision-port",
+        type=int,
+        help="fast decision port (AFORO_DECISION_PORT, default 8081; 0 turns it off)",
+    )
     parser.add_argument(
         "--grpc-port", type=int, help="gRPC port (AFORO_GRPC_PORT, default 9090; 0 turns gRPC off)"
     )
@@ -137,7 +143,7 @@ def _demo(settings: Settings, access_log: bool) -> None:
         print(
             f"# gRPC (aforo.sidecar.v1.Sidecar, envoy.service.ratelimit.v3) on {settings.host}:"
             f"{settings.grpc_port}, with reflection:\n"
-            f"grpcurl -plaintext -d '{{\"consumer_id\":\"app-free\",\"product\":\"any-api\"}}' "
+            f'grpcurl -plaintext -d \'{{"consumer_id":"app-free","product":"any-api"}}\' '
             f"{settings.host}:{settings.grpc_port} aforo.sidecar.v1.Sidecar/Authorize"
         )
     print(flush=True)

@@ -31,6 +31,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 65_536
+    # The decision port: only the decision endpoints, served by a lean HTTP/1.1 server
+    # (the fast path for gateways); 0 turns it off.
+    decision_port: int = 8081
     # gRPC server (Sidecar + Envoy RateLimitService), beside HTTP; 0 turns it off.
     grpc_port: int = 9090
     max_batch_items: int = 1_000
@@ -85,8 +88,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise SettingsError(f"port {self.port} is out of range 1-65535")
         if not 0 <= self.grpc_port <= 65535:
             raise SettingsError(f"grpc_port {self.grpc_port} is out of range 0-65535 (0 turns gRPC off)")
-        if self.grpc_port and self.grpc_port == self.port:
-            raise SettingsError(f"grpc_port and port are both {self.port}: give gRPC its own port")
+        if not 0 <= self.decision_port <= 65535:
+            raise SettingsError(
+                f"decision_port {self.decision_port} is out of range 0-65535 (0 turns it off)"
+            )
+        taken = [p for p in (self.port, self.decision_port, self.grpc_port) if p]
+        if len(taken) != len(set(taken)):
+            raise SettingsError(
+                f"port ({self.port}), decision_port ({self.decision_port}) and grpc_port "
+                f"({self.grpc_port}) must differ"
+            )
         if not 1 <= self.workers <= 64:
             raise SettingsError(f"workers {self.workers} is out of range 1-64")
         if self.workers > 1 and self.redis_url is None:

@@ -17,6 +17,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from sidecar.core.reasons import Reason
+
 DECISIONS = Counter("aforo_decisions_total", "Authorize decisions, by reason code.", ["reason"])
 DEGRADED = Counter(
     "aforo_degraded_decisions_total", "Decisions answered by the fail mode (store unreachable)."
@@ -29,6 +31,10 @@ DECISION_SECONDS = Histogram(
 STORE_ERRORS = Counter(
     "aforo_store_errors_total", "Store calls that failed or timed out, by operation.", ["operation"]
 )
+
+
+# Resolved once: labels() validates and locks on every call, the decision path need not.
+DECISIONS_BY_REASON = {reason.value: DECISIONS.labels(reason.value) for reason in Reason}
 
 
 def render() -> tuple[bytes, str]:

@@ -15,6 +15,7 @@ from sidecar.authorizer import Authorizer
 from sidecar.config import Settings, load_settings
 from sidecar.grpc.server import grpc_server
 from sidecar.http.app import Service, create_app
+from sidecar.http.decision_server import decision_server
 from sidecar.store.base import Store
 from sidecar.store.factory import build_store
 from sidecar.store.redis_store import RedisStore
@@ -65,6 +66,8 @@ def build_app(settings: Settings, store: Store | None = None) -> Starlette:
                 await store.close()
 
         services.append(closing)  # entered first, so closed after every other service
+    if settings.decision_port:
+        services.append(decision_server)
     if settings.grpc_port:
         services.append(grpc_server)
     catalog = None

@@ -111,11 +111,14 @@ async def client(settings: Settings, store: Store) -> AsyncIterator[httpx.AsyncC
 
 
 class SidecarProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, grpc_port: int, log_path: str) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, grpc_port: int, decision_port: int, log_path: str
+    ) -> None:
         self.proc = proc
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.decision_url = f"http://127.0.0.1:{decision_port}"
         self.log_path = log_path
 
     def stop(self) -> None:
@@ -145,7 +148,7 @@ def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
     started: list[SidecarProcess] = []
 
     def start(env: dict[str, str] | None = None, *args: str) -> SidecarProcess:
-        port, grpc_port = free_port(), free_port()
+        port, grpc_port, decision_port = free_port(), free_port(), free_port()
         log_path = str(tmp_path / f"sidecar-{port}.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
         full_env.update(
@@ -153,6 +156,7 @@ def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
                 "AFORO_ADMIN_TOKEN": ADMIN_TOKEN,
                 "AFORO_LOG_LEVEL": "warning",
                 "AFORO_GRPC_PORT": str(grpc_port),
+                "AFORO_DECISION_PORT": str(decision_port),
             }
         )
         full_env.update(env or {})
@@ -163,7 +167,7 @@ def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        sidecar = SidecarProcess(proc, port, grpc_port, log_path)
+        sidecar = SidecarProcess(proc, port, grpc_port, decision_port, log_path)
         started.append(sidecar)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -7,6 +7,8 @@ suite holds the two to the same answers).
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -75,9 +77,29 @@ def evaluate(
     return Verdict(Reason.OK, charge, 0)
 
 
+class _IdSource:
+    """Decision ids: 12 hex digits of milliseconds, 8 of a random per-process prefix
+    and 8 of a counter. Unique without a random draw per decision; a forked child
+    draws its own prefix."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(4)
+        self.counter = itertools.count(secrets.randbelow(2**32))
+
+    def next(self, now_ms: int) -> str:
+        return f"{now_ms:012x}{self.prefix}{next(self.counter) & 0xFFFFFFFF:08x}"
+
+
+_ids = _IdSource()
+os.register_at_fork(after_in_child=_ids.reset)
+
+
 def new_decision_id(now_ms: int) -> str:
-    """A time-ordered unique id: 12 hex digits of milliseconds, 16 of randomness."""
-    return f"{now_ms:012x}{secrets.token_hex(8)}"
+    """A time-ordered id, unique across processes (see _IdSource)."""
+    return _ids.next(now_ms)
 
 
 def present(

@@ -43,11 +43,16 @@ def check_micros(value: int, *, allow_negative: bool = False) -> int:
     return value
 
 
+def format_micros(micros: int) -> str:
+    """The exact decimal text of ``micros`` in currency units: 9950000 -> "9.95",
+    10000000 -> "10", -50000 -> "-0.05". Also a valid JSON number."""
+    sign = "-" if micros < 0 else ""
+    units, fraction = divmod(abs(micros), MICROS_PER_UNIT)
+    if not fraction:
+        return f"{sign}{units}"
+    return f"{sign}{units}.{fraction:06d}".rstrip("0")
+
+
 def from_micros(micros: int) -> Decimal:
-    """The exact currency amount of ``micros`` (``Decimal``, normalised: 9950000 -> 9.95)."""
-    value = Decimal(micros) / MICROS_PER_UNIT
-    normalised = value.normalize()
-    # normalize() turns 10 into 1E+1; quantize back to a plain integer exponent.
-    if normalised == normalised.to_integral_value():
-        return normalised.quantize(Decimal(1))
-    return normalised
+    """The exact currency amount of ``micros`` as a Decimal (9950000 -> 9.95)."""
+    return Decimal(format_micros(micros))

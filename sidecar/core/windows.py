@@ -8,7 +8,9 @@ the calendar, so they last 28 to 31 days.
 from __future__ import annotations
 
 import enum
+import functools
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -67,6 +69,25 @@ def window_bounds(window: Window, now_ms: int) -> tuple[int, int]:
 def all_bounds(now_ms: int) -> tuple[tuple[int, int], ...]:
     """Bounds of every window kind at ``now_ms``, in ``WINDOWS`` order."""
     return tuple(window_bounds(w, now_ms) for w in WINDOWS)
+
+
+class Periods(NamedTuple):
+    """The current period of every window kind: starts and resets, WINDOWS order."""
+
+    starts: tuple[int, ...]
+    resets: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=8)
+def _periods_of_minute(minute: int) -> Periods:
+    bounds = all_bounds(minute * MINUTE_MS)
+    return Periods(tuple(start for start, _ in bounds), tuple(reset for _, reset in bounds))
+
+
+def periods(now_ms: int) -> Periods:
+    """``all_bounds`` split into starts and resets. Every window kind begins on a
+    minute boundary, so the answer is the same for a whole minute and is cached."""
+    return _periods_of_minute(now_ms // MINUTE_MS)
 
 
 def parse_window(name: str) -> Window:

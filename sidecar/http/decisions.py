@@ -1,8 +1,12 @@
-"""Decision endpoints: POST /v1/authorize and the Apigee seed contract."""
+"""Decision endpoints: POST /v1/authorize and the Apigee seed contract.
+
+``decide_v1`` and ``decide_apigee`` turn a body into an Answer; the Starlette routes
+and the decision port's fast server (decision_server.py) both serve them."""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import NamedTuple
 
 import msgspec
 from starlette.requests import Request
@@ -10,31 +14,34 @@ from starlette.responses import Response
 
 from sidecar.authorizer import Authorizer
 from sidecar.core.errors import InvalidInput
-from sidecar.core.models import DEFAULT_TENANT, AuthorizeRequest, Decision
-from sidecar.core.money import MoneyError, from_micros, to_micros
+from sidecar.core.models import DEFAULT_TENANT, AuthorizeRequest
+from sidecar.core.money import MoneyError, format_micros, to_micros
 from sidecar.http.bodies import decode, read_body
 
 _authorize_decoder = msgspec.json.Decoder(AuthorizeRequest)
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 
 
-def _headers(decision: Decision) -> dict[str, str] | None:
-    if decision.retry_after is None:
-        return None
-    return {"Retry-After": str(decision.retry_after)}
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    retry_after: int | None
+
+
+def _response(answer: Answer) -> Response:
+    headers = None if answer.retry_after is None else {"Retry-After": str(answer.retry_after)}
+    return Response(answer.body, status_code=answer.status, media_type="application/json", headers=headers)
+
+
+async def decide_v1(authorizer: Authorizer, body: bytes) -> Answer:
+    """POST /v1/authorize: raises InvalidInput for a body it refuses."""
+    decision = await authorizer.authorize(decode(body, _authorize_decoder).validated())
+    return Answer(decision.status, _encode(decision), decision.retry_after)
 
 
 async def authorize(request: Request) -> Response:
-    authorizer: Authorizer = request.app.state.authorizer
     body = await read_body(request, request.app.state.settings.max_body_bytes)
-    query = decode(body, _authorize_decoder).validated()
-    decision = await authorizer.authorize(query)
-    return Response(
-        _encode(decision),
-        status_code=decision.status,
-        media_type="application/json",
-        headers=_headers(decision),
-    )
+    return _response(await decide_v1(request.app.state.authorizer, body))
 
 
 class ApigeeAuthorize(msgspec.Struct, forbid_unknown_fields=True):
@@ -53,7 +60,7 @@ class ApigeeDecision(msgspec.Struct):
     allow: bool
     reason: str
     ttl_seconds: int
-    remainingBalance: Decimal | None
+    remainingBalance: msgspec.Raw | None  # an exact JSON number, e.g. 9.95
     status: int
     retryAfter: int | None
     decisionId: str
@@ -65,8 +72,12 @@ _APIGEE_FIELDS = {"consumer_id": "appId", "product": "apiProduct", "request_id":
 
 
 async def apigee_authorize(request: Request) -> Response:
-    authorizer: Authorizer = request.app.state.authorizer
     body = await read_body(request, request.app.state.settings.max_body_bytes)
+    return _response(await decide_apigee(request.app.state.authorizer, body))
+
+
+async def decide_apigee(authorizer: Authorizer, body: bytes) -> Answer:
+    """POST /integrations/apigee/authorize: raises InvalidInput for a body it refuses."""
     seed = decode(body, _apigee_decoder)
     cost = None
     if seed.estimatedCost is not None:
@@ -94,15 +105,12 @@ async def apigee_authorize(request: Request) -> Response:
         allow=decision.allow,
         reason=decision.reason,
         ttl_seconds=decision.ttl_seconds,
-        remainingBalance=None if decision.balance is None else from_micros(decision.balance),
+        remainingBalance=None
+        if decision.balance is None
+        else msgspec.Raw(format_micros(decision.balance).encode()),
         status=decision.status,
         retryAfter=decision.retry_after,
         decisionId=decision.decision_id,
         degraded=decision.degraded,
     )
-    return Response(
-        _encode(answer),
-        status_code=decision.status,
-        media_type="application/json",
-        headers=_headers(decision),
-    )
+    return Answer(decision.status, _encode(answer), decision.retry_after)

@@ -54,6 +54,10 @@ class ApiError(Exception):
 _encode = msgspec.json.Encoder().encode
 
 
+def error_body(code: str, message: str, field: str | None = None) -> bytes:
+    return _encode(Envelope(ErrorBody(code=code, message=message, field=field)))
+
+
 def error_response(
     status: int,
     code: str,
@@ -61,7 +65,7 @@ def error_response(
     field: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body = _encode(Envelope(ErrorBody(code=code, message=message, field=field)))
+    body = error_body(code, message, field)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 

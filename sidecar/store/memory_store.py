@@ -31,7 +31,7 @@ from sidecar.core.models import (
 )
 from sidecar.core.money import MAX_MICROS
 from sidecar.core.reasons import Reason
-from sidecar.core.windows import WINDOWS, all_bounds
+from sidecar.core.windows import WINDOWS, periods
 from sidecar.store.base import DecisionCall, TopUpResult
 
 K = TypeVar("K")
@@ -183,7 +183,7 @@ class MemoryStore:
         if consumer is None:
             return None
         limits = self._plans[(tenant, consumer.plan_id)].limits()
-        used = self._used(consumer, tuple(start for start, _ in all_bounds(now_ms)))
+        used = self._used(consumer, periods(now_ms).starts)
         return ConsumerView(
             tenant=tenant,
             id=consumer_id,

@@ -12,6 +12,7 @@ import redis.exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
@@ -25,9 +26,10 @@ from sidecar.core.models import (
     WalletMode,
 )
 from sidecar.core.money import MAX_MICROS
-from sidecar.core.windows import WINDOWS, all_bounds
+from sidecar.core.windows import WINDOWS, periods
 from sidecar.store.base import DecisionCall, StoreUnavailable, TopUpResult
 from sidecar.store.keys import KeySpace
+from sidecar.store.resp import PipelinedConnection, RedisReplyError, encode_bulks, encode_command
 
 # Errors that mean "Redis did not answer": the caller's fail mode applies. A script
 # error (ResponseError) is a bug and is left to surface as a 500.
@@ -38,6 +40,8 @@ UNREACHABLE = (
     asyncio.TimeoutError,
 )
 _plan_decoder = msgspec.json.Decoder(Plan)
+# Consumers whose decide-command parts are kept encoded (cleared whole when full).
+_PARTS_CACHE = 50_000
 _event_encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(UsageEvent)
 _LIMIT_FIELDS = tuple(f"l_{w.value}" for w in WINDOWS)
@@ -117,6 +121,8 @@ class RedisStore:
             max_connections=max_connections,
             health_check_interval=0,
         )
+        self._fast = PipelinedConnection(url, connect_timeout_s)
+        self._parts: dict[tuple[str, str, int], tuple[bytes, bytes]] = {}
         self.keys = KeySpace(prefix)
         self._topup_ttl_ms = topup_reference_ttl_ms
         self._decide = self._redis.register_script(_load_script("decide.lua"))
@@ -138,6 +144,18 @@ class RedisStore:
             self._settle,
         )
 
+    async def _evalsha(self, script: AsyncScript, command: bytes) -> list:
+        """Run an encoded EVALSHA of ``script`` over the pipelined connection (the hot
+        path). NOSCRIPT (Redis restarted, SCRIPT FLUSH) means it did not run: load the
+        script and run the command again."""
+        try:
+            return await self._fast.execute(command)  # type: ignore[return-value]
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            await self._fast.execute(encode_command(["SCRIPT", "LOAD", script.script]))
+            return await self._fast.execute(command)  # type: ignore[return-value]
+
     @property
     def client(self) -> Redis:
         return self._redis
@@ -148,32 +166,53 @@ class RedisStore:
             for script in self._scripts:
                 await self._redis.script_load(script.script)
 
+    def _decide_parts(self, call: DecisionCall) -> tuple[bytes, bytes]:
+        """The parts of a decide command fixed for a consumer within a minute: the head
+        (EVALSHA, keys 1-7) and ARGV 1-7. Cached: building them is most of the cost
+        of encoding a decision."""
+        ident = (call.tenant, call.consumer_id, call.window_starts_ms[0])
+        parts = self._parts.get(ident)
+        if parts is None:
+            if len(self._parts) >= _PARTS_CACHE:
+                self._parts.clear()
+            tag = self.keys.tag(call.tenant, call.consumer_id)
+            head = b"*28\r\n" + encode_bulks(
+                [
+                    "EVALSHA",
+                    self._decide.sha,
+                    8,
+                    f"{tag}:c",
+                    f"{tag}:u",
+                    *self.keys.counters(call.tenant, call.consumer_id, call.window_starts_ms),
+                ]
+            )
+            fixed = encode_bulks([*call.resets_ms, call.tenant, call.consumer_id])
+            parts = self._parts[ident] = (head, fixed)
+        return parts
+
     async def decide(self, call: DecisionCall) -> Outcome:
-        ks = self.keys
-        tag = ks.tag(call.tenant, call.consumer_id)
-        keys = [
-            f"{tag}:c",
-            f"{tag}:r:{call.request_id}",
-            f"{tag}:u",
-            *ks.counters(call.tenant, call.consumer_id, call.window_starts_ms),
-        ]
-        args = [
-            call.now_ms,
-            call.request_id,
-            call.decision_id,
-            call.product,
-            call.operation,
-            "" if call.cost is None else call.cost,
-            call.hits,
-            call.idempotency_ttl_ms,
-            call.key_hash or "",
-            *call.resets_ms,
-            call.tenant,
-            call.consumer_id,
-            call.apply_by_ms,
-        ]
-        with _guard():
-            reply = await self._decide(keys=keys, args=args)
+        head, fixed = self._decide_parts(call)
+        request_key = encode_bulks([f"{self.keys.tag(call.tenant, call.consumer_id)}:r:{call.request_id}"])
+        command = (
+            head
+            + request_key
+            + fixed
+            + encode_bulks(
+                [
+                    call.now_ms,
+                    call.request_id,
+                    call.decision_id,
+                    call.product,
+                    call.operation,
+                    "" if call.cost is None else call.cost,
+                    call.hits,
+                    call.idempotency_ttl_ms,
+                    call.key_hash or "",
+                    call.apply_by_ms,
+                ]
+            )
+        )
+        reply = await self._evalsha(self._decide, command)
         if reply[1] == b"expired":
             raise StoreUnavailable("the decision reached Redis after its deadline; nothing was applied")
         return Outcome(
@@ -266,7 +305,7 @@ class RedisStore:
         fields = await self._redis.hgetall(self.keys.consumer(tenant, consumer_id))
         if not fields:
             return None
-        starts = tuple(start for start, _ in all_bounds(now_ms))
+        starts = periods(now_ms).starts
         counters = self.keys.counters(tenant, consumer_id, starts)
         limited = [i for i, name in enumerate(_LIMIT_FIELDS) if name.encode() in fields]
         counts = await self._redis.mget([counters[i] for i in limited]) if limited else []
@@ -438,4 +477,5 @@ class RedisStore:
             await self._redis.ping()
 
     async def close(self) -> None:
+        self._fast.close()
         await self._redis.aclose()

@@ -3,14 +3,15 @@
 -- the same answers.
 --
 -- KEYS (all under the consumer's hash tag {tenant:consumer}, so one cluster slot):
---   1 consumer hash         2 idempotency record      3 usage stream
---   4..8 window counters, minute hour day week month (key names carry the window start)
--- ARGV:
---   1 now_ms  2 request_id  3 decision_id  4 product  5 operation
---   6 cost in micros ('' = the plan's price)  7 hits
---   8 idempotency ttl ms ('0' = no record: the caller gave no request id)
---   9 api key hash ('' = consumer named by id)  10..14 reset ms of each window
---   15 tenant  16 consumer id
+--   1 consumer hash   2 usage stream
+--   3..7 window counters, minute hour day week month (key names carry the window start)
+--   8 idempotency record
+-- ARGV (those fixed for a consumer and a minute first, so the caller can reuse them):
+--   1..5 reset ms of each window  6 tenant  7 consumer id
+--   8 now_ms  9 request_id  10 decision_id  11 product  12 operation
+--   13 cost in micros ('' = the plan's price)  14 hits
+--   15 idempotency ttl ms ('0' = no record: the caller gave no request id)
+--   16 api key hash ('' = consumer named by id)
 --   17 apply-by ms (Redis clock; '0' = no limit): a decision that reaches Redis later is
 --      refused with reason 'expired' and changes nothing, since its caller has already
 --      answered from the fail mode and must not be charged behind its back
@@ -24,11 +25,11 @@
 if ARGV[17] ~= '0' then
   local t = redis.call('TIME')
   if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[17]) then
-    return {0, 'expired', 0, false, ARGV[3], 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}
+    return {0, 'expired', 0, false, ARGV[10], 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}
   end
 end
 
-local stored = redis.call('GET', KEYS[2])
+local stored = redis.call('GET', KEYS[8])
 if stored then
   local first = cmsgpack.unpack(stored)
   first[1] = 1
@@ -44,7 +45,7 @@ local used = {-1, -1, -1, -1, -1}
 local limits = {-1, -1, -1, -1, -1}
 
 local function reply(reason, charged, balance, retry_at)
-  return {0, reason, charged, balance, ARGV[3], retry_at,
+  return {0, reason, charged, balance, ARGV[10], retry_at,
     used[1], used[2], used[3], used[4], used[5],
     limits[1], limits[2], limits[3], limits[4], limits[5]}
 end
@@ -58,26 +59,26 @@ local balance = unsettled_base - tonumber(c[6])
 for i = 1, 5 do
   if c[7 + i] then
     limits[i] = tonumber(c[7 + i])
-    used[i] = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
+    used[i] = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
   end
 end
 
-if ARGV[9] ~= '' and redis.call('HEXISTS', KEYS[1], 'k:' .. ARGV[9]) == 0 then
+if ARGV[16] ~= '' and redis.call('HEXISTS', KEYS[1], 'k:' .. ARGV[16]) == 0 then
   return reply('invalid_key', 0, balance, 0)
 end
 if c[1] ~= 'active' then
   return reply(c[1], 0, balance, 0)
 end
-if c[2] ~= '' and not string.find(c[2], '|' .. ARGV[4] .. '|', 1, true) then
+if c[2] ~= '' and not string.find(c[2], '|' .. ARGV[11] .. '|', 1, true) then
   return reply('product_not_allowed', 0, balance, 0)
 end
 
-local hits = tonumber(ARGV[7])
+local hits = tonumber(ARGV[14])
 local retry_at = 0
 for i = 1, 5 do
   -- A denied call may only succeed once every exhausted window has reset.
   if limits[i] >= 0 and used[i] + hits > limits[i] then
-    local reset = tonumber(ARGV[9 + i])
+    local reset = tonumber(ARGV[i])
     if reset > retry_at then retry_at = reset end
   end
 end
@@ -85,7 +86,7 @@ if retry_at > 0 then
   return reply('quota_exceeded', 0, balance, retry_at)
 end
 
-local cost_text = ARGV[6]
+local cost_text = ARGV[13]
 if cost_text == '' then cost_text = c[3] end
 local cost = tonumber(cost_text)
 if c[4] == 'prepaid' and balance < cost then
@@ -94,19 +95,19 @@ end
 
 for i = 1, 5 do
   if limits[i] >= 0 then
-    used[i] = redis.call('INCRBY', KEYS[3 + i], hits)
+    used[i] = redis.call('INCRBY', KEYS[2 + i], hits)
     if used[i] == hits then
       -- Kept 10 minutes past the reset so a late reconciliation can still read it.
-      redis.call('PEXPIREAT', KEYS[3 + i], tonumber(ARGV[9 + i]) + 600000)
+      redis.call('PEXPIREAT', KEYS[2 + i], tonumber(ARGV[i]) + 600000)
     end
   end
 end
 balance = unsettled_base - redis.call('HINCRBY', KEYS[1], 'spent', cost)
-redis.call('XADD', KEYS[3], '*', 'rid', ARGV[2], 'did', ARGV[3], 'ts', ARGV[1], 't', ARGV[15],
-  'c', ARGV[16], 'p', ARGV[4], 'op', ARGV[5], 'cost', cost_text, 'hits', ARGV[7])
+redis.call('XADD', KEYS[2], '*', 'rid', ARGV[9], 'did', ARGV[10], 'ts', ARGV[8], 't', ARGV[6],
+  'c', ARGV[7], 'p', ARGV[11], 'op', ARGV[12], 'cost', cost_text, 'hits', ARGV[14])
 
 local out = reply('ok', cost, balance, 0)
-if ARGV[8] ~= '0' then
-  redis.call('SET', KEYS[2], cmsgpack.pack(out), 'PX', ARGV[8])
+if ARGV[15] ~= '0' then
+  redis.call('SET', KEYS[8], cmsgpack.pack(out), 'PX', ARGV[15])
 end
 return out
