@@ -22,10 +22,17 @@ from sidecar.core.windows import WINDOWS, periods
 from sidecar.store.base import DecisionCall, Store, StoreUnavailable
 
 _NO_WINDOWS = (None,) * len(WINDOWS)
+# Consecutive missed deadlines that open the breaker (a refused or lost connection
+# opens it at once).
+BREAKER_TIMEOUTS = 3
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class _BreakerOpen(Exception):
+    """Internal: the breaker is open, so the store is not tried."""
 
 
 class DeadlineExceeded(Exception):
@@ -47,6 +54,7 @@ class Authorizer:
         self._apply_margin_ms = settings.late_apply_margin_ms
         self._idempotency_ttl_ms = settings.idempotency_ttl_seconds * 1000
         self._down_until = 0.0
+        self._failures = 0  # consecutive store failures
         # A key hash belongs to one consumer for good (keys are generated, never
         # reassigned); revocation is checked by the store on every decision, so this
         # cache can only save lookups, never admit a revoked key.
@@ -78,7 +86,9 @@ class Authorizer:
         starts, resets = periods(moment)
         try:
             if self.store_down:
-                raise StoreUnavailable("breaker open after a recent store failure")
+                # Answered by the fail mode without trying Redis. This does not re-arm
+                # the breaker: the first call after the cooldown probes Redis again.
+                raise _BreakerOpen
             async with asyncio.timeout(budget_s):
                 key_hash = None
                 if request.api_key is not None:
@@ -110,10 +120,13 @@ class Authorizer:
         except TimeoutError:
             if caller_bound:
                 raise DeadlineExceeded from None
-            decision = self._fail(request, consumer_id, request_id, decision_id)
+            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=True)
+        except _BreakerOpen:
+            decision = self._unavailable(request, consumer_id, request_id, decision_id)
         except StoreUnavailable:
-            decision = self._fail(request, consumer_id, request_id, decision_id)
+            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=False)
         else:
+            self._failures = 0
             decision = present(
                 outcome,
                 tenant=request.tenant,
@@ -129,11 +142,27 @@ class Authorizer:
         return decision
 
     def _fail(
+        self,
+        request: AuthorizeRequest,
+        consumer_id: str | None,
+        request_id: str,
+        decision_id: str,
+        *,
+        timed_out: bool,
+    ) -> Decision:
+        """The store did not answer in time: answer per fail mode, and open the breaker
+        when Redis is plainly down (refused, lost) or has missed several deadlines in
+        a row. One slow answer under load must not turn into a flood of fail-mode
+        answers for every consumer."""
+        self._failures += 1
+        if not timed_out or self._failures >= BREAKER_TIMEOUTS:
+            self._down_until = time.monotonic() + self._cooldown_s
+        metrics.STORE_ERRORS.labels("decide").inc()
+        return self._unavailable(request, consumer_id, request_id, decision_id)
+
+    def _unavailable(
         self, request: AuthorizeRequest, consumer_id: str | None, request_id: str, decision_id: str
     ) -> Decision:
-        """The store did not answer in time: trip the breaker, answer per fail mode."""
-        self._down_until = time.monotonic() + self._cooldown_s
-        metrics.STORE_ERRORS.labels("decide").inc()
         metrics.DEGRADED.inc()
         return unavailable(
             fail_open=self.settings.fail_open(request.tenant),

@@ -97,7 +97,19 @@ def test_demo_serves_the_catalog_and_its_printed_curl_lines_work():
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "sidecar.cli", "demo", "--port", str(port), "--grpc-port", "0"],
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "sidecar.cli",
+            "demo",
+            "--port",
+            str(port),
+            "--grpc-port",
+            "0",
+            "--decision-port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
