@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""The sidecar against the naive baseline, in one run, on one machine.
+
+Runs, one after the other and under the same load (wrk, fixed connections, the seed
+request body of ../shared/bench/naive_baseline.py):
+
+  naive      ../shared/bench/naive_baseline.py under uvicorn (one process)
+  sidecar    `aforo-sidecar serve`, one process, on its decision port
+  sidecar x2 the same with --workers 2
+  and, over gRPC with one Python client process: a bare grpc.aio echo server (the
+  ceiling of grpc.aio here), unary Authorize, and AuthorizeBatch (100 per call)
+
+and prints decisions/s, P50/P95/P99 and errors side by side, with ratios. While the
+two-worker run is under load, a 1000/day consumer is hammered with 1500 requests and
+must get exactly 1000 allows.
+
+    python loadtests/benchmark.py [--duration 10] [--connections 32 256]
+
+Needs wrk (Debian: apt-get install wrk), a Redis (AFORO_REDIS_URL, default
+redis://127.0.0.1:6379/0; keys under a bench prefix are deleted afterwards) and the
+package installed. Not a test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+NAIVE = ROOT.parent / "shared" / "bench" / "naive_baseline.py"
+REDIS_URL = os.environ.get("AFORO_REDIS_URL", "redis://127.0.0.1:6379/0")
+TOKEN = "benchmark-admin-token-0001"
+SEED_PATH = "/integrations/apigee/authorize"
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, '{"appId":"app-' .. (n % 1000) .. '","apiProduct":"premium-api",'
+    .. '"operation":"POST /payments","estimatedCost":0.05}')
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status, 0, 0))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def process(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_http(ready_url)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wrk(url: str, connections: int, duration: int, script: str) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "-s", script, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    requests, duration_us, p50, p95, p99, socket_errors, status_errors, _, _ = map(int, line.split()[1:])
+    return {
+        "rps": requests / (duration_us / 1e6),
+        "p50_ms": p50 / 1000,
+        "p95_ms": p95 / 1000,
+        "p99_ms": p99 / 1000,
+        "errors": socket_errors + status_errors,
+    }
+
+
+def degraded(main_url: str) -> float:
+    """Decisions the sidecar answered by its fail mode so far (they must stay 0: a
+    degraded allow is fast because it skips Redis, and is not counted)."""
+    for line in httpx.get(f"{main_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("aforo_degraded_decisions_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def seed(admin_url: str) -> None:
+    """1000 apps like the baseline's (huge limits and balance), and a 1000/day app."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=admin_url, headers=headers, timeout=30) as http:
+        plan = {"windows": {"minute": 10**9, "day": 10**12}, "price": 50_000}
+        http.put("/v1/admin/plans/bench", json=plan).raise_for_status()
+        http.put("/v1/admin/plans/daily", json={"windows": {"day": 1000}}).raise_for_status()
+        http.put("/v1/admin/consumers/exact-1000", json={"plan_id": "daily"}).raise_for_status()
+        for i in range(1000):
+            http.put(f"/v1/admin/consumers/app-{i}", json={"plan_id": "bench"}).raise_for_status()
+            http.post(f"/v1/admin/consumers/app-{i}/topup", json={"amount": 10**15}).raise_for_status()
+
+
+async def exactness(decision_url: str) -> Counter[str]:
+    """1500 requests from 64 clients at the 1000/day consumer: counts by reason."""
+    body = {"consumer_id": "exact-1000", "product": "premium-api"}
+    remaining = iter(range(1500))
+    statuses: Counter[str] = Counter()
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
+
+        async def client() -> None:
+            for _ in remaining:
+                response = await http.post(f"{decision_url}/v1/authorize", json=body)
+                statuses[response.json()["reason"]] += 1
+
+        await asyncio.gather(*(client() for _ in range(64)))
+    return statuses
+
+
+def sidecar_env(prefix: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
+    env.update(
+        {
+            "AFORO_REDIS_URL": REDIS_URL,
+            "AFORO_KEY_PREFIX": prefix,
+            "AFORO_ADMIN_TOKEN": TOKEN,
+            "AFORO_LOG_LEVEL": "warning",
+            **extra,
+        }
+    )
+    return env
+
+
+def run_http(
+    args: argparse.Namespace, script: str
+) -> tuple[dict[str, dict[int, dict[str, float]]], Counter[int]]:
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    port = free_port()
+    naive_env = {**os.environ, "REDIS_URL": REDIS_URL}
+    naive = [sys.executable, "-m", "uvicorn", "naive_baseline:app", "--app-dir", str(NAIVE.parent),
+             "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    with process(naive, naive_env, f"http://127.0.0.1:{port}/"):
+        results["naive"] = {
+            c: wrk(f"http://127.0.0.1:{port}{SEED_PATH}", c, args.duration, script) for c in args.connections
+        }
+    exact: Counter[str] = Counter()
+    for name, workers in (("sidecar", 1), ("sidecar x2", 2)):
+        prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+        main_port, decision_port = free_port(), free_port()
+        env = sidecar_env(prefix, AFORO_GRPC_PORT="0", AFORO_DECISION_PORT=str(decision_port))
+        command = [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "serve",
+            "--port",
+            str(main_port),
+            "--workers",
+            str(workers),
+        ]
+        try:
+            with process(command, env, f"http://127.0.0.1:{main_port}/healthz"):
+                wait_http(f"http://127.0.0.1:{decision_port}/healthz")
+                seed(f"http://127.0.0.1:{main_port}")
+                url = f"http://127.0.0.1:{decision_port}{SEED_PATH}"
+                results[name] = {}
+                main_url = f"http://127.0.0.1:{main_port}"
+                for connections in args.connections:
+                    before = degraded(main_url)
+                    checker = None
+                    if workers == 2 and connections == args.connections[0]:
+                        # The exactness check runs while this load is on.
+                        checker = Exactness(f"http://127.0.0.1:{decision_port}")
+                        checker.start()
+                    results[name][connections] = wrk(url, connections, args.duration, script)
+                    if checker is not None:
+                        checker.join()
+                        exact = checker.result
+                    results[name][connections]["degraded"] = degraded(main_url) - before
+        finally:
+            _delete(prefix)
+    return results, exact
+
+
+class Exactness(threading.Thread):
+    """Runs ``exactness`` in its own thread and event loop, a second into the load."""
+
+    def __init__(self, decision_url: str) -> None:
+        super().__init__()
+        self.decision_url = decision_url
+        self.result: Counter[str] = Counter()
+
+    def run(self) -> None:
+        time.sleep(1)
+        self.result = asyncio.run(exactness(self.decision_url))
+
+
+def _delete(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    client.close()
+
+
+def run_grpc(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The gRPC figures, measured by loadtests/grpc_load.py in its own process."""
+    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    main_port, grpc_port = free_port(), free_port()
+    env = sidecar_env(prefix, AFORO_GRPC_PORT=str(grpc_port), AFORO_DECISION_PORT="0")
+    command = [sys.executable, "-m", "sidecar.cli", "serve", "--port", str(main_port)]
+    load = [sys.executable, str(ROOT / "loadtests" / "grpc_load.py"), "--duration", str(args.duration),
+            "--concurrency", str(args.connections[0])]  # fmt: skip
+    try:
+        echo = subprocess.run([*load, "--echo"], capture_output=True, text=True, check=True)
+        results = {"grpc echo (bare grpc.aio)": json.loads(echo.stdout)}
+        with process(command, env, f"http://127.0.0.1:{main_port}/healthz"):
+            seed(f"http://127.0.0.1:{main_port}")
+            target = f"127.0.0.1:{grpc_port}"
+            for name, mode in (("grpc Authorize", "unary"), ("grpc AuthorizeBatch x100", "batch")):
+                out = subprocess.run(
+                    [*load, "--target", target, "--mode", mode], capture_output=True, text=True, check=True
+                )
+                results[name] = json.loads(out.stdout)
+    finally:
+        _delete(prefix)
+    return results
+
+
+def _row(name: str, connections: int, r: dict[str, float], ratio: float) -> str:
+    cells = [
+        f"{connections}",
+        f"{r['rps']:,.0f}",
+        f"{ratio:.2f}",
+        f"{r['p50_ms']:.2f}",
+        f"{r['p95_ms']:.2f}",
+        f"{r['p99_ms']:.2f}",
+        f"{r['errors']:.0f}",
+        f"{r.get('degraded', 0):.0f}",
+    ]
+    return f"{name:<28} " + " ".join(f"{c:>11}" for c in cells)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT)
+    http, exact = run_http(args, script.name)
+    grpc_results = run_grpc(args)
+    print(f"\nmachine: {os.cpu_count()} cores; wrk -t1, {args.duration}s per run; Redis {REDIS_URL}\n")
+    columns = ("conns", "decisions/s", "x naive", "p50 ms", "p95 ms", "p99 ms", "errors", "degraded")
+    print(f"{'run':<28} " + " ".join(f"{c:>11}" for c in columns))
+    for name, by_connections in http.items():
+        for connections, r in by_connections.items():
+            ratio = r["rps"] / http["naive"][connections]["rps"]
+            print(_row(name, connections, r, ratio))
+    echo = grpc_results["grpc echo (bare grpc.aio)"]["rps"]
+    naive32 = http["naive"][args.connections[0]]["rps"]
+    for name, r in grpc_results.items():
+        print(_row(name, args.connections[0], r, r["rps"] / naive32) + f"   ({r['rps'] / echo:.0%} of echo)")
+    for c in args.connections:
+        scaling = http["sidecar x2"][c]["rps"] / http["sidecar"][c]["rps"]
+        print(f"workers scaling at {c} connections: x{scaling:.2f}")
+    verdict = "PASS" if exact == Counter({"ok": 1000, "quota_exceeded": 500}) else "FAIL"
+    print(f"exactness under load (1000/day, 1500 requests, 64 clients, 2 workers): {dict(exact)} {verdict}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"http": http, "grpc": grpc_results, "exactness": dict(exact)}, indent=2)
+        )
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
