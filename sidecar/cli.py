@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--report", action="store_true", help="print the reconciliation report and exit")
     reconcile.add_argument("--json", action="store_true", help="with --report: JSON instead of a table")
 
+    pull = sub.add_parser("apigee-pull", help="pull Apigee analytics for a time range into the sidecar")
+    from sidecar.apigee_pull import add_arguments
+
+    add_arguments(pull)
+
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check the audit log's hash chain (exit 1 if broken)")
@@ -180,6 +185,10 @@ def _data_settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "apigee-pull":
+        from sidecar.apigee_pull import pull
+
+        return pull(args)
     if args.command in ("migrate", "reconcile", "audit"):
         try:
             settings = _data_settings(args)

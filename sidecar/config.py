@@ -51,6 +51,21 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     event_dedupe_ttl_seconds: int = 3_600
     deny_ttl_seconds: int = 5
     quota_ttl_cap_seconds: int = 60
+    # Usage ingestion (Kong HTTP Log, Apigee analytics): a shared secret per tenant
+    # ("tenant=secret,..."), sent in the X-Aforo-Ingest-Secret header; a tenant with no
+    # secret cannot ingest.
+    ingest_secrets: dict[str, str] = {}
+    ingest_max_body_bytes: int = 16 * 1024 * 1024
+    ingest_max_events: int = 10_000  # per request
+    # Events being written to Redis at once; past it, ingestion answers 503 Retry-After
+    # instead of queueing without bound.
+    ingest_max_in_flight: int = 100_000
+    # Request headers kept from ingested logs (lower case); all others are dropped.
+    ingest_header_allowlist: list[str] = msgspec.field(
+        default_factory=lambda: ["user-agent", "content-type", "accept", "x-request-id"]
+    )
+    # Which Kong consumer field names the consumer: id, custom_id or username.
+    kong_consumer_field: Literal["id", "custom_id", "username"] = "id"
     # Postgres, the source of truth. Unset: no Postgres (Redis or the embedded store is
     # all there is). Set: admin writes go to Postgres first; needs redis_url.
     database_url: str | None = None
@@ -115,6 +130,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("idempotency_ttl_seconds", 1, 90 * 86_400),
             ("event_dedupe_ttl_seconds", 1, 90 * 86_400),
             ("max_batch_items", 1, 100_000),
+            ("ingest_max_body_bytes", 1024, 512 * 1024 * 1024),
+            ("ingest_max_events", 1, 1_000_000),
+            ("ingest_max_in_flight", 1, 100_000_000),
             ("drain_interval_ms", 10, 600_000),
             ("drain_batch", 1, 100_000),
             ("full_sync_interval_seconds", 1, 86_400 * 7),
@@ -127,6 +145,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for tenant in self.tenant_fail_modes:
             if not TENANT_RE.fullmatch(tenant):
                 raise SettingsError(f"tenant_fail_modes names an invalid tenant {tenant!r}")
+        for tenant, secret in self.ingest_secrets.items():
+            if not TENANT_RE.fullmatch(tenant):
+                raise SettingsError(f"ingest_secrets names an invalid tenant {tenant!r}")
+            if len(secret) < 16:
+                raise SettingsError(f"the ingest secret of tenant {tenant!r} must be at least 16 characters")
         if "{" in self.key_prefix or "}" in self.key_prefix:
             raise SettingsError("key_prefix must not contain braces (they delimit hash tags)")
         if self.admin_token is not None and len(self.admin_token) < 16:
@@ -150,6 +173,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 continue
             if isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, list):
+                value = ",".join(value)
             env[ENV_PREFIX + name.upper()] = str(value)
         return env
 
@@ -181,8 +206,12 @@ def load_settings(
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
-    if isinstance(raw.get("tenant_fail_modes"), str):
-        raw["tenant_fail_modes"] = _parse_mapping("tenant_fail_modes", raw["tenant_fail_modes"])
+    for name in ("tenant_fail_modes", "ingest_secrets"):
+        if isinstance(raw.get(name), str):
+            raw[name] = _parse_mapping(name, raw[name])
+    if isinstance(raw.get("ingest_header_allowlist"), str):
+        text = raw["ingest_header_allowlist"]
+        raw["ingest_header_allowlist"] = [h.strip().lower() for h in text.split(",") if h.strip()]
     for key in ("redis_url", "admin_token", "database_url"):
         if raw.get(key) == "":
             raw[key] = None

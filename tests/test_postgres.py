@@ -142,7 +142,7 @@ async def stack(database_url: str, redis_url: str, prefix: str, **overrides) -> 
 async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(database_url):
     conn = await asyncpg.connect(database_url)
     try:
-        assert await migrate(conn) == ["0001_schema.sql"]
+        assert await migrate(conn) == ["0001_schema.sql", "0002_event_counts.sql"]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
@@ -150,7 +150,7 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
         assert {"plans", "consumers", "api_keys", "wallets", "wallet_transactions", "usage_records"} <= tables
         assert {"gateway_events", "audit_log", "tenants", "schema_migrations"} <= tables
         assert await migrate(conn) == []
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 2
         # An applied migration edited afterwards is refused, not skipped.
         await conn.execute("UPDATE schema_migrations SET checksum = 'x'")
         with pytest.raises(Exception, match="applied with different content"):

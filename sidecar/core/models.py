@@ -234,6 +234,10 @@ class UsageEvent(msgspec.Struct, forbid_unknown_fields=True):
     response_size: int = 0
     decision_id: str = ""
     headers: dict[str, str] = {}
+    # An aggregated record (Apigee analytics) stands for `count` requests, `errors` of
+    # them failed; a per-request event is count 1.
+    count: int = 1
+    errors: int = 0
 
     def validated(self) -> UsageEvent:
         check_id(self.tenant, TENANT_RE, "tenant")
@@ -248,6 +252,8 @@ class UsageEvent(msgspec.Struct, forbid_unknown_fields=True):
             "gateway_latency_ms",
             "request_size",
             "response_size",
+            "count",
+            "errors",
         ):
             if not 0 <= getattr(self, name) <= MAX_LIMIT:
                 raise InvalidInput(f"{name} must be between 0 and {MAX_LIMIT}", field=name)

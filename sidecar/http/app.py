@@ -12,7 +12,7 @@ from starlette.routing import Route
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
-from sidecar.http import admin, decisions, probes, usage
+from sidecar.http import admin, decisions, ingest, probes, usage
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import build_store
@@ -57,6 +57,8 @@ def create_app(
         Route("/v1/authorize", decisions.authorize, methods=["POST"]),
         Route("/integrations/apigee/authorize", decisions.apigee_authorize, methods=["POST"]),
         Route("/v1/usage", usage.report_usage, methods=["POST"]),
+        Route("/integrations/kong/ingest", ingest.kong_ingest, methods=["POST"]),
+        Route("/integrations/apigee/ingest", ingest.apigee_ingest, methods=["POST"]),
         *admin.ROUTES,
         Route("/healthz", probes.healthz, methods=["GET"]),
         Route("/readyz", probes.readyz, methods=["GET"]),
@@ -66,5 +68,6 @@ def create_app(
     app.state.settings = settings
     app.state.store = active
     app.state.authorizer = authorizer
+    app.state.ingest_in_flight = ingest.InFlight(settings.ingest_max_in_flight)
     app.state.catalog = StoreCatalog(active) if catalog is None else catalog
     return app

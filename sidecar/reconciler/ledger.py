@@ -326,7 +326,7 @@ class Ledger:
             for name in (
                 "tenant", "consumer_id", "request_id", "product", "route", "service", "method", "status",
                 "latency_ms", "upstream_latency_ms", "gateway_latency_ms", "request_size", "response_size",
-                "decision_id",
+                "decision_id", "count", "errors",
             )
         }  # fmt: skip
         started = [_ts(e.started_at_ms) if e.started_at_ms else None for e in events]
@@ -334,12 +334,12 @@ class Ledger:
         inserted = await self.pool.fetch(
             """INSERT INTO gateway_events (tenant, consumer_id, request_id, product, route, service, method,
                    status, latency_ms, upstream_latency_ms, gateway_latency_ms, request_size, response_size,
-                   decision_id, started_at, headers)
-               SELECT t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, sa, h::jsonb FROM unnest(
+                   decision_id, count, errors, started_at, headers)
+               SELECT t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h::jsonb FROM unnest(
                    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                    $8::int[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
-                   $14::text[], $15::timestamptz[], $16::text[])
-                   AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, sa, h)
+                   $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[], $18::text[])
+                   AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h)
                ON CONFLICT DO NOTHING RETURNING 1""",
             *columns.values(),
             started,
