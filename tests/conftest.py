@@ -175,7 +175,7 @@ def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
                 raise RuntimeError(f"sidecar exited: {_read(log_path)}")
             try:
                 if httpx.get(f"{sidecar.url}/healthz", timeout=0.5).status_code == 200 and (
-                    grpc_port == 0 or _accepts(grpc_port)
+                    full_env["AFORO_GRPC_PORT"] == "0" or _accepts(int(full_env["AFORO_GRPC_PORT"]))
                 ):
                     return sidecar
             except httpx.HTTPError:

@@ -1,0 +1,193 @@
+"""Overhead of the Kong plugin, measured through the real kong-pdk plugin server.
+
+Drives requests through the Kong emulator (tests/kong/emulator.py) into the real plugin
+server and a real sidecar process on Redis, and reports, per phase, the PDK calls and
+RPC round trips per request and the time Kong would wait on the plugin server. The
+sidecar's own answer time (a direct gRPC Authorize from this process) is measured too,
+so the plugin's share of the access phase is visible.
+
+    python loadtests/kong_plugin_bench.py                  # 10,000 requests, Redis at 127.0.0.1:6379
+    python loadtests/kong_plugin_bench.py --requests 2000 --redis-url redis://127.0.0.1:6379/0
+
+This is a benchmark, not a test: it asserts only that every decision was made and
+every usage event arrived. Kong's side of each RPC is played by Python here (msgpack in
+Python instead of LuaJIT), so the figures are an upper bound of what Kong adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+
+from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2 as pb  # noqa: E402
+from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2_grpc as pb_grpc  # noqa: E402
+from sidecar.store.redis_store import RedisStore  # noqa: E402
+from tests.conftest import delete_prefix  # noqa: E402
+from tests.kong.emulator import Exchange, KongRequest  # noqa: E402
+from tests.kong.harness import PluginServer, Sidecar, sidecar_config  # noqa: E402
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "mean": statistics.fmean(ordered) * 1e6}
+
+
+def row(label: str, samples: Sequence[float], extra: str = "") -> str:
+    p = percentiles(samples)
+    return f"| {label} | {p['p50']:.0f} | {p['p90']:.0f} | {p['p99']:.0f} | {p['mean']:.0f} | {extra} |"
+
+
+WARM_UP = 200
+
+
+def run(
+    server: PluginServer, configs: Sequence[dict], count: int, make: Callable[[int], KongRequest]
+) -> list[list[Exchange]]:
+    """``count`` requests through each configuration, interleaved, so a change in the
+    machine's load (it is shared) weighs on every configuration alike."""
+    instances = [server.kong.start_instance(config) for config in configs]
+    for i in range(WARM_UP):  # the channel, the pools, the sidecar's caches
+        for instance in instances:
+            server.kong.play(instance, make(-i - 1))
+    results: list[list[Exchange]] = [[] for _ in instances]
+    for i in range(count):
+        for instance, exchanges in zip(instances, results, strict=True):
+            exchanges.append(server.kong.play(instance, make(i)))
+    return results
+
+
+def direct_authorize(target: str, count: int) -> list[float]:
+    """The sidecar's answer time seen by a plain gRPC client (no plugin, no Kong)."""
+    samples = []
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.SidecarStub(channel)
+        ask = pb.AuthorizeRequest(product="catalog", consumer_id="bench-consumer")
+        for _ in range(200):
+            stub.Authorize(ask, timeout=2)
+        for _ in range(count):
+            started = time.perf_counter()
+            stub.Authorize(ask, timeout=2)
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+def count_events(redis_url: str, prefix: str) -> int:
+    async def read() -> int:
+        store = RedisStore(redis_url, prefix=prefix)
+        try:
+            return len(await store.events("default", "bench-consumer"))
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def calls_summary(exchanges: Sequence[Exchange], phase: str) -> str:
+    runs = [e.access if phase == "access" else e.log for e in exchanges]
+    calls = statistics.fmean(len(r.calls) for r in runs if r is not None)
+    rpcs = statistics.fmean(r.rpcs for r in runs if r is not None)
+    methods = ", ".join(runs[0].methods) if runs and runs[0] is not None else ""
+    return f"{calls:.0f} PDK calls, {rpcs:.0f} RPCs: {methods or '-'}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("AFORO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    args = parser.parse_args()
+    count = args.requests
+    prefix = f"bench:{uuid.uuid4().hex[:12]}:"
+    log_dir = tempfile.mkdtemp(prefix="kong-bench-")
+    sidecar = Sidecar(log_dir, {"AFORO_REDIS_URL": args.redis_url, "AFORO_KEY_PREFIX": prefix}).start()
+    server = PluginServer()
+    try:
+        admin = sidecar.admin()
+        admin.plan("bench", {"day": 10_000_000})
+        admin.consumer("bench-consumer", "bench")
+        consumer = {"id": "bench-consumer", "username": "bench"}
+
+        def request(i: int) -> KongRequest:
+            return KongRequest(consumer=consumer, headers={"user-agent": "bench", "accept": "*/*"})
+
+        direct = direct_authorize(sidecar.grpc_target, min(count, 5_000))
+        started = time.perf_counter()
+        default, lean = run(
+            server,
+            [
+                sidecar_config(sidecar, timeout_ms=50, usage_flush_interval_ms=200),
+                sidecar_config(
+                    sidecar,
+                    timeout_ms=50,
+                    product="catalog",
+                    rate_limit_headers=False,
+                    balance_header=False,
+                    usage=False,
+                ),
+            ],
+            count,
+            request,
+        )
+        elapsed = time.perf_counter() - started
+        assert server.stop() == 0
+        stats = server.final_stats()
+        events = count_events(args.redis_url, prefix)
+        # A decision the sidecar made carries its window headers; a fail-open pass does not.
+        degraded = sum(1 for e in default if e.header("X-RateLimit-Remaining-Day") is None)
+        proxied = sum(e.proxied for e in default + lean)
+    finally:
+        server.cleanup()
+        sidecar.stop()
+        delete_prefix(args.redis_url, prefix)
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+    access = [e.access.seconds for e in default]
+    log = [e.log.seconds for e in default if e.log is not None]
+    print(f"2 x {count} requests through the emulator in {elapsed:.1f}s (one at a time)")
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print()
+    print("| phase (µs) | p50 | p90 | p99 | mean | PDK round trips per request |")
+    print("|---|---|---|---|---|---|")
+    print(row("access, default config", access, calls_summary(default, "access")))
+    print(row("log, default config (off the request path)", log, calls_summary(default, "log")))
+    print(
+        row(
+            "access, product set, no headers, usage off",
+            [e.access.seconds for e in lean],
+            calls_summary(lean, "access"),
+        )
+    )
+    print(row("log, usage off", [e.log.seconds for e in lean if e.log], calls_summary(lean, "log")))
+    print(row("sidecar Authorize alone (direct gRPC)", direct, "-"))
+    plugin_share = percentiles(access)["p50"] - percentiles(direct)["p50"]
+    print()
+    print(f"added by the plugin in access beyond the sidecar's answer (p50): {plugin_share:.0f} µs")
+    print(f"usage: {events} events stored for {count + WARM_UP} proxied requests (with warm-up); {stats}")
+    print(f"decisions: {proxied}/{2 * count} proxied, {degraded} past the 50 ms budget (fail-open passes)")
+    # A fail-open pass (the 50 ms budget exceeded on a busy machine) is a figure, not a
+    # failure; a lost or dropped usage event is.
+    ok = events == count + WARM_UP and stats["dropped"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
