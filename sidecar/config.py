@@ -43,8 +43,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tenant_fail_modes: dict[str, FailMode] = {}
     breaker_cooldown_ms: int = 500
     # A decision that reaches Redis later than its deadline plus this margin (the clock
-    # skew tolerated between sidecar and Redis hosts) is discarded unapplied, so a call
-    # already answered by the fail mode is never counted or charged behind its back.
+    # skew tolerated between sidecar and Redis hosts) is discarded unapplied: a call
+    # answered by the fail mode is not counted or charged behind its back once it is
+    # that late. One delayed by less than the margin may still apply.
     late_apply_margin_ms: int = 1_000
     idempotency_ttl_seconds: int = 86_400
     # Gateway usage events resent within this time are recognised as duplicates.

@@ -1085,3 +1085,22 @@ async def test_other_denials_have_the_deny_ttl_and_no_retry_after(
     assert "retry-after" not in short.headers
     ok = await authorize(client, cost=500)
     assert (ok.status_code, ok.json()["ttl_seconds"], ok.json()["balance"]) == (200, 0, 0)
+
+
+async def test_a_revoked_consumer_is_not_resumed_but_can_be_reinstated(client):
+    await seed(client, windows={"day": 10}, consumer_id="c1")
+    assert (await client.post("/v1/admin/consumers/c1/revoke", json={}, headers=ADMIN)).status_code == 200
+    for path, body in (
+        ("/v1/admin/consumers/c1/resume", {}),
+        ("/integrations/kong/resume", {"consumer_id": "c1"}),
+        ("/integrations/apigee/resume", {"appId": "c1"}),
+    ):
+        response = await client.post(path, json=body, headers=ADMIN)
+        assert (response.status_code, response.json()["error"]["code"]) == (409, "consumer_revoked")
+    decision = await client.post("/v1/authorize", json={"consumer_id": "c1", "product": "p"})
+    assert decision.json()["reason"] == "revoked"
+    reinstated = await client.put(
+        "/v1/admin/consumers/c1", json={"plan_id": "plan", "status": "active"}, headers=ADMIN
+    )
+    assert reinstated.json()["status"] == "active"
+    assert (await client.post("/v1/authorize", json={"consumer_id": "c1", "product": "p"})).json()["allow"]

@@ -15,8 +15,9 @@ from sidecar.core.windows import WINDOWS, parse_window
 # no braces, no colon, no whitespace.
 TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Consumer ids come from gateways (Kong UUIDs, Apigee app ids, custom ids). Braces
-# would break the hash tag, whitespace and control characters are never legitimate.
-CONSUMER_ID_RE = re.compile(r"[A-Za-z0-9._~@:+=/-]{1,200}")
+# would break the hash tag, a slash could not be named in an admin URL path, and
+# whitespace and control characters are never legitimate.
+CONSUMER_ID_RE = re.compile(r"[A-Za-z0-9._~@:+=-]{1,200}")
 PLAN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 PRODUCT_RE = re.compile(r"[^\s|{}]{1,200}")
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,200}")

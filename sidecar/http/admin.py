@@ -137,6 +137,16 @@ async def _change_status(
     _check_target(tenant, consumer_id)
     if len(reason) > 1000:
         raise InvalidInput("reason is longer than 1000 characters", field="reason")
+    if status is ConsumerStatus.ACTIVE:
+        # Revocation is for good; bringing a revoked consumer back is a deliberate
+        # PUT of the consumer with status "active", not a resume.
+        current = await _store(request).get_consumer(tenant, consumer_id, now_ms())
+        if current is not None and current.status is ConsumerStatus.REVOKED:
+            raise ApiError(
+                409,
+                "consumer_revoked",
+                "a revoked consumer is not resumed; PUT it with status active to reinstate it",
+            )
     view = await _catalog(request).set_status(tenant, consumer_id, status, _actor(request))
     _record(request, f"consumer.{status.value}", tenant, consumer_id, reason=reason)
     return _json(view)
