@@ -382,21 +382,24 @@ class RedisStore:
         return [_usage_record(fields) for _, fields in entries]
 
     async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
-        if not events:
-            return []
-        ks = self.keys
-        with _guard():
-            # One round trip for the whole batch; each event is its own atomic script
-            # (events of different consumers live in different cluster slots).
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for event in events:
-                    t, c = event.tenant, event.consumer_id
-                    await self._event(
-                        keys=[ks.event_marker(t, c, event.request_id), ks.events(t, c)],
-                        args=[dedupe_ttl_ms, _event_encoder.encode(event)],
-                        client=pipe,
-                    )
-                replies = await pipe.execute()
+        # Over the pipelined connection: a batch goes out in one write, each event its
+        # own atomic script (events of different consumers live in different slots).
+        ks, sha = self.keys, self._event.sha
+        commands = [
+            encode_command(
+                [
+                    "EVALSHA",
+                    sha,
+                    2,
+                    ks.event_marker(e.tenant, e.consumer_id, e.request_id),
+                    ks.events(e.tenant, e.consumer_id),
+                    dedupe_ttl_ms,
+                    _event_encoder.encode(e),
+                ]
+            )
+            for e in events
+        ]
+        replies = await asyncio.gather(*(self._evalsha(self._event, command) for command in commands))
         return [reply == 1 for reply in replies]
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
