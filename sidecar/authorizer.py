@@ -152,10 +152,11 @@ class Authorizer:
     ) -> Decision:
         """The store did not answer in time: answer per fail mode, and open the breaker
         when Redis is plainly down (refused, lost) or has missed several deadlines in
-        a row. One slow answer under load must not turn into a flood of fail-mode
-        answers for every consumer."""
+        a row while sending nothing. Deadlines missed because this process is
+        overloaded (Redis still answering) never open it: one slow moment must not
+        turn into a flood of fail-mode answers for every consumer."""
         self._failures += 1
-        if not timed_out or self._failures >= BREAKER_TIMEOUTS:
+        if not timed_out or (self._failures >= BREAKER_TIMEOUTS and not self.store.answering()):
             self._down_until = time.monotonic() + self._cooldown_s
         metrics.STORE_ERRORS.labels("decide").inc()
         return self._unavailable(request, consumer_id, request_id, decision_id)

@@ -108,6 +108,11 @@ class Store(Protocol):
         """The consumer's recorded gateway events, oldest first."""
         ...
 
+    def answering(self) -> bool:
+        """Whether the store answered very recently (no I/O): tells an overloaded
+        caller from a store that is gone."""
+        ...
+
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
         ...

@@ -156,6 +156,11 @@ class RedisStore:
             await self._fast.execute(encode_command(["SCRIPT", "LOAD", script.script]))
             return await self._fast.execute(command)  # type: ignore[return-value]
 
+    def answering(self) -> bool:
+        """Redis has answered decisions in the last 200 ms: a missed deadline now is
+        this process being slow (overload), not Redis being gone."""
+        return self._fast.answered_within(0.2)
+
     @property
     def client(self) -> Redis:
         return self._redis

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Sequence
 from urllib.parse import unquote, urlparse
 
@@ -48,6 +49,7 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer: list[bytes] = []
         self.flush_scheduled = False
+        self.last_reply = 0.0  # monotonic time Redis last sent anything
         self._on_lost = on_lost
 
     def send(self, command: bytes) -> asyncio.Future[object]:
@@ -73,6 +75,7 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.last_reply = time.monotonic()
         self.reader.feed(data)
         waiting = self.waiting
         while True:
@@ -159,6 +162,11 @@ class PipelinedConnection:
         down or lost)."""
         protocol = self._protocol or await self._connect()
         return await protocol.send(command)
+
+    def answered_within(self, seconds: float) -> bool:
+        """Whether Redis sent anything on this connection in the last ``seconds``."""
+        protocol = self._protocol
+        return protocol is not None and time.monotonic() - protocol.last_reply <= seconds
 
     def close(self) -> None:
         protocol = self._protocol
