@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint services clean
+.PHONY: run test lint services clean apigee-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ run: $(STAMP)
 services:
 	scripts/ensure-services
 
-test: $(STAMP) services
+# The Apigee bundle's JS tests and apigeelint run under Node (see apigee_policy/).
+apigee-deps: apigee_policy/node_modules/.package-lock.json
+
+apigee_policy/node_modules/.package-lock.json: apigee_policy/package-lock.json
+	npm ci --prefix apigee_policy --no-audit --no-fund --loglevel=error
+
+test: $(STAMP) services apigee-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -29,4 +35,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache apigee_policy/node_modules
