@@ -3,15 +3,16 @@
 The shape is Kong's log serializer: request{method, uri, size, headers, id?},
 response{status, size, headers}, consumer{id, custom_id, username}, route{id, name},
 service{id, name}, latencies{request, kong, proxy}, client_ip, started_at (ms).
-Sizes arrive as numbers or strings depending on the Kong version. Bodies are never
+Sizes arrive as numbers or strings depending on the Kong version. Only the fields
+below are decoded (msgspec skips the rest without building them), bodies are never
 read, and only allow-listed headers are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from typing import Any
+
+import msgspec
 
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import UsageEvent
@@ -19,21 +20,60 @@ from sidecar.core.models import UsageEvent
 ANONYMOUS = "anonymous"
 # Where the request id lives, first match wins (Kong 3.5+ logs request.id).
 _REQUEST_ID_HEADERS = ("x-kong-request-id", "x-request-id")
+Number = int | float | str | None  # Kong writes some numbers as strings
+Headers = dict[str, str | list[str]]
 
 
-def _object(value: Any, path: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidInput(f"{path} must be an object", code="invalid_log", field=path)
-    return value
+class _Request(msgspec.Struct):
+    method: str = ""
+    uri: str = ""
+    url: str = ""
+    size: Number = None
+    headers: Headers = {}
+    id: str | None = None
 
 
-def _int(value: Any, path: str) -> int:
+class _Response(msgspec.Struct):
+    status: Number = None
+    size: Number = None
+    headers: Headers = {}
+
+
+class _Named(msgspec.Struct):
+    id: str | None = None
+    name: str | None = None
+
+
+class _Consumer(msgspec.Struct):
+    id: str | None = None
+    custom_id: str | None = None
+    username: str | None = None
+
+
+class _Latencies(msgspec.Struct):
+    request: Number = None
+    kong: Number = None
+    proxy: Number = None
+
+
+class KongLog(msgspec.Struct):
+    request: _Request = msgspec.field(default_factory=_Request)
+    response: _Response = msgspec.field(default_factory=_Response)
+    consumer: _Consumer | None = None
+    route: _Named | None = None
+    service: _Named | None = None
+    latencies: _Latencies = msgspec.field(default_factory=_Latencies)
+    client_ip: str = ""
+    started_at: Number = None
+
+
+# A payload is one log or a batch of them.
+KongPayload = list[KongLog] | KongLog
+
+
+def _int(value: Number, path: str) -> int:
     if value is None or value == "":
         return 0
-    if isinstance(value, bool):
-        raise InvalidInput(f"{path} must be a number", code="invalid_log", field=path)
     if isinstance(value, int):
         number = value
     elif isinstance(value, float) and value.is_integer():
@@ -49,75 +89,63 @@ def _int(value: Any, path: str) -> int:
     return number
 
 
-def _str(value: Any, path: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{path} must be a string", code="invalid_log", field=path)
-    return value
-
-
-def _header(headers: Mapping[str, Any], name: str) -> str:
+def _header(headers: Headers, name: str) -> str:
     value = headers.get(name)
     if isinstance(value, list):  # repeated headers arrive as lists
-        value = value[0] if value else None
-    return value if isinstance(value, str) else ""
+        return value[0] if value else ""
+    return value or ""
 
 
-def _fingerprint(log: Mapping[str, Any], request: Mapping[str, Any], consumer: str) -> str:
+def _fingerprint(log: KongLog, consumer: str) -> str:
     """A stable id for a log entry without one: the same entry sent again (a retried
     batch) maps to the same id, two different requests practically never do."""
     parts = [
-        str(log.get("started_at", "")),
-        str(log.get("client_ip", "")),
-        str(request.get("method", "")),
-        str(request.get("uri") or request.get("url") or ""),
+        str(log.started_at),
+        log.client_ip,
+        log.request.method,
+        log.request.uri or log.request.url,
         consumer,
-        str(_object(log.get("latencies"), "latencies").get("request", "")),
-        str(_object(log.get("response"), "response").get("status", "")),
+        str(log.latencies.request),
+        str(log.response.status),
     ]
     return "fp-" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 def kong_log_event(
-    log: Any, *, tenant: str, consumer_field: str, allowed_headers: frozenset[str]
+    log: KongLog, *, tenant: str, consumer_field: str, allowed_headers: frozenset[str]
 ) -> UsageEvent:
-    """The usage event of one serialized Kong log; raises InvalidInput (field paths
-    named) for a malformed entry."""
-    log = _object(log, "$")
-    request = _object(log.get("request"), "request")
-    response = _object(log.get("response"), "response")
-    consumer = _object(log.get("consumer"), "consumer")
-    route = _object(log.get("route"), "route")
-    service = _object(log.get("service"), "service")
-    latencies = _object(log.get("latencies"), "latencies")
-    request_headers = _object(request.get("headers"), "request.headers")
-    response_headers = _object(response.get("headers"), "response.headers")
-    consumer_id = _str(consumer.get(consumer_field), f"consumer.{consumer_field}") or ANONYMOUS
-    request_id = _str(request.get("id"), "request.id")
+    """The usage event of one decoded Kong log; raises InvalidInput (field named) for
+    a value the decoder let through but the event cannot hold."""
+    request, response = log.request, log.response
+    consumer_id = (getattr(log.consumer, consumer_field) if log.consumer else None) or ANONYMOUS
+    request_id = request.id or ""
     for name in _REQUEST_ID_HEADERS:
-        request_id = request_id or _header(request_headers, name) or _header(response_headers, name)
-    request_id = request_id or _fingerprint(log, request, consumer_id)
-    headers = {
-        name.lower(): _header(request_headers, name)[:2048]
-        for name in request_headers
-        if isinstance(name, str) and name.lower() in allowed_headers
-    }
-    proxy = _int(latencies.get("proxy"), "latencies.proxy")
+        request_id = request_id or _header(request.headers, name) or _header(response.headers, name)
+    request_id = request_id or _fingerprint(log, consumer_id)
+    headers = {}
+    for name in request.headers:
+        lowered = name.lower()
+        if lowered in allowed_headers:
+            value = _header(request.headers, name)[:2048]
+            if value:
+                headers[lowered] = value
+    service = log.service or _Named()
+    route = log.route or _Named()
+    latencies = log.latencies
     return UsageEvent(
         tenant=tenant,
         consumer_id=consumer_id,
         request_id=request_id,
-        product=_str(service.get("name"), "service.name") or _str(service.get("id"), "service.id"),
-        route=_str(route.get("name"), "route.name") or _str(route.get("id"), "route.id"),
-        service=_str(service.get("name"), "service.name") or _str(service.get("id"), "service.id"),
-        method=_str(request.get("method"), "request.method"),
-        status=_int(response.get("status"), "response.status"),
-        started_at_ms=_int(log.get("started_at"), "started_at"),
-        latency_ms=_int(latencies.get("request"), "latencies.request"),
-        upstream_latency_ms=proxy,
-        gateway_latency_ms=_int(latencies.get("kong"), "latencies.kong"),
-        request_size=_int(request.get("size"), "request.size"),
-        response_size=_int(response.get("size"), "response.size"),
-        headers={k: v for k, v in headers.items() if v},
+        product=service.name or service.id or "",
+        route=route.name or route.id or "",
+        service=service.name or service.id or "",
+        method=request.method,
+        status=_int(response.status, "response.status"),
+        started_at_ms=_int(log.started_at, "started_at"),
+        latency_ms=_int(latencies.request, "latencies.request"),
+        upstream_latency_ms=_int(latencies.proxy, "latencies.proxy"),
+        gateway_latency_ms=_int(latencies.kong, "latencies.kong"),
+        request_size=_int(request.size, "request.size"),
+        response_size=_int(response.size, "response.size"),
+        headers=headers,
     ).validated()

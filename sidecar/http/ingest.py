@@ -16,7 +16,6 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -24,14 +23,14 @@ from starlette.responses import Response
 
 from sidecar.core.apigee_stats import Analytics, analytics_events
 from sidecar.core.errors import InvalidInput
-from sidecar.core.kong_log import kong_log_event
+from sidecar.core.kong_log import KongPayload, kong_log_event
 from sidecar.core.models import DEFAULT_TENANT, TENANT_RE, UsageEvent
 from sidecar.http.bodies import decode, invalid_from, read_body
 from sidecar.http.errors import ApiError
 
 TENANT_HEADER = "x-aforo-tenant"
 SECRET_HEADER = "x-aforo-ingest-secret"
-_kong_decoder = msgspec.json.Decoder(list[Any] | dict[str, Any])
+_kong_decoder = msgspec.json.Decoder(KongPayload)
 _apigee_decoder = msgspec.json.Decoder(Analytics)
 _encode = msgspec.json.Encoder().encode
 
