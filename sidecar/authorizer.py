@@ -89,34 +89,37 @@ class Authorizer:
                 # Answered by the fail mode without trying Redis. This does not re-arm
                 # the breaker: the first call after the cooldown probes Redis again.
                 raise _BreakerOpen
-            async with asyncio.timeout(budget_s):
-                key_hash = None
-                if request.api_key is not None:
-                    key_hash = hash_api_key(request.api_key)
+            # One deadline for the whole decision. The store enforces it on its own
+            # pending reply (no timer per call on the hot path); the API key lookup,
+            # a separate round trip, gets a timeout of its own.
+            deadline = asyncio.get_running_loop().time() + budget_s
+            key_hash = None
+            if request.api_key is not None:
+                key_hash = hash_api_key(request.api_key)
+                async with asyncio.timeout_at(deadline):
                     consumer_id = await self._owner(request.tenant, key_hash)
-                if consumer_id is None:
-                    outcome = Outcome(
-                        Reason.INVALID_KEY.value, 0, None, decision_id, 0, _NO_WINDOWS, _NO_WINDOWS
+            if consumer_id is None:
+                outcome = Outcome(Reason.INVALID_KEY.value, 0, None, decision_id, 0, _NO_WINDOWS, _NO_WINDOWS)
+            else:
+                outcome = await self.store.decide(
+                    DecisionCall(
+                        tenant=request.tenant,
+                        consumer_id=consumer_id,
+                        key_hash=key_hash,
+                        product=request.product,
+                        operation=request.operation,
+                        cost=request.cost,
+                        hits=request.hits,
+                        request_id=request_id,
+                        decision_id=decision_id,
+                        now_ms=moment,
+                        window_starts_ms=starts,
+                        resets_ms=resets,
+                        idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
+                        apply_by_ms=wall + int(budget_s * 1000) + self._apply_margin_ms,
+                        deadline=deadline,
                     )
-                else:
-                    outcome = await self.store.decide(
-                        DecisionCall(
-                            tenant=request.tenant,
-                            consumer_id=consumer_id,
-                            key_hash=key_hash,
-                            product=request.product,
-                            operation=request.operation,
-                            cost=request.cost,
-                            hits=request.hits,
-                            request_id=request_id,
-                            decision_id=decision_id,
-                            now_ms=moment,
-                            window_starts_ms=starts,
-                            resets_ms=resets,
-                            idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
-                            apply_by_ms=wall + int(budget_s * 1000) + self._apply_margin_ms,
-                        )
-                    )
+                )
         except TimeoutError:
             if caller_bound:
                 raise DeadlineExceeded from None

@@ -124,7 +124,7 @@ class _Connection(asyncio.Protocol):
                 body = error_body("body_too_large", f"request body exceeds {self.max_body} bytes")
                 self._reply_now(413, body, False)
                 return
-            self._start(self._decide(handler, b"".join(self.body)), keep_alive)
+            self._start(handler, b"".join(self.body), keep_alive)
         elif path == b"/healthz" and method == b"GET":
             self._reply_now(200, b'{"status":"ok"}', keep_alive)
         elif handler is not None or path == b"/healthz":
@@ -135,23 +135,16 @@ class _Connection(asyncio.Protocol):
 
     # --- responses, in request order ----------------------------------------------
 
-    async def _decide(self, handler: Handler, body: bytes) -> tuple[int, bytes, int | None]:
-        try:
-            answer = await handler(self.authorizer, body)
-        except InvalidInput as exc:
-            return 400, error_body(exc.code, exc.message, exc.field), None
-        except Exception:
-            log.exception("unhandled error on the decision port")
-            return 500, error_body("internal_error", "internal error; see the sidecar's log"), None
-        return answer.status, answer.body, answer.retry_after
-
     def _reply_now(self, status: int, body: bytes, keep_alive: bool) -> None:
-        async def ready() -> tuple[int, bytes, int | None]:
-            return status, body, None
+        self._start(None, b"", keep_alive, (status, body, None))
 
-        self._start(ready(), keep_alive)
-
-    def _start(self, work: Awaitable[tuple[int, bytes, int | None]], keep_alive: bool) -> None:
+    def _start(
+        self,
+        handler: Handler | None,
+        body: bytes,
+        keep_alive: bool,
+        ready: tuple[int, bytes, int | None] | None = None,
+    ) -> None:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         previous, self.previous = self.previous, turn
         self.in_flight += 1
@@ -159,24 +152,38 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
             self.paused = True
         # The loop holds tasks only weakly: keep each until it is done.
-        task = asyncio.ensure_future(self._respond(work, previous, turn, keep_alive))
+        task = asyncio.ensure_future(self._respond(handler, body, ready, previous, turn, keep_alive))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _respond(
         self,
-        work: Awaitable[tuple[int, bytes, int | None]],
+        handler: Handler | None,
+        body: bytes,
+        ready: tuple[int, bytes, int | None] | None,
         previous: asyncio.Future[None] | None,
         turn: asyncio.Future[None],
         keep_alive: bool,
     ) -> None:
         try:
-            status, body, retry_after = await work
+            if handler is None:
+                assert ready is not None
+                status, payload, retry_after = ready
+            else:
+                try:
+                    answer = await handler(self.authorizer, body)
+                    status, payload, retry_after = answer.status, answer.body, answer.retry_after
+                except InvalidInput as exc:
+                    status, payload, retry_after = 400, error_body(exc.code, exc.message, exc.field), None
+                except Exception:
+                    log.exception("unhandled error on the decision port")
+                    status, retry_after = 500, None
+                    payload = error_body("internal_error", "internal error; see the sidecar's log")
             if previous is not None and not previous.done():
                 await previous
             transport = self.transport
             if transport is not None and not transport.is_closing():
-                transport.write(_http_response(status, body, retry_after, keep_alive))
+                transport.write(_http_response(status, payload, retry_after, keep_alive))
                 if not keep_alive:
                     transport.close()
         finally:

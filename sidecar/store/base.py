@@ -48,6 +48,9 @@ class DecisionCall(msgspec.Struct, frozen=True):
     # Past this moment (ms, store clock) the store must refuse to apply the decision:
     # the caller has given up and answered from its fail mode. 0: no limit.
     apply_by_ms: int = 0
+    # The caller stops waiting at this event-loop time: a networked store raises
+    # TimeoutError then. 0: no deadline.
+    deadline: float = 0.0
 
 
 class TopUpResult(msgspec.Struct, frozen=True):

@@ -144,17 +144,18 @@ class RedisStore:
             self._settle,
         )
 
-    async def _evalsha(self, script: AsyncScript, command: bytes) -> list:
-        """Run an encoded EVALSHA of ``script`` over the pipelined connection (the hot
-        path). NOSCRIPT (Redis restarted, SCRIPT FLUSH) means it did not run: load the
-        script and run the command again."""
+    async def _evalsha(self, script: AsyncScript, command: bytes, deadline: float = 0.0) -> list:
+        """Run an encoded EVALSHA of ``script`` over the pipelined connection, giving
+        up at ``deadline`` (loop time; TimeoutError). Connects if needed; NOSCRIPT
+        (Redis restarted, SCRIPT FLUSH) means the command did not run: load the script
+        and run it again."""
         try:
-            return await self._fast.execute(command)  # type: ignore[return-value]
+            return await self._fast.execute(command, deadline)  # type: ignore[return-value]
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            await self._fast.execute(encode_command(["SCRIPT", "LOAD", script.script]))
-            return await self._fast.execute(command)  # type: ignore[return-value]
+            await self._fast.execute(encode_command(["SCRIPT", "LOAD", script.script]), deadline)
+            return await self._fast.execute(command, deadline)  # type: ignore[return-value]
 
     def answering(self) -> bool:
         """Redis has answered decisions in the last 200 ms: a missed deadline now is
@@ -217,7 +218,17 @@ class RedisStore:
                 ]
             )
         )
-        reply = await self._evalsha(self._decide, command)
+        # Connected, await the reply's future itself: no coroutine frames in between
+        # to resume on every decision.
+        pending = self._fast.send(command, call.deadline)
+        try:
+            reply = await (
+                pending if pending is not None else self._evalsha(self._decide, command, call.deadline)
+            )
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            reply = await self._evalsha(self._decide, command, call.deadline)
         if reply[1] == b"expired":
             raise StoreUnavailable("the decision reached Redis after its deadline; nothing was applied")
         return Outcome(

@@ -42,27 +42,52 @@ def encode_command(args: Sequence[bytes | str | int]) -> bytes:
     return b"*%d\r\n" % len(args) + encode_bulks(args)
 
 
+# How often pending commands are checked against their deadlines: a deadline is kept
+# to within this much (one timer per connection instead of one per command).
+SWEEP_S = 0.005
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, on_lost: collections.abc.Callable[[Exception], None]) -> None:
         self.reader = hiredis.Reader(replyError=RedisReplyError)
-        self.waiting: collections.deque[asyncio.Future[object]] = collections.deque()
+        # (future, deadline in loop time or 0), in the order the replies will come.
+        self.waiting: collections.deque[tuple[asyncio.Future[object], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.buffer: list[bytes] = []
         self.flush_scheduled = False
+        self.sweep_scheduled = False
         self.last_reply = 0.0  # monotonic time Redis last sent anything
         self._on_lost = on_lost
 
-    def send(self, command: bytes) -> asyncio.Future[object]:
+    def send(self, command: bytes, deadline: float = 0.0) -> asyncio.Future[object]:
         """Queue an encoded command; all commands queued in this loop turn go out in
-        one write."""
+        one write. Past ``deadline`` (loop time) the future fails with TimeoutError;
+        the reply, when it comes, is dropped."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        self.waiting.append(future)
+        self.waiting.append((future, deadline))
         self.buffer.append(command)
         if not self.flush_scheduled:
             self.flush_scheduled = True
             loop.call_soon(self.flush)
+        if deadline and not self.sweep_scheduled:
+            self.sweep_scheduled = True
+            loop.call_later(SWEEP_S, self.sweep)
         return future
+
+    def sweep(self) -> None:
+        """Fail the futures whose deadline has passed (their commands stay queued:
+        the replies must still be matched in order)."""
+        self.sweep_scheduled = False
+        if not self.waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for future, deadline in self.waiting:
+            if deadline and now >= deadline and not future.done():
+                future.set_exception(TimeoutError())
+        self.sweep_scheduled = True
+        loop.call_later(SWEEP_S, self.sweep)
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -82,8 +107,8 @@ class _Protocol(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            future = waiting.popleft()
-            # A caller that gave up (deadline) leaves its future cancelled; the reply
+            future, _ = waiting.popleft()
+            # A caller that gave up (deadline) leaves its future done; the reply
             # still arrives, in order, and is dropped here.
             if not future.done():
                 if isinstance(reply, RedisReplyError):
@@ -94,7 +119,7 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         error = StoreUnavailable(f"redis connection lost: {exc!r}")
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
         self._on_lost(error)
@@ -156,12 +181,22 @@ class PipelinedConnection:
             self._protocol = protocol
             return protocol
 
-    async def execute(self, command: bytes) -> object:
+    def send(self, command: bytes, deadline: float = 0.0) -> asyncio.Future[object] | None:
+        """The reply's future when connected (no coroutine in between, for the hot
+        path), None when ``execute`` must connect first."""
+        protocol = self._protocol
+        return None if protocol is None else protocol.send(command, deadline)
+
+    async def execute(self, command: bytes, deadline: float = 0.0) -> object:
         """Send one encoded command (encode_command) and wait for its reply
         (RedisReplyError for an error reply, StoreUnavailable when the connection is
-        down or lost)."""
-        protocol = self._protocol or await self._connect()
-        return await protocol.send(command)
+        down or lost, TimeoutError once ``deadline``, in loop time, has passed)."""
+        protocol = self._protocol
+        if protocol is None:
+            timeout = None if not deadline else max(0.0, deadline - asyncio.get_running_loop().time())
+            async with asyncio.timeout(timeout):
+                protocol = await self._connect()
+        return await protocol.send(command, deadline)
 
     def answered_within(self, seconds: float) -> bool:
         """Whether Redis sent anything on this connection in the last ``seconds``."""
