@@ -142,7 +142,11 @@ async def stack(database_url: str, redis_url: str, prefix: str, **overrides) -> 
 async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(database_url):
     conn = await asyncpg.connect(database_url)
     try:
-        assert await migrate(conn) == ["0001_schema.sql", "0002_event_counts.sql"]
+        assert await migrate(conn) == [
+            "0001_schema.sql",
+            "0002_event_counts.sql",
+            "0003_ledger_per_decision.sql",
+        ]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
@@ -150,7 +154,7 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
         assert {"plans", "consumers", "api_keys", "wallets", "wallet_transactions", "usage_records"} <= tables
         assert {"gateway_events", "audit_log", "tenants", "schema_migrations"} <= tables
         assert await migrate(conn) == []
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 2
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 3
         # An applied migration edited afterwards is refused, not skipped.
         await conn.execute("UPDATE schema_migrations SET checksum = 'x'")
         with pytest.raises(Exception, match="applied with different content"):
@@ -351,6 +355,37 @@ async def test_drain_survives_sigkill_three_times_exactly(migrated_database, red
         assert debits == sum(costs)
         view = await s.store.get_consumer("default", "c1", now_ms())
         assert (view.balance, view.pending) == (start_balance - sum(costs), 0)
+
+
+async def test_a_request_id_decided_again_after_its_window_is_charged_alike_on_both_sides(
+    migrated_database, redis_url, prefix, reconciler
+):
+    """Inside idempotency_ttl_seconds a retry is replayed; after it, the same request id
+    is a new decision, counted and charged in Redis, so the ledger must hold it too."""
+    async with stack(migrated_database, redis_url, prefix, idempotency_ttl_seconds=1) as s:
+        await seed(s.http, windows={"day": 100}, price=700, balance=10_000, consumer_id="c1")
+        first = await s.decide("c1", request_id="r-1")
+        replay = await s.decide("c1", request_id="r-1")
+        assert (first["charged"], replay["replayed"], replay["decision_id"]) == (
+            700,
+            True,
+            first["decision_id"],
+        )
+        await asyncio.sleep(1.2)  # the idempotency window has passed
+        again = await s.decide("c1", request_id="r-1")
+        assert not again["replayed"] and again["decision_id"] != first["decision_id"]
+        reconciler(migrated_database, redis_url, prefix)
+
+        async def settled() -> bool:
+            view = await s.store.get_consumer("default", "c1", now_ms())
+            return view.pending == 0
+
+        await until(settled, 10, "the drain")
+        rows = await s.db.fetch("SELECT decision_id FROM usage_records WHERE request_id = 'r-1'")
+        assert {r["decision_id"] for r in rows} == {first["decision_id"], again["decision_id"]}
+        pg = await s.db.fetchval("SELECT balance FROM wallets WHERE consumer_id = 'c1'")
+        view = await s.store.get_consumer("default", "c1", now_ms())
+        assert pg == view.balance == 10_000 - 2 * 700
 
 
 async def _more_than(count: Callable[[], object], floor: int) -> bool:
