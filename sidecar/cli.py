@@ -144,6 +144,12 @@ def _demo(settings: Settings, access_log: bool) -> None:
     print("app-free, app-pro (10.00 prepaid), app-metered (postpaid).")
     print(f"admin token: {settings.admin_token}\n")
     print(curl_examples(base, settings.admin_token or "", api_key))
+    if settings.decision_port:
+        print(
+            f"# the decision port (the fast path for gateways) answers the same decisions:\n"
+            f'curl -s -d \'{{"consumer_id":"app-free","product":"any-api"}}\' '
+            f"http://{settings.host}:{settings.decision_port}/v1/authorize"
+        )
     if settings.grpc_port:
         print(
             f"# gRPC (aforo.sidecar.v1.Sidecar, envoy.service.ratelimit.v3) on {settings.host}:"

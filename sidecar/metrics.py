@@ -29,7 +29,9 @@ DECISION_SECONDS = Histogram(
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 STORE_ERRORS = Counter(
-    "aforo_store_errors_total", "Store calls that failed or timed out, by operation.", ["operation"]
+    "aforo_store_errors_total",
+    "Store calls that failed or timed out: decide, http (admin, usage, ingestion), grpc.",
+    ["operation"],
 )
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from sidecar import metrics
 from sidecar.authorizer import Authorizer, DeadlineExceeded, now_ms
 from sidecar.config import Settings
 from sidecar.core.errors import InvalidInput
@@ -84,6 +85,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             try:
                 stored = await self.store.record_events(pending, self.event_ttl_ms)
             except StoreUnavailable:
+                metrics.STORE_ERRORS.labels("grpc").inc()
                 # Resending the whole stream is safe: stored events are deduplicated.
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
@@ -119,6 +121,7 @@ class SidecarService(pb_grpc.SidecarServicer):
         try:
             view = await self.store.get_consumer(tenant, request.consumer_id, now_ms())
         except StoreUnavailable as exc:
+            metrics.STORE_ERRORS.labels("grpc").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if view is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"consumer {request.consumer_id!r} does not exist")

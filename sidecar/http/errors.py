@@ -85,7 +85,8 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
-    metrics.STORE_ERRORS.labels("admin").inc()
+    # Every HTTP call but a decision (admin, usage, ingestion): decisions count as "decide".
+    metrics.STORE_ERRORS.labels("http").inc()
     log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
     return error_response(
         503,

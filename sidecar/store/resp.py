@@ -15,7 +15,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Sequence
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
@@ -136,7 +136,8 @@ class PipelinedConnection:
         self._port = parsed.port or 6379
         self._password = unquote(parsed.password) if parsed.password else None
         self._username = unquote(parsed.username) if parsed.username else None
-        db = parsed.path.lstrip("/") if parsed.scheme != "unix" else ""
+        # redis://host:port/3, or unix:///path/redis.sock?db=3 (redis-py's forms)
+        db = parse_qs(parsed.query).get("db", [""])[0] if parsed.scheme == "unix" else parsed.path.lstrip("/")
         self._db = int(db) if db.isdigit() else 0
         self._tls = parsed.scheme == "rediss"
         self._connect_timeout_s = connect_timeout_s
