@@ -73,6 +73,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drain_interval_ms: int = 250
     drain_batch: int = 1_000
     full_sync_interval_seconds: int = 300
+    # Between these scans the reconciler drains only the streams sidecars marked dirty.
+    stream_scan_interval_seconds: int = 60
     drift_threshold_pct: float = 2.0
     # Admin API: bearer token; unset disables every admin endpoint (401).
     admin_token: str | None = None
@@ -137,6 +139,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("drain_interval_ms", 10, 600_000),
             ("drain_batch", 1, 100_000),
             ("full_sync_interval_seconds", 1, 86_400 * 7),
+            ("stream_scan_interval_seconds", 1, 86_400),
             ("deny_ttl_seconds", 0, 86_400),
             ("quota_ttl_cap_seconds", 0, 86_400 * 31),
         ):

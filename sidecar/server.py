@@ -16,7 +16,7 @@ from sidecar.config import Settings, load_settings
 from sidecar.grpc.server import grpc_server
 from sidecar.http.app import Service, create_app
 from sidecar.http.decision_server import decision_server
-from sidecar.store.base import Store
+from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import build_store
 from sidecar.store.redis_store import RedisStore
 
@@ -52,6 +52,28 @@ async def _invalidations(settings: Settings, authorizer: Authorizer, store: Stor
             await task
 
 
+@contextlib.asynccontextmanager
+async def _dirty_flusher(settings: Settings, authorizer: Authorizer, store: Store) -> AsyncIterator[None]:
+    """Every 100 ms, tell the reconciler which streams this process appended to."""
+    assert isinstance(store, RedisStore)
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(StoreUnavailable):
+                await store.flush_dirty()
+
+    task = asyncio.create_task(flush_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(StoreUnavailable):
+            await store.flush_dirty()
+
+
 def build_app(settings: Settings, store: Store | None = None) -> Starlette:
     settings.check_serving()
     active = build_store(settings) if store is None else store
@@ -73,6 +95,7 @@ def build_app(settings: Settings, store: Store | None = None) -> Starlette:
     catalog = None
     if isinstance(active, RedisStore):
         services.append(_invalidations)
+        services.append(_dirty_flusher)
     if settings.database_url is not None:
         from sidecar.reconciler.catalog import PostgresCatalog
 

@@ -388,6 +388,45 @@ async def test_a_request_id_decided_again_after_its_window_is_charged_alike_on_b
         assert pg == view.balance == 10_000 - 2 * 700
 
 
+async def test_streams_marked_dirty_drain_without_waiting_for_a_scan(
+    migrated_database, redis_url, prefix, reconciler
+):
+    async with stack(migrated_database, redis_url, prefix) as s:
+        await seed(s.http, windows={"day": 1000}, consumer_id="c1")
+        reconciler(migrated_database, redis_url, prefix, AFORO_STREAM_SCAN_INTERVAL_SECONDS="3600")
+        await asyncio.sleep(1)  # past the reconciler's start-up scan
+
+        async def rows() -> int:
+            return await s.db.fetchval("SELECT count(*) FROM usage_records")
+
+        for _ in range(5):
+            assert (await s.decide("c1"))["allow"]
+        took = await until(lambda: _equals(rows, 5), 5, "the marked stream to drain")
+        assert took < 3  # the flush (100 ms) plus a drain pass, not the hour-long scan
+
+
+async def test_a_lost_dirty_mark_only_delays_a_stream_until_the_next_scan(
+    migrated_database, redis_url, prefix, reconciler
+):
+    async with stack(migrated_database, redis_url, prefix) as s:
+        await seed(s.http, windows={"day": 1000}, consumer_id="c1")
+        reconciler(migrated_database, redis_url, prefix, AFORO_STREAM_SCAN_INTERVAL_SECONDS="2")
+        await asyncio.sleep(1)
+        # A store that never flushes its marks: as if its process died right after.
+        silent = RedisStore(redis_url, prefix=prefix)
+        try:
+            authorizer = Authorizer(silent, s.settings)
+            decisions = await _decide_many(authorizer, "c1", [None] * 7)
+            assert all(d.allow for d in decisions)
+        finally:
+            await silent.close()
+
+        async def rows() -> int:
+            return await s.db.fetchval("SELECT count(*) FROM usage_records")
+
+        await until(lambda: _equals(rows, 7), 10, "the periodic scan to find the stream")
+
+
 async def _more_than(count: Callable[[], object], floor: int) -> bool:
     return await count() > floor  # type: ignore[misc]
 

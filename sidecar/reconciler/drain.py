@@ -13,6 +13,7 @@ pass re-reads the batch, inserts nothing, debits nothing, and completes step 3.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.sync import apply_wallet
@@ -21,10 +22,13 @@ from sidecar.store.redis_store import RedisStore, next_stream_id
 log = logging.getLogger("aforo.reconciler")
 
 
-async def drain_usage(ledger: Ledger, store: RedisStore, batch: int = 1000) -> int:
-    """Drain every usage stream until empty; returns the number of new ledger rows."""
+async def drain_usage(
+    ledger: Ledger, store: RedisStore, batch: int = 1000, streams: Iterable[tuple[str, str]] | None = None
+) -> int:
+    """Drain the usage streams of ``streams`` (tenant, consumer), every one found by a
+    scan when None, until empty; returns the number of new ledger rows."""
     total = 0
-    for tenant, consumer_id in await store.scan_streams("u"):
+    for tenant, consumer_id in await store.scan_streams("u") if streams is None else streams:
         while True:
             entries = await store.read_usage(tenant, consumer_id, batch)
             if not entries:
@@ -42,10 +46,13 @@ async def drain_usage(ledger: Ledger, store: RedisStore, batch: int = 1000) -> i
     return total
 
 
-async def drain_events(ledger: Ledger, store: RedisStore, batch: int = 1000) -> int:
-    """Drain every gateway event stream; returns the number of new event rows."""
+async def drain_events(
+    ledger: Ledger, store: RedisStore, batch: int = 1000, streams: Iterable[tuple[str, str]] | None = None
+) -> int:
+    """Drain the gateway event streams of ``streams`` (all when None); returns the
+    number of new event rows."""
     total = 0
-    for tenant, consumer_id in await store.scan_streams("g"):
+    for tenant, consumer_id in await store.scan_streams("g") if streams is None else streams:
         while True:
             entries = await store.read_events(tenant, consumer_id, batch)
             if not entries:

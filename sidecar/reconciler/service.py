@@ -24,6 +24,7 @@ from sidecar.store.redis_store import RedisStore
 
 log = logging.getLogger("aforo.reconciler")
 CHANNEL = "aforo_changes"
+DIRTY_BATCH = 10_000  # dirty streams taken per drain pass
 # Failures waited out with backoff: the database or Redis is away for a while.
 RECOVERABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, StoreUnavailable, TimeoutError)
 
@@ -138,10 +139,26 @@ class Reconciler:
             await apply_change(ledger, self.store, change.table, change.tenant, change.id)
 
     async def _drain(self, ledger: Ledger, stop: asyncio.Event) -> None:
+        """Drain the streams sidecars marked dirty; scan for every stream at the start
+        and every stream_scan_interval_seconds, so a mark lost with a crashed sidecar
+        or reconciler only delays a stream, never loses it."""
         interval = self.settings.drain_interval_ms / 1000
+        batch = self.settings.drain_batch
+        last_scan = float("-inf")
         while not stop.is_set():
-            await drain_usage(ledger, self.store, self.settings.drain_batch)
-            await drain_events(ledger, self.store, self.settings.drain_batch)
+            if time.monotonic() - last_scan >= self.settings.stream_scan_interval_seconds:
+                last_scan = time.monotonic()
+                await drain_usage(ledger, self.store, batch)
+                await drain_events(ledger, self.store, batch)
+            else:
+                popped = await self.store.take_dirty(DIRTY_BATCH)
+                try:
+                    await drain_usage(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "u"])
+                    await drain_events(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "g"])
+                except BaseException:
+                    with contextlib.suppress(*RECOVERABLE):
+                        await self.store.return_dirty(popped)
+                    raise
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
 

@@ -12,6 +12,7 @@
     <prefix>plan:{t}:<plan>:m      set of consumer ids bound to the plan
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
     <prefix>invalidate             pub/sub channel: "tenant:consumer" changed
+    <prefix>dirty                  set of "u|g:tenant:consumer": streams with new entries
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class KeySpace:
 
     def plan_members(self, tenant: str, plan_id: str) -> str:
         return f"{self.plan(tenant, plan_id)}:m"
+
+    def dirty(self) -> str:
+        return f"{self.prefix}dirty"
 
     def invalidations(self) -> str:
         return f"{self.prefix}invalidate"

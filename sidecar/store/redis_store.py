@@ -88,6 +88,11 @@ def _usage_record(f: dict[bytes, bytes]) -> UsageRecord:
     )
 
 
+def _dirty_member(member: str) -> tuple[str, str, str]:
+    kind, tenant, consumer_id = member.split(":", 2)  # tenants have no ':'
+    return kind, tenant, consumer_id
+
+
 def next_stream_id(entry_id: str) -> str:
     """The smallest stream id above ``entry_id`` (XTRIM MINID keeps ids >= it)."""
     ms, _, seq = entry_id.partition("-")
@@ -123,6 +128,9 @@ class RedisStore:
         )
         self._fast = PipelinedConnection(url, connect_timeout_s)
         self._parts: dict[tuple[str, str, int], tuple[bytes, bytes]] = {}
+        # Streams this process appended to since the last flush_dirty ("u|g:t:c"): the
+        # reconciler drains those first instead of scanning the whole keyspace.
+        self._dirty: set[str] = set()
         self.keys = KeySpace(prefix)
         self._topup_ttl_ms = topup_reference_ttl_ms
         self._decide = self._redis.register_script(_load_script("decide.lua"))
@@ -229,6 +237,8 @@ class RedisStore:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             reply = await self._evalsha(self._decide, command, call.deadline)
+        if reply[1] == b"ok" and reply[0] == 0:
+            self._dirty.add(f"u:{call.tenant}:{call.consumer_id}")
         if reply[1] == b"expired":
             raise StoreUnavailable("the decision reached Redis after its deadline; nothing was applied")
         return Outcome(
@@ -416,6 +426,9 @@ class RedisStore:
             for e in events
         ]
         replies = await asyncio.gather(*(self._evalsha(self._event, command) for command in commands))
+        for event, reply in zip(events, replies, strict=True):
+            if reply == 1:
+                self._dirty.add(f"g:{event.tenant}:{event.consumer_id}")
         return [reply == 1 for reply in replies]
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
@@ -453,6 +466,32 @@ class RedisStore:
                 args=[balance, settled, version, trim_before or ""],
             )
         return applied == 1
+
+    async def flush_dirty(self) -> int:
+        """Publish the streams appended to since the last flush to the shared dirty set
+        (one SADD, off the decision path). Kept for the next flush if Redis is away."""
+        if not self._dirty:
+            return 0
+        members, self._dirty = self._dirty, set()
+        try:
+            with _guard():
+                await self._redis.sadd(self.keys.dirty(), *members)
+        except StoreUnavailable:
+            self._dirty |= members
+            raise
+        return len(members)
+
+    async def take_dirty(self, count: int) -> list[tuple[str, str, str]]:
+        """Pop up to ``count`` dirty streams: (kind, tenant, consumer)."""
+        with _guard():
+            popped = await self._redis.spop(self.keys.dirty(), count)
+        return [_dirty_member(m.decode()) for m in popped or []]
+
+    async def return_dirty(self, streams: list[tuple[str, str, str]]) -> None:
+        """Put back streams that were popped but not drained (the drain failed)."""
+        if streams:
+            with _guard():
+                await self._redis.sadd(self.keys.dirty(), *(":".join(s) for s in streams))
 
     async def scan_streams(self, kind: str) -> list[tuple[str, str]]:
         """(tenant, consumer) of every stream of ``kind`` ("u": usage, "g": events)."""
