@@ -9,7 +9,7 @@ import pytest
 from sidecar.core.decision import DecisionPolicy, evaluate, present, unavailable
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import AuthorizeRequest, ConsumerState, ConsumerStatus, Outcome, Plan, WalletMode
-from sidecar.core.money import MAX_MICROS, MoneyError, from_micros, to_micros
+from sidecar.core.money import MAX_MICROS, MoneyError, format_micros, to_micros
 from sidecar.core.reasons import HTTP_STATUS, Reason
 
 
@@ -25,7 +25,7 @@ from sidecar.core.reasons import HTTP_STATUS, Reason
 )
 def test_amounts_convert_to_micros_exactly(amount, micros):
     assert to_micros(amount) == micros
-    assert to_micros(from_micros(micros)) == micros
+    assert to_micros(format_micros(micros)) == micros
 
 
 @pytest.mark.parametrize(
@@ -44,11 +44,11 @@ def test_inexact_or_out_of_range_amounts_are_refused(amount, message):
         to_micros(amount)
 
 
-def test_from_micros_prints_plainly():
-    assert str(from_micros(9_950_000)) == "9.95"
-    assert str(from_micros(10_000_000)) == "10"
-    assert str(from_micros(-50_000)) == "-0.05"
-    assert str(from_micros(1)) == "0.000001"
+def test_format_micros_prints_plainly():
+    assert format_micros(9_950_000) == "9.95"
+    assert format_micros(10_000_000) == "10"
+    assert format_micros(-50_000) == "-0.05"
+    assert format_micros(1) == "0.000001"
 
 
 def _state(**overrides) -> ConsumerState:

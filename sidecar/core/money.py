@@ -51,8 +51,3 @@ def format_micros(micros: int) -> str:
     if not fraction:
         return f"{sign}{units}"
     return f"{sign}{units}.{fraction:06d}".rstrip("0")
-
-
-def from_micros(micros: int) -> Decimal:
-    """The exact currency amount of ``micros`` as a Decimal (9950000 -> 9.95)."""
-    return Decimal(format_micros(micros))
