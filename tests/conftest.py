@@ -142,9 +142,10 @@ def _read(path: str) -> str:
 
 
 @pytest.fixture
-def start_sidecar(tmp_path: Any) -> Iterator[Callable[..., SidecarProcess]]:
+def start_sidecar(tmp_path: Any, prefix: str) -> Iterator[Callable[..., SidecarProcess]]:
     """Start `aforo-sidecar serve` as a separate process (as an operator would); stopped
-    at the end of the test."""
+    at the end of the test. It depends on ``prefix`` so that the processes stop (and
+    make their last writes) before the test's keys are deleted."""
     started: list[SidecarProcess] = []
 
     def start(env: dict[str, str] | None = None, *args: str) -> SidecarProcess:
