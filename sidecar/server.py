@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 
 from sidecar.authorizer import Authorizer
+from sidecar.background import in_background
 from sidecar.config import Settings, load_settings
 from sidecar.grpc.server import grpc_server
 from sidecar.http.app import Service, create_app
@@ -43,13 +44,8 @@ async def _invalidations(settings: Settings, authorizer: Authorizer, store: Stor
                 log.warning("invalidation subscription lost (%s); resubscribing", exc)
                 await asyncio.sleep(1)
 
-    task = asyncio.create_task(listen())
-    try:
+    async with in_background(listen()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
@@ -63,15 +59,10 @@ async def _dirty_flusher(settings: Settings, authorizer: Authorizer, store: Stor
             with contextlib.suppress(StoreUnavailable):
                 await store.flush_dirty()
 
-    task = asyncio.create_task(flush_forever())
-    try:
+    async with in_background(flush_forever()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        with contextlib.suppress(StoreUnavailable):
-            await store.flush_dirty()
+    with contextlib.suppress(StoreUnavailable):
+        await store.flush_dirty()  # what the last 100 ms marked
 
 
 def build_app(settings: Settings, store: Store | None = None) -> Starlette:

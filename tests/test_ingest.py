@@ -298,13 +298,15 @@ async def test_malformed_apigee_payloads_are_refused_whole(ingest_client, store,
 
 
 class StubApigee(http.server.BaseHTTPRequestHandler):
-    """Serves the recorded stats response; the first call is rate limited."""
+    """Serves the recorded stats response; the first call (every call when
+    ``always_limited``) is rate limited."""
 
     calls: list[str] = []
+    always_limited = False
 
     def do_GET(self) -> None:
         StubApigee.calls.append(self.path)
-        if len(StubApigee.calls) == 1:
+        if len(StubApigee.calls) == 1 or StubApigee.always_limited:
             self.send_response(429)
             self.send_header("Retry-After", "0.2")
             self.end_headers()
@@ -358,3 +360,29 @@ def test_apigee_pull_backs_off_and_ingests_each_bucket_once(redis_url, prefix, s
         assert "2 buckets, 0 records processed, 3 skipped" in second.stdout
     finally:
         server.shutdown()
+
+
+def test_apigee_pull_gives_up_after_its_attempts_and_posts_nothing(redis_url, prefix, start_sidecar):
+    sidecar = start_sidecar(
+        {
+            "AFORO_REDIS_URL": redis_url,
+            "AFORO_KEY_PREFIX": prefix,
+            "AFORO_INGEST_SECRETS": f"default={SECRET}",
+        }
+    )
+    StubApigee.calls, StubApigee.always_limited = [], True
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StubApigee)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        command = [
+            sys.executable, "-m", "sidecar.cli", "apigee-pull", "--apigee-url", f"http://127.0.0.1:{server.server_port}",
+            "--org", "acme", "--env", "prod", "--sidecar-url", sidecar.url, "--ingest-secret", SECRET,
+            "--attempts", "3",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        StubApigee.always_limited = False
+        server.shutdown()
+    assert result.returncode == 1
+    assert len(StubApigee.calls) == 3
+    assert "apigee stats query failed: 429" in result.stderr

@@ -24,7 +24,7 @@ from sidecar.core.models import AuthorizeRequest
 from sidecar.reconciler.migrations import migrate
 from sidecar.server import build_app
 from sidecar.store.redis_store import RedisStore
-from tests.conftest import ADMIN, make_settings, seed
+from tests.conftest import ADMIN, make_settings, seed, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +63,7 @@ class ReconcilerProcess:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

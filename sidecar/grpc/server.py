@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.authorizer import Authorizer
+from sidecar.background import in_background
 from sidecar.config import Settings
 from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar.grpc.gen.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -60,12 +61,9 @@ async def grpc_server(settings: Settings, authorizer: Authorizer, store: Store) 
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await server.start()
-    watcher = asyncio.create_task(_watch_store(store, authorizer, health_servicer))
     log.info("grpc listening on %s:%d", settings.host, port)
     try:
-        yield port
+        async with in_background(_watch_store(store, authorizer, health_servicer)):
+            yield port
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
         await server.stop(grace=2)

@@ -24,7 +24,7 @@ import httpx
 
 from sidecar.core.models import UsageEvent
 from sidecar.store.redis_store import RedisStore
-from tests.conftest import ADMIN, ADMIN_TOKEN, free_port
+from tests.conftest import ADMIN, ADMIN_TOKEN, free_port, stop_process
 from tests.kong.emulator import KongEmulator, PluginServerProcess, query_plugin_info
 
 
@@ -85,13 +85,7 @@ class Sidecar:
         raise RuntimeError(f"sidecar did not start: {self.log_path.read_text()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def admin(self) -> Admin:
         return Admin(self.url)
