@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The sidecar against the naive baseline, in one run, on one machine.
 
-Runs, one after the other and under the same load (wrk, fixed connections, the seed
-request body of ../shared/bench/naive_baseline.py):
+Runs, under the same load (wrk, fixed connections, the seed request body of
+../shared/bench/naive_baseline.py), in alternation for several rounds, and shows the
+median run of each:
 
   naive      ../shared/bench/naive_baseline.py under uvicorn (one process)
   sidecar    `aforo-sidecar serve`, one process, on its decision port
@@ -14,7 +15,7 @@ and prints decisions/s, P50/P95/P99 and errors side by side, with ratios. While 
 two-worker run is under load, a 1000/day consumer is hammered with 1500 requests and
 must get exactly 1000 allows.
 
-    python loadtests/benchmark.py [--duration 10] [--connections 32 256]
+    python loadtests/benchmark.py [--duration 10] [--rounds 3] [--connections 32 256]
 
 Needs wrk (Debian: apt-get install wrk), a Redis (AFORO_REDIS_URL, default
 redis://127.0.0.1:6379/0; keys under a bench prefix are deleted afterwards) and the
@@ -171,55 +172,82 @@ def sidecar_env(prefix: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median decisions/s (its latencies with it)."""
+    return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+
+
+@contextmanager
+def sidecar(workers: int, grpc: bool = False) -> Iterator[dict[str, str]]:
+    """A seeded `aforo-sidecar serve` with its own key prefix, deleted afterwards;
+    yields its URLs ("main", "decision") and gRPC target ("grpc")."""
+    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    main_port, decision_port, grpc_port = free_port(), free_port(), free_port()
+    env = sidecar_env(
+        prefix,
+        AFORO_GRPC_PORT=str(grpc_port) if grpc else "0",
+        AFORO_DECISION_PORT="0" if grpc else str(decision_port),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "sidecar.cli",
+        "serve",
+        "--port",
+        str(main_port),
+        "--workers",
+        str(workers),
+    ]
+    urls = {
+        "main": f"http://127.0.0.1:{main_port}",
+        "decision": f"http://127.0.0.1:{decision_port}",
+        "grpc": f"127.0.0.1:{grpc_port}",
+    }
+    try:
+        with process(command, env, f"{urls['main']}/healthz"):
+            if not grpc:
+                wait_http(f"{urls['decision']}/healthz")
+            seed(urls["main"])
+            yield urls
+    finally:
+        _delete(prefix)
+
+
 def run_http(
     args: argparse.Namespace, script: str
 ) -> tuple[dict[str, dict[int, dict[str, float]]], Counter[int]]:
-    results: dict[str, dict[int, dict[str, float]]] = {}
+    """All three servers up at once, measured in alternation round after round, so a
+    drift of the machine's speed (a shared VM) weighs on each of them alike."""
     port = free_port()
     naive_env = {**os.environ, "REDIS_URL": REDIS_URL}
     naive = [sys.executable, "-m", "uvicorn", "naive_baseline:app", "--app-dir", str(NAIVE.parent),
              "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    with process(naive, naive_env, f"http://127.0.0.1:{port}/"):
-        results["naive"] = {
-            c: wrk(f"http://127.0.0.1:{port}{SEED_PATH}", c, args.duration, script) for c in args.connections
+    with (
+        process(naive, naive_env, f"http://127.0.0.1:{port}/"),
+        sidecar(1) as one,
+        sidecar(2) as two,
+    ):
+        targets = {
+            "naive": (f"http://127.0.0.1:{port}{SEED_PATH}", None),
+            "sidecar": (f"{one['decision']}{SEED_PATH}", one["main"]),
+            "sidecar x2": (f"{two['decision']}{SEED_PATH}", two["main"]),
         }
-    exact: Counter[str] = Counter()
-    for name, workers in (("sidecar", 1), ("sidecar x2", 2)):
-        prefix = f"bench:{uuid.uuid4().hex[:8]}:"
-        main_port, decision_port = free_port(), free_port()
-        env = sidecar_env(prefix, AFORO_GRPC_PORT="0", AFORO_DECISION_PORT=str(decision_port))
-        command = [
-            sys.executable,
-            "-m",
-            "sidecar.cli",
-            "serve",
-            "--port",
-            str(main_port),
-            "--workers",
-            str(workers),
-        ]
-        try:
-            with process(command, env, f"http://127.0.0.1:{main_port}/healthz"):
-                wait_http(f"http://127.0.0.1:{decision_port}/healthz")
-                seed(f"http://127.0.0.1:{main_port}")
-                url = f"http://127.0.0.1:{decision_port}{SEED_PATH}"
-                results[name] = {}
-                main_url = f"http://127.0.0.1:{main_port}"
-                for connections in args.connections:
-                    before = degraded(main_url)
-                    results[name][connections] = wrk(url, connections, args.duration, script)
-                    results[name][connections]["degraded"] = degraded(main_url) - before
-                if workers == 2:
-                    # Exactness under load: a 1000/day consumer hammered while wrk runs
-                    # (a run of its own: the checker's CPU would skew the figures).
-                    checker = Exactness(f"http://127.0.0.1:{decision_port}")
-                    checker.start()
-                    wrk(url, args.connections[0], args.duration, script)
-                    checker.join()
-                    exact = checker.result
-        finally:
-            _delete(prefix)
-    return results, exact
+        runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {} for name in targets}
+        for connections in args.connections:
+            for _ in range(args.rounds):
+                for name, (url, main_url) in targets.items():
+                    before = degraded(main_url) if main_url else 0.0
+                    result = wrk(url, connections, args.duration, script)
+                    result["degraded"] = degraded(main_url) - before if main_url else 0.0
+                    runs[name].setdefault(connections, []).append(result)
+        # Exactness under load: a 1000/day consumer hammered while wrk runs (a run of
+        # its own: the checker's CPU would skew the figures).
+        checker = Exactness(two["decision"])
+        checker.start()
+        wrk(targets["sidecar x2"][0], args.connections[0], args.duration, script)
+        checker.join()
+    results = {name: {c: median_run(r) for c, r in by_c.items()} for name, by_c in runs.items()}
+    return results, checker.result
 
 
 class Exactness(threading.Thread):
@@ -244,27 +272,38 @@ def _delete(prefix: str) -> None:
 
 
 def run_grpc(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """The gRPC figures, measured by loadtests/grpc_load.py in its own process."""
-    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
-    main_port, grpc_port = free_port(), free_port()
-    env = sidecar_env(prefix, AFORO_GRPC_PORT=str(grpc_port), AFORO_DECISION_PORT="0")
-    command = [sys.executable, "-m", "sidecar.cli", "serve", "--port", str(main_port)]
+    """The gRPC figures, measured by loadtests/grpc_load.py in its own process, echo
+    and sidecar in alternation round after round (see run_http)."""
+    echo_port = free_port()
     load = [sys.executable, str(ROOT / "loadtests" / "grpc_load.py"), "--duration", str(args.duration),
             "--concurrency", str(args.connections[0])]  # fmt: skip
+    echo_server = subprocess.Popen(
+        [sys.executable, str(ROOT / "loadtests" / "grpc_load.py"), "--serve-echo", str(echo_port)],
+        stdout=subprocess.PIPE,
+    )
     try:
-        echo = subprocess.run([*load, "--echo"], capture_output=True, text=True, check=True)
-        results = {"grpc echo (bare grpc.aio)": json.loads(echo.stdout)}
-        with process(command, env, f"http://127.0.0.1:{main_port}/healthz"):
-            seed(f"http://127.0.0.1:{main_port}")
-            target = f"127.0.0.1:{grpc_port}"
-            for name, mode in (("grpc Authorize", "unary"), ("grpc AuthorizeBatch x100", "batch")):
-                out = subprocess.run(
-                    [*load, "--target", target, "--mode", mode], capture_output=True, text=True, check=True
-                )
-                results[name] = json.loads(out.stdout)
+        assert echo_server.stdout is not None
+        echo_server.stdout.readline()  # "ready"
+        with sidecar(1, grpc=True) as urls:
+            modes = {
+                "grpc echo (bare grpc.aio)": (f"127.0.0.1:{echo_port}", "echo"),
+                "grpc Authorize": (urls["grpc"], "unary"),
+                "grpc AuthorizeBatch x100": (urls["grpc"], "batch"),
+            }
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
+            for _ in range(args.rounds):
+                for name, (target, mode) in modes.items():
+                    out = subprocess.run(
+                        [*load, "--target", target, "--mode", mode],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    runs[name].append(json.loads(out.stdout))
     finally:
-        _delete(prefix)
-    return results
+        echo_server.terminate()
+        echo_server.wait()
+    return {name: median_run(r) for name, r in runs.items()}
 
 
 def _row(name: str, connections: int, r: dict[str, float], ratio: float) -> str:
@@ -285,6 +324,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each server; the median is shown")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -294,7 +334,10 @@ def main() -> int:
         script.write(WRK_SCRIPT)
     http, exact = run_http(args, script.name)
     grpc_results = run_grpc(args)
-    print(f"\nmachine: {os.cpu_count()} cores; wrk -t1, {args.duration}s per run; Redis {REDIS_URL}\n")
+    print(
+        f"\nmachine: {os.cpu_count()} cores; wrk -t1, {args.duration}s per run, median of {args.rounds} "
+        f"rounds run in alternation; Redis {REDIS_URL}\n"
+    )
     columns = ("conns", "decisions/s", "x naive", "p50 ms", "p95 ms", "p99 ms", "errors", "degraded")
     print(f"{'run':<28} " + " ".join(f"{c:>11}" for c in columns))
     for name, by_connections in http.items():

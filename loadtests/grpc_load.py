@@ -3,7 +3,8 @@
 fixed time; prints {"rps", "p50_ms", "p95_ms", "p99_ms", "errors"} as JSON.
 
     grpc_load.py --echo                        a bare grpc.aio echo server (the ceiling)
-    grpc_load.py --target HOST:PORT --mode unary|batch
+    grpc_load.py --serve-echo PORT             only serve the echo server
+    grpc_load.py --target HOST:PORT --mode unary|batch|echo
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ async def load(target: str, mode: str, concurrency: int, duration: float) -> dic
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target")
-    parser.add_argument("--mode", choices=["unary", "batch"], default="unary")
+    parser.add_argument("--mode", choices=["unary", "batch", "echo"], default="unary")
     parser.add_argument("--echo", action="store_true", help="start a bare echo server and load it")
-    parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-echo", type=int, metavar="PORT", help="serve the echo server")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10)
     args = parser.parse_args()

@@ -8,6 +8,7 @@ and the API key lookup cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from cachetools import TTLCache
@@ -31,14 +32,44 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _BreakerOpen(Exception):
-    """Internal: the breaker is open, so the store is not tried."""
-
-
 class DeadlineExceeded(Exception):
     """The caller's own deadline (shorter than the sidecar's) passed first. Nothing was
     applied (the store refuses late decisions); the caller is no longer listening, so
     no fail-mode answer is produced."""
+
+
+class Pending:
+    """A decision begun: ``future`` (None when the breaker spared the store) resolves
+    to the store's Outcome. Holds no reference to whoever waits for it."""
+
+    __slots__ = (
+        "caller_bound",
+        "consumer_id",
+        "decision_id",
+        "future",
+        "moment",
+        "request",
+        "request_id",
+        "started",
+    )
+
+    def __init__(
+        self,
+        request: AuthorizeRequest,
+        decision_id: str,
+        request_id: str,
+        moment: int,
+        caller_bound: bool,
+        started: float,
+    ) -> None:
+        self.request = request
+        self.decision_id = decision_id
+        self.request_id = request_id
+        self.moment = moment
+        self.caller_bound = caller_bound
+        self.started = started
+        self.consumer_id = request.consumer_id
+        self.future: asyncio.Future[Outcome] | None = None
 
 
 class Authorizer:
@@ -73,6 +104,22 @@ class Authorizer:
         shorter than the sidecar's own decision timeout and runs out, DeadlineExceeded
         is raised instead of a fail-mode decision.
         """
+        return await self.wait(self.begin(request, at_ms, deadline_s))
+
+    async def wait(self, pending: Pending) -> Decision:
+        """Wait for a decision begun with ``begin`` and conclude it."""
+        future = pending.future
+        if future is not None and not future.done():
+            # conclude() reads the outcome or the failure off the future.
+            with contextlib.suppress(Exception):
+                await future
+        return self.conclude(pending)
+
+    def begin(
+        self, request: AuthorizeRequest, at_ms: int | None = None, deadline_s: float | None = None
+    ) -> Pending:
+        """Start deciding (see ``authorize``). When ``pending.future`` is set and not
+        done, wait for it (await, or a done callback), then call ``conclude``."""
         started = time.perf_counter()
         budget_s = self._deadline_s
         caller_bound = deadline_s is not None and deadline_s < budget_s
@@ -81,67 +128,97 @@ class Authorizer:
         wall = now_ms()
         moment = wall if at_ms is None else at_ms
         decision_id = new_decision_id(moment)
-        request_id = request.request_id or decision_id
-        consumer_id = request.consumer_id
-        starts, resets = periods(moment)
-        try:
-            if self.store_down:
-                # Answered by the fail mode without trying Redis. This does not re-arm
-                # the breaker: the first call after the cooldown probes Redis again.
-                raise _BreakerOpen
-            # One deadline for the whole decision. The store enforces it on its own
-            # pending reply (no timer per call on the hot path); the API key lookup,
-            # a separate round trip, gets a timeout of its own.
-            deadline = asyncio.get_running_loop().time() + budget_s
-            key_hash = None
-            if request.api_key is not None:
-                key_hash = hash_api_key(request.api_key)
-                async with asyncio.timeout_at(deadline):
-                    consumer_id = await self._owner(request.tenant, key_hash)
-            if consumer_id is None:
-                outcome = Outcome(Reason.INVALID_KEY.value, 0, None, decision_id, 0, _NO_WINDOWS, _NO_WINDOWS)
-            else:
-                outcome = await self.store.decide(
-                    DecisionCall(
-                        tenant=request.tenant,
-                        consumer_id=consumer_id,
-                        key_hash=key_hash,
-                        product=request.product,
-                        operation=request.operation,
-                        cost=request.cost,
-                        hits=request.hits,
-                        request_id=request_id,
-                        decision_id=decision_id,
-                        now_ms=moment,
-                        window_starts_ms=starts,
-                        resets_ms=resets,
-                        idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
-                        apply_by_ms=wall + int(budget_s * 1000) + self._apply_margin_ms,
-                        deadline=deadline,
-                    )
-                )
-        except TimeoutError:
-            if caller_bound:
-                raise DeadlineExceeded from None
-            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=True)
-        except _BreakerOpen:
-            decision = self._unavailable(request, consumer_id, request_id, decision_id)
-        except StoreUnavailable:
-            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=False)
+        pending = Pending(
+            request, decision_id, request.request_id or decision_id, moment, caller_bound, started
+        )
+        if self.store_down:
+            # Answered by the fail mode without trying Redis. This does not re-arm the
+            # breaker: the first call after the cooldown probes Redis again.
+            return pending
+        # One deadline for the whole decision. The store enforces it on its own pending
+        # reply (no timer per call on the hot path); the API key lookup, a separate
+        # round trip, gets a timeout of its own.
+        deadline = time.monotonic() + budget_s
+        apply_by_ms = wall + int(budget_s * 1000) + self._apply_margin_ms
+        if request.api_key is None:
+            pending.future = self.store.decide(self._call(pending, None, apply_by_ms, deadline))
+            return pending
+        key_hash = hash_api_key(request.api_key)
+        owner = self._key_owner.get(f"{request.tenant}:{key_hash}")
+        if owner is None:
+            pending.future = asyncio.ensure_future(
+                self._decide_by_key(pending, key_hash, apply_by_ms, deadline)
+            )
         else:
+            pending.consumer_id = owner
+            pending.future = self.store.decide(self._call(pending, key_hash, apply_by_ms, deadline))
+        return pending
+
+    async def _decide_by_key(
+        self, pending: Pending, key_hash: str, apply_by_ms: int, deadline: float
+    ) -> Outcome:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            pending.consumer_id = await self._resolve_owner(pending.request.tenant, key_hash)
+        if pending.consumer_id is None:
+            return Outcome(
+                Reason.INVALID_KEY.value, 0, None, pending.decision_id, 0, _NO_WINDOWS, _NO_WINDOWS
+            )
+        return await self.store.decide(self._call(pending, key_hash, apply_by_ms, deadline))
+
+    def _call(
+        self, pending: Pending, key_hash: str | None, apply_by_ms: int, deadline: float
+    ) -> DecisionCall:
+        request = pending.request
+        starts, resets = periods(pending.moment)
+        return DecisionCall(
+            tenant=request.tenant,
+            consumer_id=pending.consumer_id,  # type: ignore[arg-type]
+            key_hash=key_hash,
+            product=request.product,
+            operation=request.operation,
+            cost=request.cost,
+            hits=request.hits,
+            request_id=pending.request_id,
+            decision_id=pending.decision_id,
+            now_ms=pending.moment,
+            window_starts_ms=starts,
+            resets_ms=resets,
+            idempotency_ttl_ms=self._idempotency_ttl_ms if request.request_id else 0,
+            apply_by_ms=apply_by_ms,
+            deadline=deadline,
+        )
+
+    def conclude(self, pending: Pending) -> Decision:
+        """The decision of a ``begin``, once its future (if any) is done. Raises
+        DeadlineExceeded (see ``authorize``) and any error that is a bug."""
+        request = pending.request
+        future = pending.future
+        consumer_id, request_id, decision_id = pending.consumer_id, pending.request_id, pending.decision_id
+        failure = None if future is None else future.exception()
+        if future is None:
+            decision = self._unavailable(request, consumer_id, request_id, decision_id)
+        elif failure is None:
             self._failures = 0
             decision = present(
-                outcome,
+                future.result(),
                 tenant=request.tenant,
                 consumer_id=consumer_id,
                 product=request.product,
                 request_id=request_id,
-                now_ms=moment,
-                resets_ms=resets,
+                now_ms=pending.moment,
+                resets_ms=periods(pending.moment)[1],
                 policy=self.policy,
             )
+        elif isinstance(failure, TimeoutError):
+            if pending.caller_bound:
+                raise DeadlineExceeded from None
+            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=True)
+        elif isinstance(failure, StoreUnavailable):
+            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=False)
+        else:
+            raise failure
         metrics.DECISIONS_BY_REASON[decision.reason].inc()
-        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - pending.started)
         return decision
 
     def _fail(
@@ -177,13 +254,10 @@ class Authorizer:
             decision_id=decision_id,
         )
 
-    async def _owner(self, tenant: str, key_hash: str) -> str | None:
-        ident = f"{tenant}:{key_hash}"
-        owner = self._key_owner.get(ident)
-        if owner is None:
-            owner = await self.store.resolve_key(tenant, key_hash)
-            if owner is not None:
-                self._key_owner[ident] = owner
+    async def _resolve_owner(self, tenant: str, key_hash: str) -> str | None:
+        owner = await self.store.resolve_key(tenant, key_hash)
+        if owner is not None:
+            self._key_owner[f"{tenant}:{key_hash}"] = owner
         return owner
 
     def forget_key(self, tenant: str, key_hash: str) -> None:

@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 
 import httpx
 import pytest
 
-from tests.conftest import seed
+from sidecar.authorizer import Authorizer, now_ms
+from sidecar.core.models import Outcome
+from sidecar.http.app import create_app
+from sidecar.http.decision_server import decision_server
+from sidecar.store.base import DecisionCall
+from sidecar.store.redis_store import RedisStore
+from tests.conftest import make_settings, seed
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +129,51 @@ async def test_pipelined_requests_are_answered_in_order(sidecar):
         ((status, body),) = _read_responses(sock, 1)
         assert (status, body) == (200, {"status": "ok"})
         assert sock.recv(1) == b""  # closed by the server
+
+
+class _BuggyStore(RedisStore):
+    """Real Redis, with a bug injected for one consumer: its decisions raise."""
+
+    def decide(self, call: DecisionCall) -> asyncio.Future[Outcome]:
+        if call.consumer_id == "buggy":
+            raise RuntimeError("injected bug")
+        return super().decide(call)
+
+
+async def _read_async(reader: asyncio.StreamReader, count: int) -> list[tuple[int, dict]]:
+    responses = []
+    for _ in range(count):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+        length = next(int(line.split(":")[1]) for line in head if line.lower().startswith("content-length"))
+        responses.append((int(head[0].split()[1]), json.loads(await reader.readexactly(length))))
+    return responses
+
+
+async def test_a_bug_is_a_json_500_and_the_requests_behind_it_keep_their_order(redis_url, prefix):
+    settings = make_settings(redis_url=redis_url, key_prefix=prefix, decision_port=0)
+    store = _BuggyStore(redis_url, prefix=prefix)
+    await store.load_scripts()
+    try:
+        transport = httpx.ASGITransport(app=create_app(settings, store))
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as admin:
+            await seed(admin, windows={"day": 10}, consumer_id="c1")
+            await seed(admin, plan_id="p2", windows={"day": 10}, consumer_id="buggy")
+        async with decision_server(settings, Authorizer(store, settings), store) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            bodies = [{"consumer_id": c, "product": "api"} for c in ("c1", "buggy", "c1")]
+            writer.write(
+                b"".join(
+                    b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b"
+                    % (len(body), body)
+                    for body in (json.dumps(b).encode() for b in bodies)
+                )
+            )
+            responses = await _read_async(reader, 3)
+            writer.close()
+        assert [status for status, _ in responses] == [200, 500, 200]
+        assert responses[1][1]["error"]["code"] == "internal_error"
+        assert [body["windows"][0]["remaining"] for _, body in (responses[0], responses[2])] == [9, 8]
+        view = await store.get_consumer("default", "buggy", now_ms())
+        assert view is not None and view.windows == {"day": 0}  # nothing applied
+    finally:
+        await store.close()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from sidecar import metrics
-from sidecar.authorizer import Authorizer, DeadlineExceeded, now_ms
+from sidecar.authorizer import Authorizer, DeadlineExceeded, Pending, now_ms
 from sidecar.config import Settings
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import CONSUMER_ID_RE, DEFAULT_TENANT, TENANT_RE, Decision, UsageEvent, check_id
@@ -31,15 +30,18 @@ class SidecarService(pb_grpc.SidecarServicer):
         self.max_batch = settings.max_batch_items
         self.event_ttl_ms = settings.event_dedupe_ttl_seconds * 1000
 
-    async def _decide(
+    def _begin(
         self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
-    ) -> Decision | InvalidInput:
+    ) -> Pending | InvalidInput:
         try:
             query = convert.authorize_request(request)
         except InvalidInput as exc:
             return exc
+        return self.authorizer.begin(query, deadline_s=context.time_remaining())
+
+    async def _wait(self, pending: Pending, context: grpc.aio.ServicerContext) -> Decision:
         try:
-            return await self.authorizer.authorize(query, deadline_s=context.time_remaining())
+            return await self.authorizer.wait(pending)
         except DeadlineExceeded:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed while waiting on the store"
@@ -47,10 +49,10 @@ class SidecarService(pb_grpc.SidecarServicer):
             raise  # unreachable: abort raises
 
     async def Authorize(self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext) -> pb.Decision:
-        result = await self._decide(request, context)
-        if isinstance(result, InvalidInput):
-            await abort_invalid(context, result)
-        return convert.decision_message(result)
+        begun = self._begin(request, context)
+        if isinstance(begun, InvalidInput):
+            await abort_invalid(context, begun)
+        return convert.decision_message(await self._wait(begun, context))
 
     async def AuthorizeBatch(
         self, request: pb.AuthorizeBatchRequest, context: grpc.aio.ServicerContext
@@ -64,15 +66,16 @@ class SidecarService(pb_grpc.SidecarServicer):
                     field="requests",
                 ),
             )
-        # Independent decisions, decided concurrently (one store round trip each).
-        outcomes = await asyncio.gather(*(self._decide(item, context) for item in request.requests))
+        # Independent decisions: all begun first, so they share store round trips.
+        begun = [self._begin(item, context) for item in request.requests]
         results = []
-        for outcome in outcomes:
-            if isinstance(outcome, InvalidInput):
-                error = pb.Error(code=outcome.code, message=outcome.message, field=outcome.field or "")
+        for item in begun:
+            if isinstance(item, InvalidInput):
+                error = pb.Error(code=item.code, message=item.message, field=item.field or "")
                 results.append(pb.AuthorizeBatchResult(error=error))
             else:
-                results.append(pb.AuthorizeBatchResult(decision=convert.decision_message(outcome)))
+                decision = await self._wait(item, context)
+                results.append(pb.AuthorizeBatchResult(decision=convert.decision_message(decision)))
         return pb.AuthorizeBatchResponse(results=results)
 
     async def ReportUsage(

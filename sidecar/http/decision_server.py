@@ -3,8 +3,10 @@
 Gateways call the sidecar once per proxied request, so this path is where speed
 matters. A general ASGI stack (uvicorn + Starlette) spends most of a decision's time
 on request and response objects; this server parses with httptools, calls the same
-handlers as the main port (decisions.decide_v1 / decide_apigee, so the answers are
-identical), and writes the response bytes itself. It serves:
+routes as the main port (decisions.V1 / APIGEE, so the answers are identical), and
+writes the response bytes itself. A decision is begun when its request is parsed and
+answered from a done callback of the store's future: no task, no coroutine per
+request. It serves:
 
     POST /v1/authorize                  POST /integrations/apigee/authorize
     GET  /healthz
@@ -16,24 +18,24 @@ and pipelining are supported: responses leave in request order.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import httptools
 
-from sidecar.authorizer import Authorizer
+from sidecar.authorizer import Authorizer, Pending
 from sidecar.config import Settings
 from sidecar.core.errors import InvalidInput
-from sidecar.http.decisions import Answer, decide_apigee, decide_v1
+from sidecar.http.decisions import APIGEE, V1, DecisionRoute
 from sidecar.http.errors import error_body
 from sidecar.store.base import Store
 
 log = logging.getLogger("aforo.http")
-Handler = Callable[[Authorizer, bytes], Awaitable[Answer]]
-_ROUTES: dict[bytes, Handler] = {
-    b"/v1/authorize": decide_v1,
-    b"/integrations/apigee/authorize": decide_apigee,
+_ROUTES: dict[bytes, DecisionRoute] = {
+    b"/v1/authorize": V1,
+    b"/integrations/apigee/authorize": APIGEE,
 }
 _REASONS = {
     200: b"OK",
@@ -65,6 +67,41 @@ def _http_response(status: int, body: bytes, retry_after: int | None, keep_alive
     return head + b"\r\n" + body
 
 
+def _internal_error(keep_alive: bool) -> bytes:
+    """The 500 response of a bug, logged with its traceback (call from an except)."""
+    log.exception("unhandled error on the decision port")
+    body = error_body("internal_error", "internal error; see the sidecar's log")
+    return _http_response(500, body, None, keep_alive)
+
+
+class _Reply:
+    """One response of a connection, in request order; ``data`` is None until ready."""
+
+    __slots__ = ("connection", "data", "keep_alive", "pending", "route")
+
+    def __init__(self, connection: _Connection, keep_alive: bool) -> None:
+        self.connection = connection
+        self.keep_alive = keep_alive
+        self.data: bytes | None = None
+        self.pending: Pending | None = None
+        self.route: DecisionRoute | None = None
+
+    def decided(self, _: object = None) -> None:
+        """The store's future is done (a done callback), or was done at once."""
+        connection = self.connection
+        route, pending = self.route, self.pending
+        assert route is not None and pending is not None
+        self.pending = None
+        try:
+            answer = route.render(connection.authorizer.conclude(pending))
+        except Exception:
+            connection.ready(self, _internal_error(self.keep_alive))
+            return
+        connection.ready(
+            self, _http_response(answer.status, answer.body, answer.retry_after, self.keep_alive)
+        )
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, authorizer: Authorizer, max_body: int) -> None:
         self.authorizer = authorizer
@@ -75,10 +112,8 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.size = 0
         self.too_large = False
-        self.previous: asyncio.Future[None] | None = None  # the last response's turn
-        self.in_flight = 0
+        self.replies: collections.deque[_Reply] = collections.deque()  # oldest first
         self.paused = False
-        self.tasks: set[asyncio.Future[None]] = set()
 
     # --- asyncio.Protocol ----------------------------------------------------------
 
@@ -118,16 +153,16 @@ class _Connection(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive()
         method = self.parser.get_method()
         path = self.url.split(b"?", 1)[0]
-        handler = _ROUTES.get(path)
-        if handler is not None and method == b"POST":
+        route = _ROUTES.get(path)
+        if route is not None and method == b"POST":
             if self.too_large:
                 body = error_body("body_too_large", f"request body exceeds {self.max_body} bytes")
                 self._reply_now(413, body, False)
                 return
-            self._start(handler, b"".join(self.body), keep_alive)
+            self._decide(route, b"".join(self.body), keep_alive)
         elif path == b"/healthz" and method == b"GET":
             self._reply_now(200, b'{"status":"ok"}', keep_alive)
-        elif handler is not None or path == b"/healthz":
+        elif route is not None or path == b"/healthz":
             self._reply_now(405, error_body("method_not_allowed", "Method Not Allowed"), keep_alive)
         else:
             message = "the decision port serves only the decision endpoints"
@@ -135,63 +170,51 @@ class _Connection(asyncio.Protocol):
 
     # --- responses, in request order ----------------------------------------------
 
-    def _reply_now(self, status: int, body: bytes, keep_alive: bool) -> None:
-        self._start(None, b"", keep_alive, (status, body, None))
-
-    def _start(
-        self,
-        handler: Handler | None,
-        body: bytes,
-        keep_alive: bool,
-        ready: tuple[int, bytes, int | None] | None = None,
-    ) -> None:
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        previous, self.previous = self.previous, turn
-        self.in_flight += 1
-        if self.in_flight >= _MAX_IN_FLIGHT and self.transport is not None and not self.paused:
+    def _queue(self, keep_alive: bool) -> _Reply:
+        reply = _Reply(self, keep_alive)
+        self.replies.append(reply)
+        if len(self.replies) >= _MAX_IN_FLIGHT and self.transport is not None and not self.paused:
             self.transport.pause_reading()
             self.paused = True
-        # The loop holds tasks only weakly: keep each until it is done.
-        task = asyncio.ensure_future(self._respond(handler, body, ready, previous, turn, keep_alive))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        return reply
 
-    async def _respond(
-        self,
-        handler: Handler | None,
-        body: bytes,
-        ready: tuple[int, bytes, int | None] | None,
-        previous: asyncio.Future[None] | None,
-        turn: asyncio.Future[None],
-        keep_alive: bool,
-    ) -> None:
+    def _reply_now(self, status: int, body: bytes, keep_alive: bool) -> None:
+        self.ready(self._queue(keep_alive), _http_response(status, body, None, keep_alive))
+
+    def _decide(self, route: DecisionRoute, body: bytes, keep_alive: bool) -> None:
         try:
-            if handler is None:
-                assert ready is not None
-                status, payload, retry_after = ready
-            else:
-                try:
-                    answer = await handler(self.authorizer, body)
-                    status, payload, retry_after = answer.status, answer.body, answer.retry_after
-                except InvalidInput as exc:
-                    status, payload, retry_after = 400, error_body(exc.code, exc.message, exc.field), None
-                except Exception:
-                    log.exception("unhandled error on the decision port")
-                    status, retry_after = 500, None
-                    payload = error_body("internal_error", "internal error; see the sidecar's log")
-            if previous is not None and not previous.done():
-                await previous
+            request = route.parse(body)
+        except InvalidInput as exc:
+            self._reply_now(400, error_body(exc.code, exc.message, exc.field), keep_alive)
+            return
+        reply = self._queue(keep_alive)
+        reply.route = route
+        try:
+            pending = reply.pending = self.authorizer.begin(request)
+        except Exception:
+            self.ready(reply, _internal_error(keep_alive))
+            return
+        future = pending.future
+        if future is None or future.done():
+            reply.decided()
+        else:
+            future.add_done_callback(reply.decided)
+
+    def ready(self, reply: _Reply, data: bytes) -> None:
+        """``reply`` is ready: send it and every ready one queued after it, unless an
+        earlier response is still being decided."""
+        reply.data = data
+        replies = self.replies
+        while replies and replies[0].data is not None:
+            done = replies.popleft()
             transport = self.transport
             if transport is not None and not transport.is_closing():
-                transport.write(_http_response(status, payload, retry_after, keep_alive))
-                if not keep_alive:
+                transport.write(done.data)  # type: ignore[arg-type]
+                if not done.keep_alive:
                     transport.close()
-        finally:
-            turn.set_result(None)
-            self.in_flight -= 1
-            if self.paused and self.in_flight < _MAX_IN_FLIGHT // 2 and self.transport is not None:
-                self.transport.resume_reading()
-                self.paused = False
+        if self.paused and len(replies) < _MAX_IN_FLIGHT // 2 and self.transport is not None:
+            self.transport.resume_reading()
+            self.paused = False
 
 
 @contextlib.asynccontextmanager

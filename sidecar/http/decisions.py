@@ -1,10 +1,13 @@
 """Decision endpoints: POST /v1/authorize and the Apigee seed contract.
 
-``decide_v1`` and ``decide_apigee`` turn a body into an Answer; the Starlette routes
-and the decision port's fast server (decision_server.py) both serve them."""
+Each endpoint is a DecisionRoute: ``parse`` turns a body into a validated request
+(InvalidInput for one it refuses), ``render`` turns the decision into an Answer. The
+Starlette routes and the decision port's fast server (decision_server.py) both serve
+them, so the answers are identical."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -14,7 +17,7 @@ from starlette.responses import Response
 
 from sidecar.authorizer import Authorizer
 from sidecar.core.errors import InvalidInput
-from sidecar.core.models import DEFAULT_TENANT, AuthorizeRequest
+from sidecar.core.models import DEFAULT_TENANT, AuthorizeRequest, Decision
 from sidecar.core.money import MoneyError, format_micros, to_micros
 from sidecar.http.bodies import decode, read_body
 
@@ -33,15 +36,30 @@ def _response(answer: Answer) -> Response:
     return Response(answer.body, status_code=answer.status, media_type="application/json", headers=headers)
 
 
-async def decide_v1(authorizer: Authorizer, body: bytes) -> Answer:
-    """POST /v1/authorize: raises InvalidInput for a body it refuses."""
-    decision = await authorizer.authorize(decode(body, _authorize_decoder).validated())
+class DecisionRoute(NamedTuple):
+    parse: Callable[[bytes], AuthorizeRequest]
+    render: Callable[[Decision], Answer]
+
+
+async def decide(authorizer: Authorizer, route: DecisionRoute, body: bytes) -> Answer:
+    """Parse, decide and render one request (raises InvalidInput for a bad body)."""
+    return route.render(await authorizer.authorize(route.parse(body)))
+
+
+def _parse_v1(body: bytes) -> AuthorizeRequest:
+    return decode(body, _authorize_decoder).validated()
+
+
+def _render_v1(decision: Decision) -> Answer:
     return Answer(decision.status, _encode(decision), decision.retry_after)
+
+
+V1 = DecisionRoute(_parse_v1, _render_v1)
 
 
 async def authorize(request: Request) -> Response:
     body = await read_body(request, request.app.state.settings.max_body_bytes)
-    return _response(await decide_v1(request.app.state.authorizer, body))
+    return _response(await decide(request.app.state.authorizer, V1, body))
 
 
 class ApigeeAuthorize(msgspec.Struct, forbid_unknown_fields=True):
@@ -71,13 +89,7 @@ _apigee_decoder = msgspec.json.Decoder(ApigeeAuthorize)
 _APIGEE_FIELDS = {"consumer_id": "appId", "product": "apiProduct", "request_id": "requestId"}
 
 
-async def apigee_authorize(request: Request) -> Response:
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
-    return _response(await decide_apigee(request.app.state.authorizer, body))
-
-
-async def decide_apigee(authorizer: Authorizer, body: bytes) -> Answer:
-    """POST /integrations/apigee/authorize: raises InvalidInput for a body it refuses."""
+def _parse_apigee(body: bytes) -> AuthorizeRequest:
     seed = decode(body, _apigee_decoder)
     cost = None
     if seed.estimatedCost is not None:
@@ -88,7 +100,7 @@ async def decide_apigee(authorizer: Authorizer, body: bytes) -> Answer:
                 f"estimatedCost: {exc}", code="invalid_amount", field="estimatedCost"
             ) from None
     try:
-        query = AuthorizeRequest(
+        return AuthorizeRequest(
             tenant=seed.tenant,
             consumer_id=seed.appId,
             product=seed.apiProduct,
@@ -100,7 +112,9 @@ async def decide_apigee(authorizer: Authorizer, body: bytes) -> Answer:
         # Name the field as the caller spelled it.
         exc.field = _APIGEE_FIELDS.get(exc.field or "", exc.field)
         raise
-    decision = await authorizer.authorize(query)
+
+
+def _render_apigee(decision: Decision) -> Answer:
     answer = ApigeeDecision(
         allow=decision.allow,
         reason=decision.reason,
@@ -114,3 +128,12 @@ async def decide_apigee(authorizer: Authorizer, body: bytes) -> Answer:
         degraded=decision.degraded,
     )
     return Answer(decision.status, _encode(answer), decision.retry_after)
+
+
+# POST /integrations/apigee/authorize: the seed contract.
+APIGEE = DecisionRoute(_parse_apigee, _render_apigee)
+
+
+async def apigee_authorize(request: Request) -> Response:
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    return _response(await decide(request.app.state.authorizer, APIGEE, body))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -48,7 +49,7 @@ class DecisionCall(msgspec.Struct, frozen=True):
     # Past this moment (ms, store clock) the store must refuse to apply the decision:
     # the caller has given up and answered from its fail mode. 0: no limit.
     apply_by_ms: int = 0
-    # The caller stops waiting at this event-loop time: a networked store raises
+    # The caller stops waiting at this time.monotonic(): a networked store raises
     # TimeoutError then. 0: no deadline.
     deadline: float = 0.0
 
@@ -59,8 +60,11 @@ class TopUpResult(msgspec.Struct, frozen=True):
 
 
 class Store(Protocol):
-    async def decide(self, call: DecisionCall) -> Outcome:
-        """One atomic, all-or-nothing decision (see core.decision.evaluate)."""
+    def decide(self, call: DecisionCall) -> asyncio.Future[Outcome]:
+        """Start one atomic, all-or-nothing decision (see core.decision.evaluate); the
+        future resolves to its Outcome, or fails with StoreUnavailable, or with
+        TimeoutError once ``call.deadline`` has passed. Not a coroutine: a transport
+        may wait for it with a callback instead of a task."""
         ...
 
     async def resolve_key(self, tenant: str, key_hash: str) -> str | None:

@@ -7,6 +7,7 @@ so it is atomic on the event loop, as a Lua script is on Redis.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import heapq
 import time
@@ -98,7 +99,13 @@ class MemoryStore:
             used.append(period[1] if period is not None and period[0] == start else 0)
         return used
 
-    async def decide(self, call: DecisionCall) -> Outcome:
+    def decide(self, call: DecisionCall) -> asyncio.Future[Outcome]:
+        """Decided at once: the future is already resolved."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future.set_result(self._decide(call))
+        return future
+
+    def _decide(self, call: DecisionCall) -> Outcome:
         ident = (call.tenant, call.consumer_id, call.request_id)
         first = self._requests.get(ident, call.now_ms)
         if first is not None:

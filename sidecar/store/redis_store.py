@@ -99,8 +99,46 @@ def next_stream_id(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
-def _opt(value: int) -> int | None:
-    return None if value < 0 else value
+class _DecideReply:
+    """The OnReply of one decide command: resolves ``future`` to an Outcome. NOSCRIPT
+    (Redis restarted, SCRIPT FLUSH) means the command did not run: the script is
+    loaded and the command sent again, once, in order on the same connection."""
+
+    __slots__ = ("command", "deadline", "dirty", "future", "retried", "store")
+
+    def __init__(
+        self, store: RedisStore, future: asyncio.Future[Outcome], command: bytes, deadline: float, dirty: str
+    ) -> None:
+        self.store = store
+        self.future = future
+        self.command = command
+        self.deadline = deadline
+        self.dirty = dirty
+        self.retried = False
+
+    def __call__(self, reply: object) -> None:
+        future = self.future
+        if future.done():  # cancelled by its caller
+            return
+        if isinstance(reply, BaseException):
+            if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT") and not self.retried:
+                self.retried = True
+                fast = self.store._fast
+                load = encode_command(["SCRIPT", "LOAD", self.store._decide.script])
+                if fast.send(load, _ignore) and fast.send(self.command, self, self.deadline):
+                    return
+                reply = StoreUnavailable("redis connection lost while reloading the decide script")
+            future.set_exception(reply)
+            return
+        try:
+            future.set_result(self.store._outcome(reply, self.dirty))  # type: ignore[arg-type]
+        except StoreUnavailable as exc:
+            future.set_exception(exc)
+
+
+def _ignore(reply: object) -> None:
+    """OnReply of a command whose answer nobody waits for (a SCRIPT LOAD: a failure
+    shows in the reply to the command sent after it)."""
 
 
 class RedisStore:
@@ -182,8 +220,9 @@ class RedisStore:
 
     def _decide_parts(self, call: DecisionCall) -> tuple[bytes, bytes]:
         """The parts of a decide command fixed for a consumer within a minute: the head
-        (EVALSHA, keys 1-7) and ARGV 1-7. Cached: building them is most of the cost
-        of encoding a decision."""
+        (EVALSHA, keys 1-7) and ARGV 1-7, and the whole prefix up to ARGV 7 for a
+        decision without a request id (its idempotency key is never read, so one name
+        serves). Cached: building them is most of the cost of encoding a decision."""
         ident = (call.tenant, call.consumer_id, call.window_starts_ms[0])
         parts = self._parts.get(ident)
         if parts is None:
@@ -201,45 +240,50 @@ class RedisStore:
                 ]
             )
             fixed = encode_bulks([*call.resets_ms, call.tenant, call.consumer_id])
-            parts = self._parts[ident] = (head, fixed)
+            parts = self._parts[ident] = (head, fixed, head + encode_bulks([f"{tag}:r:"]) + fixed)
         return parts
 
-    async def decide(self, call: DecisionCall) -> Outcome:
-        head, fixed = self._decide_parts(call)
-        request_key = encode_bulks([f"{self.keys.tag(call.tenant, call.consumer_id)}:r:{call.request_id}"])
-        command = (
-            head
-            + request_key
-            + fixed
-            + encode_bulks(
-                [
-                    call.now_ms,
-                    call.request_id,
-                    call.decision_id,
-                    call.product,
-                    call.operation,
-                    "" if call.cost is None else call.cost,
-                    call.hits,
-                    call.idempotency_ttl_ms,
-                    call.key_hash or "",
-                    call.apply_by_ms,
-                ]
-            )
+    def _decide_command(self, call: DecisionCall) -> bytes:
+        head, fixed, anonymous = self._decide_parts(call)
+        tail = encode_bulks(
+            [
+                call.now_ms,
+                call.request_id,
+                call.decision_id,
+                call.product,
+                call.operation,
+                "" if call.cost is None else call.cost,
+                call.hits,
+                call.idempotency_ttl_ms,
+                call.key_hash or "",
+                call.apply_by_ms,
+            ]
         )
-        # Connected, await the reply's future itself: no coroutine frames in between
-        # to resume on every decision.
-        pending = self._fast.send(command, call.deadline)
-        try:
-            reply = await (
-                pending if pending is not None else self._evalsha(self._decide, command, call.deadline)
-            )
-        except RedisReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-            reply = await self._evalsha(self._decide, command, call.deadline)
+        if not call.idempotency_ttl_ms:
+            return anonymous + tail
+        request_key = f"{self.keys.tag(call.tenant, call.consumer_id)}:r:{call.request_id}"
+        return head + encode_bulks([request_key]) + fixed + tail
+
+    def decide(self, call: DecisionCall) -> asyncio.Future[Outcome]:
+        """Queue the decision on the pipelined connection; the future resolves to its
+        Outcome (StoreUnavailable, TimeoutError past ``call.deadline``). Connected,
+        this is one queued command and a callback: no coroutine, no task."""
+        command = self._decide_command(call)
+        dirty = f"u:{call.tenant}:{call.consumer_id}"
+        loop = self._fast.loop
+        if loop is not None:
+            reply = _DecideReply(self, loop.create_future(), command, call.deadline, dirty)
+            if self._fast.send(command, reply, call.deadline):
+                return reply.future
+        return asyncio.ensure_future(self._decide_connecting(command, call.deadline, dirty))
+
+    async def _decide_connecting(self, command: bytes, deadline: float, dirty: str) -> Outcome:
+        return self._outcome(await self._evalsha(self._decide, command, deadline), dirty)
+
+    def _outcome(self, reply: list, dirty: str) -> Outcome:
         if reply[1] == b"ok" and reply[0] == 0:
-            self._dirty.add(f"u:{call.tenant}:{call.consumer_id}")
-        if reply[1] == b"expired":
+            self._dirty.add(dirty)
+        elif reply[1] == b"expired":
             raise StoreUnavailable("the decision reached Redis after its deadline; nothing was applied")
         return Outcome(
             reason=reply[1].decode(),
@@ -247,8 +291,8 @@ class RedisStore:
             balance=reply[3],
             decision_id=reply[4].decode(),
             retry_at_ms=reply[5],
-            used=tuple(_opt(v) for v in reply[6:11]),
-            limits=tuple(_opt(v) for v in reply[11:16]),
+            used=tuple([None if v < 0 else v for v in reply[6:11]]),
+            limits=tuple([None if v < 0 else v for v in reply[11:16]]),
             replayed=reply[0] == 1,
         )
 

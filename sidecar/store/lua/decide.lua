@@ -5,7 +5,7 @@
 -- KEYS (all under the consumer's hash tag {tenant:consumer}, so one cluster slot):
 --   1 consumer hash   2 usage stream
 --   3..7 window counters, minute hour day week month (key names carry the window start)
---   8 idempotency record
+--   8 idempotency record (any name in the slot when ARGV 15 is '0': it is not used)
 -- ARGV (those fixed for a consumer and a minute first, so the caller can reuse them):
 --   1..5 reset ms of each window  6 tenant  7 consumer id
 --   8 now_ms  9 request_id  10 decision_id  11 product  12 operation
@@ -29,11 +29,15 @@ if ARGV[17] ~= '0' then
   end
 end
 
-local stored = redis.call('GET', KEYS[8])
-if stored then
-  local first = cmsgpack.unpack(stored)
-  first[1] = 1
-  return first
+-- Without a request id nobody can retry, so there is no record to look for (the
+-- caller then passes one fixed name as KEYS[8]).
+if ARGV[15] ~= '0' then
+  local stored = redis.call('GET', KEYS[8])
+  if stored then
+    local first = cmsgpack.unpack(stored)
+    first[1] = 1
+    return first
+  end
 end
 
 -- Wallet: base is the settled balance of the last Postgres sync, spent the cumulative
