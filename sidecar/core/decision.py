@@ -102,6 +102,11 @@ def new_decision_id(now_ms: int) -> str:
     return _ids.next(now_ms)
 
 
+# Lookups by value: calling the Enum costs more than the rest of ``present``.
+_REASONS = {reason.value: reason for reason in Reason}
+_WINDOW_NAMES = tuple(window.value for window in WINDOWS)
+
+
 def present(
     outcome: Outcome,
     *,
@@ -114,7 +119,7 @@ def present(
     policy: DecisionPolicy,
 ) -> Decision:
     """Turn a store's outcome into the decision the gateway receives."""
-    reason = Reason(outcome.reason)
+    reason = _REASONS.get(outcome.reason) or Reason(outcome.reason)
     retry_after: int | None = None
     if reason is Reason.OK:
         ttl = 0
@@ -123,14 +128,12 @@ def present(
         ttl = min(retry_after, policy.quota_ttl_cap_seconds)
     else:
         ttl = policy.deny_ttl_seconds
+    # Positional: this runs once per decision.
     windows = [
-        WindowStatus(
-            window=window.value,
-            limit=limit,
-            remaining=max(0, limit - (used or 0)),
-            reset=reset // 1000,
+        WindowStatus(name, limit, max(0, limit - (used or 0)), reset // 1000)
+        for name, limit, used, reset in zip(
+            _WINDOW_NAMES, outcome.limits, outcome.used, resets_ms, strict=True
         )
-        for window, limit, used, reset in zip(WINDOWS, outcome.limits, outcome.used, resets_ms, strict=True)
         if limit is not None
     ]
     return Decision(

@@ -165,7 +165,8 @@ class RedisStore:
             health_check_interval=0,
         )
         self._fast = PipelinedConnection(url, connect_timeout_s)
-        self._parts: dict[tuple[str, str, int], tuple[bytes, bytes]] = {}
+        self._parts: dict[tuple[str, str, int], tuple[bytes, bytes, bytes]] = {}
+        self._middles: dict[tuple[str, str, int | None, int, int, str | None], bytes] = {}
         # Streams this process appended to since the last flush_dirty ("u|g:t:c"): the
         # reconciler drains those first instead of scanning the whole keyspace.
         self._dirty: set[str] = set()
@@ -218,7 +219,7 @@ class RedisStore:
             for script in self._scripts:
                 await self._redis.script_load(script.script)
 
-    def _decide_parts(self, call: DecisionCall) -> tuple[bytes, bytes]:
+    def _decide_parts(self, call: DecisionCall) -> tuple[bytes, bytes, bytes]:
         """The parts of a decide command fixed for a consumer within a minute: the head
         (EVALSHA, keys 1-7) and ARGV 1-7, and the whole prefix up to ARGV 7 for a
         decision without a request id (its idempotency key is never read, so one name
@@ -245,19 +246,27 @@ class RedisStore:
 
     def _decide_command(self, call: DecisionCall) -> bytes:
         head, fixed, anonymous = self._decide_parts(call)
-        tail = encode_bulks(
-            [
-                call.now_ms,
-                call.request_id,
-                call.decision_id,
-                call.product,
-                call.operation,
-                "" if call.cost is None else call.cost,
-                call.hits,
-                call.idempotency_ttl_ms,
-                call.key_hash or "",
-                call.apply_by_ms,
-            ]
+        # ARGV 11-16 repeat across decisions (one product, operation and price per
+        # route): encoded once.
+        what = (call.product, call.operation, call.cost, call.hits, call.idempotency_ttl_ms, call.key_hash)
+        middle = self._middles.get(what)
+        if middle is None:
+            if len(self._middles) >= _PARTS_CACHE:
+                self._middles.clear()
+            middle = self._middles[what] = encode_bulks(
+                [
+                    call.product,
+                    call.operation,
+                    "" if call.cost is None else call.cost,
+                    call.hits,
+                    call.idempotency_ttl_ms,
+                    call.key_hash or "",
+                ]
+            )
+        tail = (
+            encode_bulks([call.now_ms, call.request_id, call.decision_id])
+            + middle
+            + encode_bulks([call.apply_by_ms])
         )
         if not call.idempotency_ttl_ms:
             return anonymous + tail
