@@ -52,9 +52,10 @@ SWEEP_S = 0.005
 # Commands queued in one loop turn go out in chunks of this many, not all at the end
 # of the turn: Redis then runs the first decisions while this process still parses
 # the requests behind them, instead of each waiting for the other. Measured with 32
-# connections on 2 cores: +25% decisions/s over one write per turn, and less CPU per
-# decision (loadtests/benchmark.py; 4, 8, 12, 16 and 24 were tried).
-PIPELINE_CHUNK = 12
+# connections on 2 cores (wrk, loadtests/benchmark.py's load): one write per turn
+# 6.6-6.8k decisions/s; chunks of 12 8.3-9.4k; with the hold of _end_of_turn, chunks
+# of 2, 4, 6, 8, 12, 32 gave 7.5k, 8.2k, 8.5k, 7.9k, 8.0k, 5.9k on average.
+PIPELINE_CHUNK = 6
 
 # Called once with a command's reply: a value, or an exception instance
 # (RedisReplyError for an error reply, TimeoutError past the deadline,
