@@ -144,3 +144,33 @@ def test_decisions_recover_under_continuous_traffic(private_redis, start_sidecar
             exact = exact + 1 if not response.json()["degraded"] else 0
             time.sleep(0.01)
         assert exact == 20, "decisions stayed degraded while traffic kept flowing"
+
+
+def test_api_key_decisions_fall_back_to_the_fail_mode_too(private_redis, start_sidecar):
+    """A key whose owner is cached goes straight to the decision; one that is not needs
+    a lookup first. Either way a frozen Redis gives a fail-mode answer in budget."""
+    sidecar = start_sidecar(_env(private_redis, "closed"))
+    with httpx.Client(base_url=sidecar.url, timeout=5) as http:
+        _seed(http, limit=10)
+        cached, fresh = (
+            http.post("/v1/admin/consumers/c1/keys", json={}, headers=ADMIN).json()["api_key"]
+            for _ in range(2)
+        )
+        first = http.post("/v1/authorize", json={"api_key": cached, "product": "api"})
+        assert (first.status_code, first.json()["consumer_id"]) == (200, "c1")
+
+        private_redis.freeze()
+        for key in (fresh, cached, fresh):
+            started = time.perf_counter()
+            response = http.post("/v1/authorize", json={"api_key": key, "product": "api"})
+            elapsed = time.perf_counter() - started
+            assert response.status_code == 503
+            assert (response.json()["reason"], response.json()["degraded"]) == ("store_unavailable", True)
+            assert elapsed < BUDGET_S, f"answered in {elapsed * 1000:.1f} ms"
+
+        time.sleep(0.5)
+        private_redis.thaw()
+        _wait_until_exact(http)
+        after = http.post("/v1/authorize", json={"api_key": fresh, "product": "api"})
+        assert (after.status_code, after.json()["consumer_id"]) == (200, "c1")
+        assert _day_count(http) == 2
