@@ -223,6 +223,7 @@ def run_http(
     naive = [sys.executable, "-m", "uvicorn", "naive_baseline:app", "--app-dir", str(NAIVE.parent),
              "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
     with (
+        _deleting("naive:"),  # the baseline's own keys (it seeds them at each start)
         process(naive, naive_env, f"http://127.0.0.1:{port}/"),
         sidecar(1) as one,
         sidecar(2) as two,
@@ -261,6 +262,14 @@ class Exactness(threading.Thread):
     def run(self) -> None:
         time.sleep(1)
         self.result = asyncio.run(exactness(self.decision_url))
+
+
+@contextmanager
+def _deleting(prefix: str) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        _delete(prefix)
 
 
 def _delete(prefix: str) -> None:
