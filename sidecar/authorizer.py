@@ -38,6 +38,11 @@ class DeadlineExceeded(Exception):
     no fail-mode answer is produced."""
 
 
+def _drop_outcome(future: asyncio.Future[Outcome]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Pending:
     """A decision begun: ``future`` (None when the breaker spared the store) resolves
     to the store's Outcome. Holds no reference to whoever waits for it."""
@@ -114,6 +119,12 @@ class Authorizer:
             with contextlib.suppress(Exception):
                 await future
         return self.conclude(pending)
+
+    def abandon(self, pending: Pending) -> None:
+        """Nobody will conclude ``pending`` (its caller went away): its outcome is
+        dropped without asyncio reporting an exception that was never retrieved."""
+        if pending.future is not None:
+            pending.future.add_done_callback(_drop_outcome)
 
     def begin(
         self, request: AuthorizeRequest, at_ms: int | None = None, deadline_s: float | None = None

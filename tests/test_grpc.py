@@ -466,6 +466,12 @@ async def test_health_follows_redis_and_deadlines_are_honoured(private_redis, pr
                     pb.AuthorizeRequest(consumer_id="c1", product="api"), timeout=0.2
                 )
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            batch = pb.AuthorizeBatchRequest(
+                requests=[pb.AuthorizeRequest(consumer_id="c1", product="api")] * 5
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as late_batch:
+                await sidecar.stub.AuthorizeBatch(batch, timeout=0.2)
+            assert late_batch.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             deadline = asyncio.get_running_loop().time() + 5
             while await _health(sidecar.channel) == serving:
                 assert asyncio.get_running_loop().time() < deadline, "health never turned NOT_SERVING"
@@ -477,7 +483,7 @@ async def test_health_follows_redis_and_deadlines_are_honoured(private_redis, pr
             while await _health(sidecar.channel) != serving:
                 assert asyncio.get_running_loop().time() < deadline, "health never came back"
                 await asyncio.sleep(0.1)
-            # The request that ran out of time was not applied when Redis woke up.
+            # The requests that ran out of time were not applied when Redis woke up.
             await asyncio.sleep(settings.breaker_cooldown_ms / 1000)
             status = await sidecar.stub.GetConsumerStatus(pb.ConsumerStatusRequest(consumer_id="c1"))
             assert dict(status.windows) == {"day": 0}

@@ -69,13 +69,19 @@ class SidecarService(pb_grpc.SidecarServicer):
         # Independent decisions: all begun first, so they share store round trips.
         begun = [self._begin(item, context) for item in request.requests]
         results = []
-        for item in begun:
+        for at, item in enumerate(begun):
             if isinstance(item, InvalidInput):
                 error = pb.Error(code=item.code, message=item.message, field=item.field or "")
                 results.append(pb.AuthorizeBatchResult(error=error))
-            else:
+                continue
+            try:
                 decision = await self._wait(item, context)
-                results.append(pb.AuthorizeBatchResult(decision=convert.decision_message(decision)))
+            except BaseException:  # the deadline passed or the call was cancelled
+                for rest in begun[at + 1 :]:
+                    if not isinstance(rest, InvalidInput):
+                        self.authorizer.abandon(rest)
+                raise
+            results.append(pb.AuthorizeBatchResult(decision=convert.decision_message(decision)))
         return pb.AuthorizeBatchResponse(results=results)
 
     async def ReportUsage(

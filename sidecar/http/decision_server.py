@@ -187,6 +187,9 @@ class _Connection(asyncio.Protocol):
         except InvalidInput as exc:
             self._reply_now(400, error_body(exc.code, exc.message, exc.field), keep_alive)
             return
+        except Exception:
+            self.ready(self._queue(keep_alive), _internal_error(keep_alive))
+            return
         reply = self._queue(keep_alive)
         reply.route = route
         try:

@@ -100,19 +100,23 @@ class _Protocol(asyncio.Protocol):
         if not self.waiting:
             return
         now = time.monotonic()
+        expired = []
         for entry in self.waiting:
             on_reply, deadline = entry
             if deadline and now >= deadline and on_reply is not None:
                 entry[0] = None
-                on_reply(TimeoutError())
+                expired.append(on_reply)
+        # Called once the scan is over: an on_reply may queue a command.
+        for on_reply in expired:
+            on_reply(TimeoutError())
         self.sweep_scheduled = True
         self.loop.call_later(SWEEP_S, self.sweep)
 
     def _end_of_turn(self) -> None:
         """Send what this turn queued, unless commands are still in flight: then it is
-        held until their replies are in (data_received sends it), so that under a
-        trickle of decisions they share writes instead of taking one each (Nagle's
-        rule; measured: +10-15% decisions/s over HTTP and gRPC, and less Redis CPU)."""
+        held until their replies are in (data_received sends it): fewer, fuller
+        writes (Nagle's rule). Measured in alternation at 32 connections: HTTP 8.7k
+        against 7.7-8.2k decisions/s, gRPC unary 1.7-1.9k against 1.5-1.6k calls/s."""
         self.flush_scheduled = False
         if len(self.waiting) == len(self.buffer):
             self.flush()
