@@ -193,7 +193,7 @@ class RedisStore:
 
     async def _evalsha(self, script: AsyncScript, command: bytes, deadline: float = 0.0) -> list:
         """Run an encoded EVALSHA of ``script`` over the pipelined connection, giving
-        up at ``deadline`` (loop time; TimeoutError). Connects if needed; NOSCRIPT
+        up at ``deadline`` (time.monotonic(); TimeoutError). Connects if needed; NOSCRIPT
         (Redis restarted, SCRIPT FLUSH) means the command did not run: load the script
         and run it again."""
         try:
