@@ -38,6 +38,11 @@ class DeadlineExceeded(Exception):
     no fail-mode answer is produced."""
 
 
+def _owner_key(tenant: str, key_hash: str) -> str:
+    """The key owner cache's key (forget_consumer matches on its tenant prefix)."""
+    return f"{tenant}:{key_hash}"
+
+
 def _drop_outcome(future: asyncio.Future[Outcome]) -> None:
     if not future.cancelled():
         future.exception()
@@ -53,6 +58,7 @@ class Pending:
         "decision_id",
         "future",
         "moment",
+        "periods",
         "request",
         "request_id",
         "started",
@@ -71,6 +77,7 @@ class Pending:
         self.decision_id = decision_id
         self.request_id = request_id
         self.moment = moment
+        self.periods = periods(moment)  # window starts and resets, for the store and the answer
         self.caller_bound = caller_bound
         self.started = started
         self.consumer_id = request.consumer_id
@@ -155,7 +162,7 @@ class Authorizer:
             pending.future = self.store.decide(self._call(pending, None, apply_by_ms, deadline))
             return pending
         key_hash = hash_api_key(request.api_key)
-        owner = self._key_owner.get(f"{request.tenant}:{key_hash}")
+        owner = self._key_owner.get(_owner_key(request.tenant, key_hash))
         if owner is None:
             pending.future = asyncio.ensure_future(
                 self._decide_by_key(pending, key_hash, apply_by_ms, deadline)
@@ -180,7 +187,7 @@ class Authorizer:
         self, pending: Pending, key_hash: str | None, apply_by_ms: int, deadline: float
     ) -> DecisionCall:
         request = pending.request
-        starts, resets = periods(pending.moment)
+        starts, resets = pending.periods
         return DecisionCall(
             tenant=request.tenant,
             consumer_id=pending.consumer_id,  # type: ignore[arg-type]
@@ -217,7 +224,7 @@ class Authorizer:
                 product=request.product,
                 request_id=request_id,
                 now_ms=pending.moment,
-                resets_ms=periods(pending.moment)[1],
+                resets_ms=pending.periods[1],
                 policy=self.policy,
             )
         elif isinstance(failure, TimeoutError):
@@ -268,11 +275,11 @@ class Authorizer:
     async def _resolve_owner(self, tenant: str, key_hash: str) -> str | None:
         owner = await self.store.resolve_key(tenant, key_hash)
         if owner is not None:
-            self._key_owner[f"{tenant}:{key_hash}"] = owner
+            self._key_owner[_owner_key(tenant, key_hash)] = owner
         return owner
 
     def forget_key(self, tenant: str, key_hash: str) -> None:
-        self._key_owner.pop(f"{tenant}:{key_hash}", None)
+        self._key_owner.pop(_owner_key(tenant, key_hash), None)
 
     def forget_consumer(self, tenant: str, consumer_id: str) -> None:
         """Drop every cached entry that names this consumer (admin-rate, so a scan)."""

@@ -89,6 +89,10 @@ async def test_scripts_survive_a_script_flush(redis_url, prefix):
         await store.client.script_flush()
         outcome = await store.decide(_call(request_id="r-2"))
         assert outcome.reason == "ok" and outcome.used[0] == 1
+        # Again once the pipelined connection is up: the hot path reloads and re-sends.
+        await store.client.script_flush()
+        outcome = await store.decide(_call(request_id="r-3"))
+        assert outcome.reason == "ok" and outcome.used[0] == 2
     finally:
         await store.close()
 

@@ -19,6 +19,12 @@ async def _connected(url: str) -> PipelinedConnection:
     return connection
 
 
+def _busy(connection: PipelinedConnection, key: str, seconds: str) -> asyncio.Future[object]:
+    """A BLPOP on an empty list: keeps the connection busy for ``seconds``, so what is
+    queued meanwhile is held client-side until its (nil) reply is in."""
+    return asyncio.ensure_future(connection.execute(encode_command(["BLPOP", key, seconds])))
+
+
 def _echo(connection: PipelinedConnection, text: str, deadline: float = 0.0) -> asyncio.Future[object]:
     """ECHO through the hot-path ``send`` (the reply names its caller)."""
     future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -47,11 +53,7 @@ async def test_more_than_a_chunk_in_one_turn_each_gets_its_own_reply(redis_url):
 async def test_commands_queued_while_others_are_in_flight_are_held_then_answered_in_order(redis_url, prefix):
     connection = await _connected(redis_url)
     try:
-        # A command that keeps the connection busy for 300 ms: what is queued
-        # meanwhile is held client-side, then must go out once its reply is in.
-        blocking = asyncio.ensure_future(
-            connection.execute(encode_command(["BLPOP", f"{prefix}empty", "0.3"]))
-        )
+        blocking = _busy(connection, f"{prefix}empty", "0.3")
         await asyncio.sleep(0.05)
         started = time.monotonic()
         later = []
@@ -70,9 +72,7 @@ async def test_commands_queued_while_others_are_in_flight_are_held_then_answered
 async def test_a_held_command_past_its_deadline_times_out_and_the_order_holds(redis_url, prefix):
     connection = await _connected(redis_url)
     try:
-        blocking = asyncio.ensure_future(
-            connection.execute(encode_command(["BLPOP", f"{prefix}empty", "0.3"]))
-        )
+        blocking = _busy(connection, f"{prefix}empty", "0.3")
         await asyncio.sleep(0.05)
         late = _echo(connection, "late", deadline=time.monotonic() + 0.05)
         patient = _echo(connection, "patient")
@@ -104,7 +104,7 @@ async def test_an_error_reply_fails_only_its_own_caller(redis_url):
 async def test_a_lost_connection_fails_in_flight_and_held_commands_once(private_redis):
     connection = await _connected(private_redis.url)
     try:
-        blocking = asyncio.ensure_future(connection.execute(encode_command(["BLPOP", "empty", "5"])))
+        blocking = _busy(connection, "empty", "5")
         await asyncio.sleep(0.05)
         calls: list[list[object]] = [[] for _ in range(4)]
         for received in calls:
