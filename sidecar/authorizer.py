@@ -1,8 +1,10 @@
 """The authorize service: from a validated request to a decision, over any store.
 
 Transports (HTTP, gRPC) call this and only this for decisions. It owns the deadline,
-the fail mode, the breaker that spares a dead Redis a connection attempt per request,
-and the API key lookup cache.
+the fail mode and the API key lookup cache. The breaker that spares a dead Redis a
+connection attempt per request is per Redis node, in the store (store/resp.py): on a
+cluster, a master that is down answers its own consumers from the fail mode and no
+other.
 """
 
 from __future__ import annotations
@@ -20,12 +22,9 @@ from sidecar.core.decision import DecisionPolicy, new_decision_id, present, unav
 from sidecar.core.models import AuthorizeRequest, Decision, Outcome
 from sidecar.core.reasons import Reason
 from sidecar.core.windows import WINDOWS, periods
-from sidecar.store.base import DecisionCall, Store, StoreUnavailable
+from sidecar.store.base import DecisionCall, Store, StoreDown, StoreUnavailable
 
 _NO_WINDOWS = (None,) * len(WINDOWS)
-# Consecutive missed deadlines that open the breaker (a refused or lost connection
-# opens it at once).
-BREAKER_TIMEOUTS = 3
 
 
 def now_ms() -> int:
@@ -49,8 +48,8 @@ def _drop_outcome(future: asyncio.Future[Outcome]) -> None:
 
 
 class Pending:
-    """A decision begun: ``future`` (None when the breaker spared the store) resolves
-    to the store's Outcome. Holds no reference to whoever waits for it."""
+    """A decision begun: ``future`` resolves to the store's Outcome. Holds no
+    reference to whoever waits for it."""
 
     __slots__ = (
         "caller_bound",
@@ -81,7 +80,7 @@ class Pending:
         self.caller_bound = caller_bound
         self.started = started
         self.consumer_id = request.consumer_id
-        self.future: asyncio.Future[Outcome] | None = None
+        self.future: asyncio.Future[Outcome]
 
 
 class Authorizer:
@@ -93,19 +92,12 @@ class Authorizer:
             quota_ttl_cap_seconds=settings.quota_ttl_cap_seconds,
         )
         self._deadline_s = settings.decision_timeout_ms / 1000
-        self._cooldown_s = settings.breaker_cooldown_ms / 1000
         self._apply_margin_ms = settings.late_apply_margin_ms
         self._idempotency_ttl_ms = settings.idempotency_ttl_seconds * 1000
-        self._down_until = 0.0
-        self._failures = 0  # consecutive store failures
         # A key hash belongs to one consumer for good (keys are generated, never
         # reassigned); revocation is checked by the store on every decision, so this
         # cache can only save lookups, never admit a revoked key.
         self._key_owner: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=300)
-
-    @property
-    def store_down(self) -> bool:
-        return time.monotonic() < self._down_until
 
     async def authorize(
         self, request: AuthorizeRequest, at_ms: int | None = None, deadline_s: float | None = None
@@ -121,7 +113,7 @@ class Authorizer:
     async def wait(self, pending: Pending) -> Decision:
         """Wait for a decision begun with ``begin`` and conclude it."""
         future = pending.future
-        if future is not None and not future.done():
+        if not future.done():
             # conclude() reads the outcome or the failure off the future.
             with contextlib.suppress(Exception):
                 await future
@@ -130,14 +122,13 @@ class Authorizer:
     def abandon(self, pending: Pending) -> None:
         """Nobody will conclude ``pending`` (its caller went away): its outcome is
         dropped without asyncio reporting an exception that was never retrieved."""
-        if pending.future is not None:
-            pending.future.add_done_callback(_drop_outcome)
+        pending.future.add_done_callback(_drop_outcome)
 
     def begin(
         self, request: AuthorizeRequest, at_ms: int | None = None, deadline_s: float | None = None
     ) -> Pending:
-        """Start deciding (see ``authorize``). When ``pending.future`` is set and not
-        done, wait for it (await, or a done callback), then call ``conclude``."""
+        """Start deciding (see ``authorize``). When ``pending.future`` is not done,
+        wait for it (await, or a done callback), then call ``conclude``."""
         started = time.perf_counter()
         budget_s = self._deadline_s
         caller_bound = deadline_s is not None and deadline_s < budget_s
@@ -149,10 +140,6 @@ class Authorizer:
         pending = Pending(
             request, decision_id, request.request_id or decision_id, moment, caller_bound, started
         )
-        if self.store_down:
-            # Answered by the fail mode without trying Redis. This does not re-arm the
-            # breaker: the first call after the cooldown probes Redis again.
-            return pending
         # One deadline for the whole decision. The store enforces it on its own pending
         # reply (no timer per call on the hot path); the API key lookup, a separate
         # round trip, gets a timeout of its own.
@@ -212,11 +199,8 @@ class Authorizer:
         request = pending.request
         future = pending.future
         consumer_id, request_id, decision_id = pending.consumer_id, pending.request_id, pending.decision_id
-        failure = None if future is None else future.exception()
-        if future is None:
-            decision = self._unavailable(request, consumer_id, request_id, decision_id)
-        elif failure is None:
-            self._failures = 0
+        failure = future.exception()
+        if failure is None:
             decision = present(
                 future.result(),
                 tenant=request.tenant,
@@ -230,9 +214,11 @@ class Authorizer:
         elif isinstance(failure, TimeoutError):
             if pending.caller_bound:
                 raise DeadlineExceeded from None
-            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=True)
+            decision = self._fail(request, consumer_id, request_id, decision_id, counted=True)
         elif isinstance(failure, StoreUnavailable):
-            decision = self._fail(request, consumer_id, request_id, decision_id, timed_out=False)
+            # A node already known down (StoreDown) is not a new store error.
+            counted = not isinstance(failure, StoreDown)
+            decision = self._fail(request, consumer_id, request_id, decision_id, counted=counted)
         else:
             raise failure
         metrics.DECISIONS_BY_REASON[decision.reason].inc()
@@ -246,17 +232,11 @@ class Authorizer:
         request_id: str,
         decision_id: str,
         *,
-        timed_out: bool,
+        counted: bool,
     ) -> Decision:
-        """The store did not answer in time: answer per fail mode, and open the breaker
-        when Redis is plainly down (refused, lost) or has missed several deadlines in
-        a row while sending nothing. Deadlines missed because this process is
-        overloaded (Redis still answering) never open it: one slow moment must not
-        turn into a flood of fail-mode answers for every consumer."""
-        self._failures += 1
-        if not timed_out or (self._failures >= BREAKER_TIMEOUTS and not self.store.answering()):
-            self._down_until = time.monotonic() + self._cooldown_s
-        metrics.STORE_ERRORS.labels("decide").inc()
+        """The store did not answer in time: answer per fail mode."""
+        if counted:
+            metrics.STORE_ERRORS.labels("decide").inc()
         return self._unavailable(request, consumer_id, request_id, decision_id)
 
     def _unavailable(

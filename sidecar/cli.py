@@ -27,6 +27,12 @@ _SERVER_FLAGS = {
 }
 
 
+_TOPOLOGY_HELP = (
+    "auto|standalone|cluster|sentinel (AFORO_REDIS_TOPOLOGY, default auto: the URL's scheme, "
+    "and a redis:// node is asked whether it is a cluster node)"
+)
+
+
 def _server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (AFORO_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (AFORO_PORT, default 8080)")
@@ -55,7 +61,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the decision service")
     _server_args(serve)
-    serve.add_argument("--redis-url", help="Redis URL (AFORO_REDIS_URL); unset: embedded store")
+    serve.add_argument(
+        "--redis-url",
+        help="Redis URL (AFORO_REDIS_URL): redis://, rediss://, unix://, "
+        "redis+cluster://h:p,h:p, redis+sentinel://h:p,h:p/master; unset: embedded store",
+    )
+    serve.add_argument("--redis-topology", help=_TOPOLOGY_HELP)
     serve.add_argument("--workers", type=int, help="worker processes (AFORO_WORKERS, default 1)")
     serve.add_argument("--fail-mode", help="open|closed when Redis is unreachable (AFORO_FAIL_MODE)")
     serve.add_argument("--decision-timeout-ms", type=int, help="deadline of one decision (default 50)")
@@ -96,6 +107,7 @@ def _data_args(parser: argparse.ArgumentParser, *, redis: bool) -> None:
     parser.add_argument("--database-url", help="Postgres URL (AFORO_DATABASE_URL)")
     if redis:
         parser.add_argument("--redis-url", help="Redis URL (AFORO_REDIS_URL)")
+        parser.add_argument("--redis-topology", help=_TOPOLOGY_HELP)
         parser.add_argument("--key-prefix", help="Redis key prefix (AFORO_KEY_PREFIX)")
     parser.add_argument("--log-level", help="critical|error|warning|info|debug (AFORO_LOG_LEVEL)")
 
@@ -174,6 +186,7 @@ def _data_settings(args: argparse.Namespace) -> Settings:
         {
             "database_url": args.database_url,
             "redis_url": getattr(args, "redis_url", None),
+            "redis_topology": getattr(args, "redis_topology", None),
             "key_prefix": getattr(args, "key_prefix", None),
             "log_level": args.log_level,
         }
@@ -210,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args,
                 {
                     "redis_url": args.redis_url,
+                    "redis_topology": args.redis_topology,
                     "workers": args.workers,
                     "fail_mode": args.fail_mode,
                     "decision_timeout_ms": args.decision_timeout_ms,

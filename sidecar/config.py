@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import msgspec
 
 from sidecar.core.models import TENANT_RE
+from sidecar.store.target import RedisTarget, RedisTargetError, Topology, parse_redis_target
 
 ENV_PREFIX = "AFORO_"
 FailMode = Literal["open", "closed"]
@@ -22,7 +23,13 @@ class SettingsError(ValueError):
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Hot store. Unset: the embedded in-process store (one process, nothing shared).
+    # redis://, rediss://, unix://, redis+cluster://, redis+sentinel:// (store/target.py).
     redis_url: str | None = None
+    # auto: the URL's scheme says, and a plain redis:// node is asked whether it is a
+    # cluster node at start; or standalone, cluster, sentinel.
+    redis_topology: Topology = "auto"
+    # The sentinels' own password, when they require one (the URL's is the data nodes').
+    redis_sentinel_password: str | None = None
     key_prefix: str = "aforo:"
     redis_connect_timeout_ms: int = 250
     redis_max_connections: int = 256
@@ -83,16 +90,19 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def fail_open(self, tenant: str) -> bool:
         return self.tenant_fail_modes.get(tenant, self.fail_mode) == "open"
 
+    def redis_target(self) -> RedisTarget:
+        """The Redis deployment redis_url names (validate() has checked it)."""
+        assert self.redis_url is not None
+        return parse_redis_target(self.redis_url, self.redis_topology, self.redis_sentinel_password)
+
     def validate(self) -> Settings:
         if self.redis_url is not None:
-            parsed = urlparse(self.redis_url)
-            if parsed.scheme not in ("redis", "rediss", "unix") or (
-                parsed.scheme != "unix" and not parsed.hostname
-            ):
-                raise SettingsError(
-                    f"redis_url {self.redis_url!r} is not a Redis URL "
-                    "(expected redis://host:port/db, rediss://... or unix:///path)"
-                )
+            try:
+                self.redis_target()
+            except RedisTargetError as exc:
+                raise SettingsError(str(exc)) from None
+        elif self.redis_topology != "auto" or self.redis_sentinel_password is not None:
+            raise SettingsError("redis_topology and redis_sentinel_password need redis_url")
         if self.database_url is not None and urlparse(self.database_url).scheme not in (
             "postgres",
             "postgresql",
@@ -216,7 +226,7 @@ def load_settings(
     if isinstance(raw.get("ingest_header_allowlist"), str):
         text = raw["ingest_header_allowlist"]
         raw["ingest_header_allowlist"] = [h.strip().lower() for h in text.split(",") if h.strip()]
-    for key in ("redis_url", "admin_token", "database_url"):
+    for key in ("redis_url", "admin_token", "database_url", "redis_sentinel_password"):
         if raw.get(key) == "":
             raw[key] = None
     try:

@@ -32,7 +32,11 @@ async def _invalidations(settings: Settings, authorizer: Authorizer, store: Stor
     async def listen() -> None:
         while True:
             try:
-                async with store.client.pubsub() as pubsub:
+                # Plain pub/sub: on a cluster every node hears every PUBLISH, so one
+                # subscription anywhere is enough; redis-py picks the node and the
+                # loop moves to another when it is lost.
+                client = (await store.open()).client
+                async with client.pubsub() as pubsub:
                     await pubsub.subscribe(store.keys.invalidations())
                     async for message in pubsub.listen():
                         if message.get("type") == "message":

@@ -11,10 +11,12 @@ import pytest
 
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.resp import PIPELINE_CHUNK, PipelinedConnection, RedisReplyError, encode_command
+from sidecar.store.target import parse_redis_target
 
 
 async def _connected(url: str) -> PipelinedConnection:
-    connection = PipelinedConnection(url, connect_timeout_s=1.0)
+    target = parse_redis_target(url)
+    connection = PipelinedConnection(target, target.hosts[0], connect_timeout_s=1.0)
     assert await connection.execute(encode_command(["PING"])) == b"PONG"
     return connection
 

@@ -26,7 +26,7 @@ RATE_LIMIT = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 HEALTH_INTERVAL_S = 1.0
 
 
-async def _watch_store(store: Store, authorizer: Authorizer, servicer: health.aio.HealthServicer) -> None:
+async def _watch_store(store: Store, servicer: health.aio.HealthServicer) -> None:
     """Keep the health status in step with the store: NOT_SERVING while it is down."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -34,7 +34,7 @@ async def _watch_store(store: Store, authorizer: Authorizer, servicer: health.ai
     while True:
         try:
             await asyncio.wait_for(store.ping(), timeout=HEALTH_INTERVAL_S)
-            status = not_serving if authorizer.store_down else serving
+            status = serving
         except (StoreUnavailable, TimeoutError):
             status = not_serving
         if status != last:
@@ -63,7 +63,7 @@ async def grpc_server(settings: Settings, authorizer: Authorizer, store: Store) 
     await server.start()
     log.info("grpc listening on %s:%d", settings.host, port)
     try:
-        async with in_background(_watch_store(store, authorizer, health_servicer)):
+        async with in_background(_watch_store(store, health_servicer)):
             yield port
     finally:
         await server.stop(grace=2)

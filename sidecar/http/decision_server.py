@@ -198,7 +198,7 @@ class _Connection(asyncio.Protocol):
             self.ready(reply, _internal_error(keep_alive))
             return
         future = pending.future
-        if future is None or future.done():
+        if future.done():
             reply.decided()
         else:
             future.add_done_callback(reply.decided)

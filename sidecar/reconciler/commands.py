@@ -46,7 +46,13 @@ async def _verify(settings: Settings) -> int:
 
 def _store(settings: Settings) -> RedisStore:
     assert settings.redis_url is not None
-    return RedisStore(settings.redis_url, prefix=settings.key_prefix, socket_timeout_s=10)
+    return RedisStore(
+        settings.redis_target(),
+        prefix=settings.key_prefix,
+        connect_timeout_s=settings.redis_connect_timeout_ms / 1000,
+        socket_timeout_s=10,
+        breaker_cooldown_s=settings.breaker_cooldown_ms / 1000,
+    )
 
 
 async def _report(settings: Settings, as_json: bool) -> int:

@@ -24,6 +24,10 @@ class StoreUnavailable(Exception):
     have changed; the caller applies its fail mode."""
 
 
+class StoreDown(StoreUnavailable):
+    """Not even tried: the node's breaker is open after it was found down moments ago."""
+
+
 class DecisionCall(msgspec.Struct, frozen=True):
     """Everything a store needs for one decision, computed by the caller.
 
@@ -115,13 +119,9 @@ class Store(Protocol):
         """The consumer's recorded gateway events, oldest first."""
         ...
 
-    def answering(self) -> bool:
-        """Whether the store answered very recently (no I/O): tells an overloaded
-        caller from a store that is gone."""
-        ...
-
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the store answers."""
+        """Raise StoreUnavailable unless the store answers (on a cluster: every slot
+        has a master and every master answers)."""
         ...
 
     async def close(self) -> None: ...

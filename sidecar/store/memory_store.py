@@ -293,9 +293,6 @@ class MemoryStore:
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
         return list(self._events.get((tenant, consumer_id), ()))
 
-    def answering(self) -> bool:
-        return True  # in process: never away
-
     async def ping(self) -> None:
         return None
 

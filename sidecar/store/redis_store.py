@@ -1,18 +1,25 @@
-"""The Redis store: one EVALSHA per decision, all of a consumer's keys in one slot."""
+"""The Redis store: one EVALSHA per decision, all of a consumer's keys in one slot.
+
+The same code runs on one Redis, a Redis Cluster and a Sentinel-watched primary
+(topology.py opens what each needs). Every script and every multi-key command touches
+the keys of one hash tag, so one cluster slot (the list is in the README, "Redis
+key layout"; tests/test_cluster_slots.py checks it on a real cluster); what spans
+consumers (the plan's member set, the dirty set, scans) is one key or one command per
+master.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import time
 from collections.abc import Iterator, Sequence
 from importlib import resources
 
 import msgspec
 import redis.exceptions as redis_errors
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
+from redis.asyncio import Redis, RedisCluster
 
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
@@ -27,15 +34,24 @@ from sidecar.core.models import (
 )
 from sidecar.core.money import MAX_MICROS
 from sidecar.core.windows import WINDOWS, periods
-from sidecar.store.base import DecisionCall, StoreUnavailable, TopUpResult
+from sidecar.store.base import DecisionCall, StoreDown, StoreUnavailable, TopUpResult
 from sidecar.store.keys import KeySpace
-from sidecar.store.resp import PipelinedConnection, RedisReplyError, encode_bulks, encode_command
+from sidecar.store.resp import RedisReplyError, encode_bulks, encode_command, ignore_reply
+from sidecar.store.slots import key_slot
+from sidecar.store.target import RedisTarget, parse_redis_target
+from sidecar.store.topology import Backend, Timeouts, open_backend
 
-# Errors that mean "Redis did not answer": the caller's fail mode applies. A script
-# error (ResponseError) is a bug and is left to surface as a 500.
+# Errors that mean "Redis did not answer" or "cannot serve this now" (a cluster slot
+# without a master, a failover under way): the caller's fail mode applies. Any other
+# error reply (a script error, CROSSSLOT) is a bug and is left to surface as a 500.
 UNREACHABLE = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.ReadOnlyError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.RedisClusterUnreachableError,
     OSError,
     asyncio.TimeoutError,
 )
@@ -56,8 +72,14 @@ def _guard() -> Iterator[None]:
         raise StoreUnavailable(f"redis unreachable: {exc!r}") from exc
 
 
-def _load_script(name: str) -> str:
-    return resources.files("sidecar.store").joinpath("lua", name).read_text(encoding="utf-8")
+class Script:
+    """A Lua script of store/lua/, run by its SHA1 (EVALSHA) and loaded on NOSCRIPT."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files("sidecar.store").joinpath("lua", name).read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self.load = encode_command(["SCRIPT", "LOAD", self.source])
 
 
 def _products_field(products: list[str]) -> str:
@@ -101,17 +123,25 @@ def next_stream_id(entry_id: str) -> str:
 
 class _DecideReply:
     """The OnReply of one decide command: resolves ``future`` to an Outcome. NOSCRIPT
-    (Redis restarted, SCRIPT FLUSH) means the command did not run: the script is
-    loaded and the command sent again, once, in order on the same connection."""
+    (Redis restarted, a new cluster master, SCRIPT FLUSH) means the command did not
+    run: the script is loaded and the command sent again, once, in order, to the same
+    node."""
 
-    __slots__ = ("command", "deadline", "dirty", "future", "retried", "store")
+    __slots__ = ("command", "deadline", "dirty", "future", "retried", "slot", "store")
 
     def __init__(
-        self, store: RedisStore, future: asyncio.Future[Outcome], command: bytes, deadline: float, dirty: str
+        self,
+        store: RedisStore,
+        future: asyncio.Future[Outcome],
+        command: bytes,
+        slot: int,
+        deadline: float,
+        dirty: str,
     ) -> None:
         self.store = store
         self.future = future
         self.command = command
+        self.slot = slot
         self.deadline = deadline
         self.dirty = dirty
         self.retried = False
@@ -123,11 +153,10 @@ class _DecideReply:
         if isinstance(reply, BaseException):
             if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT") and not self.retried:
                 self.retried = True
-                fast = self.store._fast
-                load = encode_command(["SCRIPT", "LOAD", self.store._decide.script])
-                if fast.send(load, _ignore) and fast.send(self.command, self, self.deadline):
-                    return
-                reply = StoreUnavailable("redis connection lost while reloading the decide script")
+                router = self.store._router
+                router.send(self.slot, self.store._decide.load, ignore_reply)
+                router.send(self.slot, self.command, self, self.deadline)
+                return
             future.set_exception(reply)
             return
         try:
@@ -136,51 +165,41 @@ class _DecideReply:
             future.set_exception(exc)
 
 
-def _ignore(reply: object) -> None:
-    """OnReply of a command whose answer nobody waits for (a SCRIPT LOAD: a failure
-    shows in the reply to the command sent after it)."""
-
-
 class RedisStore:
-    """Hot store on Redis (standalone or behind a proxy; the key layout is cluster-safe)."""
+    """Hot store on Redis: one Redis, a Redis Cluster or a Sentinel-watched primary."""
 
     def __init__(
         self,
-        url: str,
+        target: RedisTarget | str,
         *,
         prefix: str = "aforo:",
         connect_timeout_s: float = 0.25,
         socket_timeout_s: float = 1.0,
         max_connections: int = 256,
+        breaker_cooldown_s: float = 0.0,
         topup_reference_ttl_ms: int = 30 * 86_400_000,
     ) -> None:
-        # No client-side retries: a decision that timed out may have run, and only the
-        # request id (not a blind retry) may safely repeat it.
-        self._redis = Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections,
-            health_check_interval=0,
-        )
-        self._fast = PipelinedConnection(url, connect_timeout_s)
-        self._parts: dict[tuple[str, str, int], tuple[bytes, bytes, bytes]] = {}
+        self.target = parse_redis_target(target) if isinstance(target, str) else target
+        self._timeouts = Timeouts(connect_timeout_s, socket_timeout_s, breaker_cooldown_s, max_connections)
+        self._backend: Backend | None = None
+        self._opening: asyncio.Lock | None = None
+        self._open_retry_at = 0.0  # after a failed open (auto detection), not before
+        self._parts: dict[tuple[str, str, int], tuple[bytes, bytes, bytes, int]] = {}
         self._middles: dict[tuple[str, str, int | None, int, int, str | None], bytes] = {}
         # Streams this process appended to since the last flush_dirty ("u|g:t:c"): the
         # reconciler drains those first instead of scanning the whole keyspace.
         self._dirty: set[str] = set()
         self.keys = KeySpace(prefix)
         self._topup_ttl_ms = topup_reference_ttl_ms
-        self._decide = self._redis.register_script(_load_script("decide.lua"))
-        self._bind = self._redis.register_script(_load_script("bind.lua"))
-        self._status = self._redis.register_script(_load_script("status.lua"))
-        self._topup = self._redis.register_script(_load_script("topup.lua"))
-        self._key = self._redis.register_script(_load_script("key.lua"))
-        self._event = self._redis.register_script(_load_script("event.lua"))
-        self._plan = self._redis.register_script(_load_script("plan.lua"))
-        self._settle = self._redis.register_script(_load_script("settle.lua"))
-        self._scripts = (
+        self._decide = Script("decide.lua")
+        self._bind = Script("bind.lua")
+        self._status = Script("status.lua")
+        self._topup = Script("topup.lua")
+        self._key = Script("key.lua")
+        self._event = Script("event.lua")
+        self._plan = Script("plan.lua")
+        self._settle = Script("settle.lua")
+        self.scripts = (
             self._decide,
             self._bind,
             self._status,
@@ -191,39 +210,83 @@ class RedisStore:
             self._settle,
         )
 
-    async def _evalsha(self, script: AsyncScript, command: bytes, deadline: float = 0.0) -> list:
-        """Run an encoded EVALSHA of ``script`` over the pipelined connection, giving
-        up at ``deadline`` (time.monotonic(); TimeoutError). Connects if needed; NOSCRIPT
-        (Redis restarted, SCRIPT FLUSH) means the command did not run: load the script
-        and run it again."""
+    async def open(self) -> Backend:
+        """What the store talks to, opened on first use. A plain redis:// URL is asked
+        whether it is a cluster node here (StoreUnavailable while it cannot be reached:
+        the next call asks again, at most once per breaker cooldown)."""
+        backend = self._backend
+        if backend is not None:
+            return backend
+        if time.monotonic() < self._open_retry_at:
+            raise StoreDown(f"redis {self.target.describe()} is down (breaker open)")
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._backend is None:
+                try:
+                    self._backend = await open_backend(self.target, self._timeouts)
+                except StoreUnavailable:
+                    self._open_retry_at = time.monotonic() + self._timeouts.cooldown_s
+                    raise
+        return self._backend
+
+    @property
+    def _router(self):  # type: ignore[no-untyped-def]
+        assert self._backend is not None, "the store is not open"
+        return self._backend.router
+
+    async def _client(self) -> Redis | RedisCluster:
+        return (await self.open()).client
+
+    @property
+    def client(self) -> Redis | RedisCluster:
+        """The redis-py client (the store must have been opened: ``open``)."""
+        assert self._backend is not None, "the store is not open"
+        return self._backend.client
+
+    @property
+    def topology(self) -> str:
+        """standalone, cluster or sentinel once open; the setting before."""
+        return self.target.topology if self._backend is None else self._backend.target.topology
+
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[object]) -> object:
+        """Run a script through redis-py (admin and reconciler paths)."""
+        client = await self._client()
+        with _guard():
+            try:
+                return await client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+            except redis_errors.NoScriptError:
+                await client.script_load(script.source)
+                return await client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+
+    async def _evalsha(self, script: Script, command: bytes, slot: int, deadline: float = 0.0) -> list:
+        """Run an encoded EVALSHA of ``script`` over the pipelined connections, giving
+        up at ``deadline`` (time.monotonic(); TimeoutError). NOSCRIPT means the command
+        did not run: load the script on that node and run it again."""
+        router = (await self.open()).router
         try:
-            return await self._fast.execute(command, deadline)  # type: ignore[return-value]
+            return await router.execute(slot, command, deadline)  # type: ignore[return-value]
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            await self._fast.execute(encode_command(["SCRIPT", "LOAD", script.script]), deadline)
-            return await self._fast.execute(command, deadline)  # type: ignore[return-value]
-
-    def answering(self) -> bool:
-        """Redis has answered decisions in the last 200 ms: a missed deadline now is
-        this process being slow (overload), not Redis being gone."""
-        return self._fast.answered_within(0.2)
-
-    @property
-    def client(self) -> Redis:
-        return self._redis
+            await router.execute(slot, script.load, deadline)
+            return await router.execute(slot, command, deadline)  # type: ignore[return-value]
 
     async def load_scripts(self) -> None:
-        """Load every script once so the first decisions need no NOSCRIPT round trip."""
-        with _guard():
-            for script in self._scripts:
-                await self._redis.script_load(script.script)
+        """Load every script on every master, so the first decisions need no NOSCRIPT
+        round trip."""
+        router = (await self.open()).router
+        deadline = time.monotonic() + self._timeouts.socket_s
+        for node in await router.masters():
+            for script in self.scripts:
+                await node.execute(script.load, deadline)
 
-    def _decide_parts(self, call: DecisionCall) -> tuple[bytes, bytes, bytes]:
+    def _decide_parts(self, call: DecisionCall) -> tuple[bytes, bytes, bytes, int]:
         """The parts of a decide command fixed for a consumer within a minute: the head
-        (EVALSHA, keys 1-7) and ARGV 1-7, and the whole prefix up to ARGV 7 for a
-        decision without a request id (its idempotency key is never read, so one name
-        serves). Cached: building them is most of the cost of encoding a decision."""
+        (EVALSHA, keys 1-7) and ARGV 1-7, the whole prefix up to ARGV 7 for a decision
+        without a request id (its idempotency key is never read, so one name serves),
+        and the cluster slot of the consumer's hash tag. Cached: building them is most
+        of the cost of encoding a decision."""
         ident = (call.tenant, call.consumer_id, call.window_starts_ms[0])
         parts = self._parts.get(ident)
         if parts is None:
@@ -241,11 +304,12 @@ class RedisStore:
                 ]
             )
             fixed = encode_bulks([*call.resets_ms, call.tenant, call.consumer_id])
-            parts = self._parts[ident] = (head, fixed, head + encode_bulks([f"{tag}:r:"]) + fixed)
+            anonymous = head + encode_bulks([f"{tag}:r:"]) + fixed
+            parts = self._parts[ident] = (head, fixed, anonymous, key_slot(tag))
         return parts
 
-    def _decide_command(self, call: DecisionCall) -> bytes:
-        head, fixed, anonymous = self._decide_parts(call)
+    def _decide_command(self, call: DecisionCall) -> tuple[bytes, int]:
+        head, fixed, anonymous, slot = self._decide_parts(call)
         # ARGV 11-16 repeat across decisions (one product, operation and price per
         # route): encoded once.
         what = (call.product, call.operation, call.cost, call.hits, call.idempotency_ttl_ms, call.key_hash)
@@ -269,25 +333,30 @@ class RedisStore:
             + encode_bulks([call.apply_by_ms])
         )
         if not call.idempotency_ttl_ms:
-            return anonymous + tail
+            return anonymous + tail, slot
         request_key = f"{self.keys.tag(call.tenant, call.consumer_id)}:r:{call.request_id}"
-        return head + encode_bulks([request_key]) + fixed + tail
+        return head + encode_bulks([request_key]) + fixed + tail, slot
 
     def decide(self, call: DecisionCall) -> asyncio.Future[Outcome]:
-        """Queue the decision on the pipelined connection; the future resolves to its
-        Outcome (StoreUnavailable, TimeoutError past ``call.deadline``). Connected,
-        this is one queued command and a callback: no coroutine, no task."""
-        command = self._decide_command(call)
+        """Queue the decision for the node of its consumer's slot; the future resolves
+        to its Outcome (StoreUnavailable, TimeoutError past ``call.deadline``). Once the
+        store is open this is one queued command and a callback: no coroutine, no task
+        (a node not yet connected is connected in the background)."""
+        command, slot = self._decide_command(call)
         dirty = f"u:{call.tenant}:{call.consumer_id}"
-        loop = self._fast.loop
-        if loop is not None:
-            reply = _DecideReply(self, loop.create_future(), command, call.deadline, dirty)
-            if self._fast.send(command, reply, call.deadline):
-                return reply.future
-        return asyncio.ensure_future(self._decide_connecting(command, call.deadline, dirty))
+        backend = self._backend
+        if backend is None:
+            return asyncio.ensure_future(self._decide_opening(command, slot, call.deadline, dirty))
+        router = backend.router
+        reply = _DecideReply(self, router.loop().create_future(), command, slot, call.deadline, dirty)
+        router.send(slot, command, reply, call.deadline)
+        return reply.future
 
-    async def _decide_connecting(self, command: bytes, deadline: float, dirty: str) -> Outcome:
-        return self._outcome(await self._evalsha(self._decide, command, deadline), dirty)
+    async def _decide_opening(self, command: bytes, slot: int, deadline: float, dirty: str) -> Outcome:
+        timeout = None if not deadline else max(0.0, deadline - time.monotonic())
+        async with asyncio.timeout(timeout):
+            await self.open()
+        return self._outcome(await self._evalsha(self._decide, command, slot, deadline), dirty)
 
     def _outcome(self, reply: list, dirty: str) -> Outcome:
         if reply[1] == b"ok" and reply[0] == 0:
@@ -306,8 +375,10 @@ class RedisStore:
         )
 
     async def resolve_key(self, tenant: str, key_hash: str) -> str | None:
+        # The index key has no hash tag: its own slot, wherever that lives.
+        client = await self._client()
         with _guard():
-            found = await self._redis.get(self.keys.api_key(tenant, key_hash))
+            found = await client.get(self.keys.api_key(tenant, key_hash))
         return None if found is None else found.decode()
 
     async def put_plan(self, plan: Plan) -> bool:
@@ -316,44 +387,53 @@ class RedisStore:
     async def apply_plan(self, plan: Plan, version: int | None) -> int:
         """Store ``plan`` at ``version`` (None: the next one) and re-apply it to every
         consumer bound to it. Returns the version stored, 0 if a newer one was there."""
+        stored = await self._run(
+            self._plan,
+            [self.keys.plan(plan.tenant, plan.id)],
+            ["" if version is None else version, msgspec.json.encode(plan)],
+        )
+        if stored == 0:
+            return 0
+        client = await self._client()
         with _guard():
-            stored = await self._plan(
-                keys=[self.keys.plan(plan.tenant, plan.id)],
-                args=["" if version is None else version, msgspec.json.encode(plan)],
-            )
-            if stored == 0:
-                return 0
-            members = await self._redis.smembers(self.keys.plan_members(plan.tenant, plan.id))
-            if members:
-                args = ["plan", 0, *_plan_args(plan, stored), "", ""]
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for member in members:
-                        consumer_key = self.keys.consumer(plan.tenant, member.decode())
-                        await self._bind(keys=[consumer_key], args=args, client=pipe)
-                    await pipe.execute()
-        return stored
+            members = await client.smembers(self.keys.plan_members(plan.tenant, plan.id))
+        if members:
+            # Each member is a consumer of its own slot: one bind.lua per member, all of
+            # them pipelined per node over the hot path's connections.
+            args = ["plan", 0, *_plan_args(plan, stored), "", ""]
+            deadline = time.monotonic() + self._timeouts.socket_s + 0.01 * len(members)
+            commands = []
+            for member in members:
+                consumer_key = self.keys.consumer(plan.tenant, member.decode())
+                command = encode_command(["EVALSHA", self._bind.sha, 1, consumer_key, *args])
+                commands.append(self._evalsha(self._bind, command, key_slot(consumer_key), deadline))
+            with _guard():
+                await asyncio.gather(*commands)
+        return int(stored)  # type: ignore[call-overload]
 
     async def _read_plan(self, tenant: str, plan_id: str) -> tuple[Plan, int] | None:
-        spec, version = await self._redis.hmget(self.keys.plan(tenant, plan_id), "spec", "version")
+        spec, version = await self.client.hmget(self.keys.plan(tenant, plan_id), "spec", "version")
         if spec is None:
             return None
         return _plan_decoder.decode(spec), int(version)
 
     async def get_plan(self, tenant: str, plan_id: str) -> Plan | None:
+        await self.open()
         with _guard():
             found = await self._read_plan(tenant, plan_id)
         return None if found is None else found[0]
 
     async def put_consumer(self, consumer: ConsumerSpec, now_ms: int) -> tuple[ConsumerView, bool]:
+        client = await self._client()
         with _guard():
             # Join the plan's member set before reading the plan: a plan edit that lands
             # after our read then finds us and re-applies (bind.lua orders versions).
             members = self.keys.plan_members(consumer.tenant, consumer.plan_id)
-            joined = await self._redis.sadd(members, consumer.id)
+            joined = await client.sadd(members, consumer.id)
             found = await self._read_plan(consumer.tenant, consumer.plan_id)
             if found is None:
                 if joined:
-                    await self._redis.srem(members, consumer.id)
+                    await client.srem(members, consumer.id)
                 raise NotFound(f"plan {consumer.plan_id!r} does not exist", code="plan_not_found")
         created = await self.apply_consumer(consumer, *found, now_ms)
         view = await self.get_consumer(consumer.tenant, consumer.id, now_ms)
@@ -369,25 +449,26 @@ class RedisStore:
         consumer_key = self.keys.consumer(t, c)
         status = "" if consumer.status is None else consumer.status.value
         wallet = "" if consumer.wallet_mode is None else consumer.wallet_mode.value
+        client = await self._client()
         with _guard():
-            previous = await self._redis.hget(consumer_key, "plan")
-            await self._redis.sadd(self.keys.plan_members(t, plan.id), c)
-            created, _ = await self._bind(
-                keys=[consumer_key],
-                args=["upsert", now_ms, *_plan_args(plan, plan_version), status, wallet],
-            )
-            if previous is not None and previous.decode() != plan.id:
-                await self._redis.srem(self.keys.plan_members(t, previous.decode()), c)
+            previous = await client.hget(consumer_key, "plan")
+            await client.sadd(self.keys.plan_members(t, plan.id), c)
+        created, _ = await self._run(  # type: ignore[misc]
+            self._bind, [consumer_key], ["upsert", now_ms, *_plan_args(plan, plan_version), status, wallet]
+        )
+        if previous is not None and previous.decode() != plan.id:
+            with _guard():
+                await client.srem(self.keys.plan_members(t, previous.decode()), c)
         return created == 1
 
     async def _view(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
-        fields = await self._redis.hgetall(self.keys.consumer(tenant, consumer_id))
+        fields = await self.client.hgetall(self.keys.consumer(tenant, consumer_id))
         if not fields:
             return None
         starts = periods(now_ms).starts
         counters = self.keys.counters(tenant, consumer_id, starts)
         limited = [i for i, name in enumerate(_LIMIT_FIELDS) if name.encode() in fields]
-        counts = await self._redis.mget([counters[i] for i in limited]) if limited else []
+        counts = await self.client.mget([counters[i] for i in limited]) if limited else []
         pending = int(fields[b"spent"]) - int(fields[b"settled"])
         base = int(fields[b"base"])
         return ConsumerView(
@@ -403,14 +484,15 @@ class RedisStore:
         )
 
     async def get_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
+        await self.open()
         with _guard():
             return await self._view(tenant, consumer_id, now_ms)
 
     async def set_status(
         self, tenant: str, consumer_id: str, status: ConsumerStatus, now_ms: int
     ) -> ConsumerView:
+        done = await self._run(self._status, [self.keys.consumer(tenant, consumer_id)], [status.value])
         with _guard():
-            done = await self._status(keys=[self.keys.consumer(tenant, consumer_id)], args=[status.value])
             view = await self._view(tenant, consumer_id, now_ms) if done else None
         if view is None:
             raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
@@ -426,8 +508,7 @@ class RedisStore:
             self.keys.topup(tenant, consumer_id, reference or ""),
         ]
         args = [amount, self._topup_ttl_ms, "1" if reference else "0", MAX_MICROS, version or ""]
-        with _guard():
-            code, balance = await self._topup(keys=keys, args=args)
+        code, balance = await self._run(self._topup, keys, args)  # type: ignore[misc]
         if code == -1:
             raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
         if code == -2:
@@ -438,26 +519,30 @@ class RedisStore:
 
     async def add_key(self, tenant: str, consumer_id: str, key_hash: str) -> None:
         index = self.keys.api_key(tenant, key_hash)
+        client = await self._client()
         with _guard():
-            await self._redis.set(index, consumer_id)
-            done = await self._key(keys=[self.keys.consumer(tenant, consumer_id)], args=["add", key_hash])
-            if done == -1:
-                await self._redis.delete(index)
+            await client.set(index, consumer_id)
+        done = await self._run(self._key, [self.keys.consumer(tenant, consumer_id)], ["add", key_hash])
+        if done == -1:
+            with _guard():
+                await client.delete(index)
         if done == -1:
             raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
         index = self.keys.api_key(tenant, key_hash)
+        removed = await self._run(self._key, [self.keys.consumer(tenant, consumer_id)], ["del", key_hash])
+        client = await self._client()
         with _guard():
-            removed = await self._key(keys=[self.keys.consumer(tenant, consumer_id)], args=["del", key_hash])
-            owner = await self._redis.get(index)
+            owner = await client.get(index)
             if owner is not None and owner.decode() == consumer_id:
-                await self._redis.delete(index)
+                await client.delete(index)
         return removed == 1
 
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
+        client = await self._client()
         with _guard():
-            entries = await self._redis.xrange(self.keys.usage(tenant, consumer_id))
+            entries = await client.xrange(self.keys.usage(tenant, consumer_id))
         return [_usage_record(fields) for _, fields in entries]
 
     async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
@@ -465,28 +550,32 @@ class RedisStore:
         # own atomic script (events of different consumers live in different slots).
         ks, sha = self.keys, self._event.sha
         commands = [
-            encode_command(
-                [
-                    "EVALSHA",
-                    sha,
-                    2,
-                    ks.event_marker(e.tenant, e.consumer_id, e.request_id),
-                    ks.events(e.tenant, e.consumer_id),
-                    dedupe_ttl_ms,
-                    _event_encoder.encode(e),
-                ]
+            (
+                encode_command(
+                    [
+                        "EVALSHA",
+                        sha,
+                        2,
+                        ks.event_marker(e.tenant, e.consumer_id, e.request_id),
+                        ks.events(e.tenant, e.consumer_id),
+                        dedupe_ttl_ms,
+                        _event_encoder.encode(e),
+                    ]
+                ),
+                key_slot(ks.tag(e.tenant, e.consumer_id)),
             )
             for e in events
         ]
-        replies = await asyncio.gather(*(self._evalsha(self._event, command) for command in commands))
+        replies = await asyncio.gather(*(self._evalsha(self._event, c, slot) for c, slot in commands))
         for event, reply in zip(events, replies, strict=True):
             if reply == 1:
                 self._dirty.add(f"g:{event.tenant}:{event.consumer_id}")
         return [reply == 1 for reply in replies]
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
+        client = await self._client()
         with _guard():
-            entries = await self._redis.xrange(self.keys.events(tenant, consumer_id))
+            entries = await client.xrange(self.keys.events(tenant, consumer_id))
         return [_event_decoder.decode(fields[b"e"]) for _, fields in entries]
 
     # --- used by the reconciler (Postgres is the truth) -------------------------------
@@ -494,13 +583,14 @@ class RedisStore:
     async def apply_keys(self, tenant: str, consumer_id: str, active: set[str]) -> None:
         """Make the consumer's registered key hashes exactly ``active``."""
         consumer_key = self.keys.consumer(tenant, consumer_id)
+        client = await self._client()
         with _guard():
-            fields = await self._redis.hkeys(consumer_key)
-            present = {f.decode()[2:] for f in fields if f.startswith(b"k:")}
-            for key_hash in active - present:
-                await self.add_key(tenant, consumer_id, key_hash)
-            for key_hash in present - active:
-                await self.revoke_key(tenant, consumer_id, key_hash)
+            fields = await client.hkeys(consumer_key)
+        present = {f.decode()[2:] for f in fields if f.startswith(b"k:")}
+        for key_hash in active - present:
+            await self.add_key(tenant, consumer_id, key_hash)
+        for key_hash in present - active:
+            await self.revoke_key(tenant, consumer_id, key_hash)
 
     async def settle(
         self,
@@ -513,11 +603,11 @@ class RedisStore:
     ) -> bool:
         """Take the Postgres wallet (see settle.lua) and trim the usage stream below
         ``trim_before``. Returns whether the wallet was applied (False: Redis had it)."""
-        with _guard():
-            applied, _ = await self._settle(
-                keys=[self.keys.consumer(tenant, consumer_id), self.keys.usage(tenant, consumer_id)],
-                args=[balance, settled, version, trim_before or ""],
-            )
+        applied, _ = await self._run(  # type: ignore[misc]
+            self._settle,
+            [self.keys.consumer(tenant, consumer_id), self.keys.usage(tenant, consumer_id)],
+            [balance, settled, version, trim_before or ""],
+        )
         return applied == 1
 
     async def flush_dirty(self) -> int:
@@ -527,8 +617,9 @@ class RedisStore:
             return 0
         members, self._dirty = self._dirty, set()
         try:
+            client = await self._client()
             with _guard():
-                await self._redis.sadd(self.keys.dirty(), *members)
+                await client.sadd(self.keys.dirty(), *members)
         except StoreUnavailable:
             self._dirty |= members
             raise
@@ -536,22 +627,26 @@ class RedisStore:
 
     async def take_dirty(self, count: int) -> list[tuple[str, str, str]]:
         """Pop up to ``count`` dirty streams: (kind, tenant, consumer)."""
+        client = await self._client()
         with _guard():
-            popped = await self._redis.spop(self.keys.dirty(), count)
+            popped = await client.spop(self.keys.dirty(), count)
         return [_dirty_member(m.decode()) for m in popped or []]
 
     async def return_dirty(self, streams: list[tuple[str, str, str]]) -> None:
         """Put back streams that were popped but not drained (the drain failed)."""
         if streams:
+            client = await self._client()
             with _guard():
-                await self._redis.sadd(self.keys.dirty(), *(":".join(s) for s in streams))
+                await client.sadd(self.keys.dirty(), *(":".join(s) for s in streams))
 
     async def scan_streams(self, kind: str) -> list[tuple[str, str]]:
-        """(tenant, consumer) of every stream of ``kind`` ("u": usage, "g": events)."""
+        """(tenant, consumer) of every stream of ``kind`` ("u": usage, "g": events): on a
+        cluster, redis-py's SCAN walks every master in turn."""
         pattern = f"{self.keys.prefix}{{*}}:{kind}"
         found = set()
+        client = await self._client()
         with _guard():
-            async for key in self._redis.scan_iter(match=pattern, count=1000, _type="stream"):
+            async for key in client.scan_iter(match=pattern, count=1000, _type="stream"):
                 tag = key.decode()[len(self.keys.prefix) :].split("}", 1)[0][1:]
                 tenant, _, consumer_id = tag.partition(":")
                 found.add((tenant, consumer_id))
@@ -559,34 +654,43 @@ class RedisStore:
 
     async def read_usage(self, tenant: str, consumer_id: str, count: int) -> list[tuple[str, UsageRecord]]:
         """The oldest ``count`` usage records with their stream ids."""
+        client = await self._client()
         with _guard():
-            entries = await self._redis.xrange(self.keys.usage(tenant, consumer_id), count=count)
+            entries = await client.xrange(self.keys.usage(tenant, consumer_id), count=count)
         return [(entry_id.decode(), _usage_record(fields)) for entry_id, fields in entries]
 
     async def read_events(self, tenant: str, consumer_id: str, count: int) -> list[tuple[str, UsageEvent]]:
+        client = await self._client()
         with _guard():
-            entries = await self._redis.xrange(self.keys.events(tenant, consumer_id), count=count)
+            entries = await client.xrange(self.keys.events(tenant, consumer_id), count=count)
         return [(entry_id.decode(), _event_decoder.decode(fields[b"e"])) for entry_id, fields in entries]
 
     async def trim_events(self, tenant: str, consumer_id: str, before: str) -> None:
+        client = await self._client()
         with _guard():
-            await self._redis.xtrim(self.keys.events(tenant, consumer_id), minid=before, approximate=False)
+            await client.xtrim(self.keys.events(tenant, consumer_id), minid=before, approximate=False)
 
     async def window_counts(self, tenant: str, consumer_id: str, starts_ms: tuple[int, ...]) -> list[int]:
         """The current count of every window period (WINDOWS order; 0 when absent)."""
+        client = await self._client()
         with _guard():
-            values = await self._redis.mget(self.keys.counters(tenant, consumer_id, starts_ms))
+            values = await client.mget(self.keys.counters(tenant, consumer_id, starts_ms))
         return [int(v or 0) for v in values]
 
     async def publish_invalidation(self, tenant: str, consumer_id: str) -> None:
-        """Tell every sidecar process to drop what it cached of this consumer."""
+        """Tell every sidecar process to drop what it cached of this consumer. Plain
+        PUBLISH: a cluster forwards it to every node, so a subscriber on any node hears it."""
+        client = await self._client()
         with _guard():
-            await self._redis.publish(self.keys.invalidations(), f"{tenant}:{consumer_id}")
+            await client.publish(self.keys.invalidations(), f"{tenant}:{consumer_id}")
 
     async def ping(self) -> None:
-        with _guard():
-            await self._redis.ping()
+        """Ready: one Redis or the primary answers PING; on a cluster every slot has a
+        master (read from the cluster now) and every master answers."""
+        await (await self.open()).router.check()
 
     async def close(self) -> None:
-        self._fast.close()
-        await self._redis.aclose()
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.router.close()
+            await backend.client.aclose()

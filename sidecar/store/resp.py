@@ -8,7 +8,12 @@ callback per command (no future, no task on the hot path). This is
 what a load of concurrent gateway requests needs; redis-py's per-command machinery
 (pool checkout, per-call framing, parser objects) costs several times more.
 
-Only the hot path uses it; every other Redis call goes through redis-py.
+One PipelinedConnection talks to one Redis node; routing.py puts one per node behind
+the store (one for a standalone Redis or a Sentinel primary, one per cluster master).
+Each carries the breaker of its node: a refused or lost connection, or several missed
+deadlines while the node sends nothing, make its commands fail at once for a cooldown
+instead of each waiting out its deadline. Only the hot path uses it (and the cluster
+topology reads); every other Redis call goes through redis-py.
 """
 
 from __future__ import annotations
@@ -17,17 +22,29 @@ import asyncio
 import collections
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
-from sidecar.store.base import StoreUnavailable
+from sidecar.store.base import StoreDown, StoreUnavailable
+from sidecar.store.target import Address, RedisTarget
 
 
 class RedisReplyError(Exception):
     """Redis answered with an error reply (e.g. NOSCRIPT): the command did not run."""
+
+
+# Error replies that say the node cannot serve the command now (it did not run): the
+# caller gets StoreUnavailable, i.e. its fail mode, never a 500. READONLY also drops
+# the connection: it reached a replica (a Sentinel failover demoted its primary), and
+# the next connection looks the primary up again.
+TRANSIENT_ERRORS = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "BUSY")
+# Consecutive missed deadlines, with nothing heard from the node for MISSED_QUIET_S,
+# that open the breaker (a refused or lost connection opens it at once). Deadlines
+# missed while the node still answers are this process being slow, not the node gone.
+BREAKER_MISSES = 3
+MISSED_QUIET_S = 0.2
 
 
 def encode_bulks(args: Sequence[bytes | str | int]) -> bytes:
@@ -64,7 +81,7 @@ OnReply = Callable[[Any], None]
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, on_lost: Callable[[Exception], None]) -> None:
+    def __init__(self, node: PipelinedConnection) -> None:
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
         self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader(replyError=RedisReplyError)
@@ -75,8 +92,9 @@ class _Protocol(asyncio.Protocol):
         self.buffer: list[bytes] = []
         self.flush_scheduled = False
         self.sweep_scheduled = False
-        self.last_reply = 0.0  # monotonic time Redis last sent anything
-        self._on_lost = on_lost
+        self.last_reply = 0.0  # monotonic time the node last sent anything
+        self.missed = 0  # deadlines missed since the node last sent anything
+        self._node = node
 
     def send(self, command: bytes, on_reply: OnReply, deadline: float = 0.0) -> None:
         """Queue an encoded command: it goes out with the commands queued beside it
@@ -106,6 +124,10 @@ class _Protocol(asyncio.Protocol):
             if deadline and now >= deadline and on_reply is not None:
                 entry[0] = None
                 expired.append(on_reply)
+        if expired:
+            self.missed += len(expired)
+            if self.missed >= BREAKER_MISSES and now - self.last_reply > MISSED_QUIET_S:
+                self._node.trip()
         # Called once the scan is over: an on_reply may queue a command.
         for on_reply in expired:
             on_reply(TimeoutError())
@@ -135,6 +157,7 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_reply = time.monotonic()
+        self.missed = 0
         self.reader.feed(data)
         waiting = self.waiting
         while True:
@@ -143,21 +166,36 @@ class _Protocol(asyncio.Protocol):
                 if self.buffer and len(waiting) == len(self.buffer):
                     self.flush()
                 return
+            if reply.__class__ is RedisReplyError:
+                reply = self._classify(reply)
             on_reply = waiting.popleft()[0]
             # None: the deadline answered already; the late reply is dropped.
             if on_reply is not None:
                 on_reply(reply)
 
+    def _classify(self, reply: RedisReplyError) -> Exception:
+        text = str(reply)
+        if not text.startswith(TRANSIENT_ERRORS):
+            return reply
+        if text.startswith("READONLY") and self.transport is not None:
+            self.transport.close()
+        return StoreUnavailable(f"redis {self._node.name}: {text}")
+
     def connection_lost(self, exc: Exception | None) -> None:
-        error = StoreUnavailable(f"redis connection lost: {exc!r}")
+        error = StoreUnavailable(f"redis {self._node.name} connection lost: {exc!r}")
+        self._node.lost(self)
         while self.waiting:
             on_reply = self.waiting.popleft()[0]
             if on_reply is not None:
                 on_reply(error)
-        self._on_lost(error)
 
 
-def _settle(future: asyncio.Future[Any], reply: Any) -> None:
+def ignore_reply(reply: object) -> None:
+    """OnReply of a command whose answer nobody waits for (ASKING, a SCRIPT LOAD: a
+    failure shows in the reply to the command sent after it)."""
+
+
+def settle(future: asyncio.Future[Any], reply: Any) -> None:
     """An OnReply that resolves ``future`` (bound with functools.partial)."""
     if future.done():
         return
@@ -168,66 +206,115 @@ def _settle(future: asyncio.Future[Any], reply: Any) -> None:
 
 
 class PipelinedConnection:
-    """One connection to Redis (host:port or unix socket), opened on first use and
-    reopened after a loss. Commands are buffered and flushed once per loop turn."""
+    """One connection to one Redis node, opened on first use and reopened after a
+    loss (after the breaker's cooldown). ``locate`` names the node when it cannot be
+    fixed in advance (the Sentinel primary): it is asked again on every connect."""
 
-    def __init__(self, url: str, connect_timeout_s: float) -> None:
-        parsed = urlparse(url)
-        self._unix = parsed.path if parsed.scheme == "unix" else None
-        self._host = parsed.hostname or "127.0.0.1"
-        self._port = parsed.port or 6379
-        self._password = unquote(parsed.password) if parsed.password else None
-        self._username = unquote(parsed.username) if parsed.username else None
-        # redis://host:port/3, or unix:///path/redis.sock?db=3 (redis-py's forms)
-        db = parse_qs(parsed.query).get("db", [""])[0] if parsed.scheme == "unix" else parsed.path.lstrip("/")
-        self._db = int(db) if db.isdigit() else 0
-        self._tls = parsed.scheme == "rediss"
+    def __init__(
+        self,
+        target: RedisTarget,
+        address: Address | None,
+        connect_timeout_s: float,
+        cooldown_s: float = 0.0,
+        locate: Callable[[], Awaitable[Address]] | None = None,
+        on_lost: Callable[[PipelinedConnection], None] | None = None,
+    ) -> None:
+        self._target = target
+        self.address = address
+        self.name = target.unix_path or (f"{address[0]}:{address[1]}" if address else "primary")
+        self._locate = locate
         self._connect_timeout_s = connect_timeout_s
+        self._cooldown_s = cooldown_s
+        self._on_lost = on_lost
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._closed = False
+        # The breaker: until this time.monotonic() commands fail at once (StoreDown).
+        self.down_until = 0.0
 
-    def _lost(self, error: Exception) -> None:
-        self._protocol = None
+    def trip(self) -> None:
+        """Open the breaker: for the cooldown, spare the node a connection attempt or
+        a deadline per command. The first command after it probes the node again."""
+        if self._cooldown_s:
+            self.down_until = time.monotonic() + self._cooldown_s
 
-    async def _connect(self) -> _Protocol:
+    def lost(self, protocol: _Protocol) -> None:
+        if self._protocol is protocol:
+            self._protocol = None
+        if not self._closed:
+            self.trip()
+            if self._on_lost is not None:
+                self._on_lost(self)
+
+    @property
+    def down(self) -> bool:
+        """The breaker is open (no I/O)."""
+        return self.down_until != 0.0 and time.monotonic() < self.down_until
+
+    async def connect(self) -> _Protocol:
+        """The open connection, opening it if needed (StoreDown while the breaker is
+        open, StoreUnavailable when the node cannot be reached or refuses us)."""
+        protocol = self._protocol
+        if protocol is not None:
+            return protocol
+        if self.down:
+            raise StoreDown(f"redis {self.name} is down (breaker open)")
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._protocol is not None:
                 return self._protocol
-            loop = asyncio.get_running_loop()
             try:
-                async with asyncio.timeout(self._connect_timeout_s):
-                    if self._unix:
-                        _, protocol = await loop.create_unix_connection(
-                            lambda: _Protocol(self._lost), self._unix
-                        )
-                    else:
-                        _, protocol = await loop.create_connection(
-                            lambda: _Protocol(self._lost), self._host, self._port, ssl=self._tls or None
-                        )
-            except (OSError, TimeoutError) as exc:
-                raise StoreUnavailable(f"redis unreachable: {exc!r}") from exc
-            # The handshake is queued first, so anything pipelined after it runs after it.
-            handshake: list[asyncio.Future[object]] = []
-            commands = []
-            if self._password is not None:
-                auth = [self._username, self._password] if self._username else [self._password]
-                commands.append(encode_command(["AUTH", *auth]))
-            if self._db:
-                commands.append(encode_command(["SELECT", self._db]))
-            for command in commands:
-                future: asyncio.Future[object] = loop.create_future()
-                protocol.send(command, functools.partial(_settle, future))
-                handshake.append(future)
-            try:
-                for step in handshake:
-                    await step
-            except RedisReplyError as exc:
-                protocol.transport.close()
-                raise StoreUnavailable(f"redis refused the connection: {exc}") from exc
+                protocol = await self._open()
+            except StoreUnavailable:
+                self.trip()
+                raise
             self._protocol = protocol
+            self._closed = False
             return protocol
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        target = self._target
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                if self._locate is not None:
+                    self.address = await self._locate()
+                if target.unix_path:
+                    _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), target.unix_path)
+                else:
+                    assert self.address is not None
+                    host, port = self.address
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(self), host, port, ssl=target.tls or None
+                    )
+        except (OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis {self.name} unreachable: {exc!r}") from exc
+        # The handshake is queued first, so anything pipelined after it runs after it.
+        handshake: list[asyncio.Future[object]] = []
+        commands = []
+        if target.password is not None:
+            auth = [target.username, target.password] if target.username else [target.password]
+            commands.append(encode_command(["AUTH", *auth]))
+        if target.db:
+            commands.append(encode_command(["SELECT", target.db]))
+        if self._locate is not None:
+            # A primary named by Sentinel must still be one when we reach it.
+            commands.append(encode_command(["ROLE"]))
+        for command in commands:
+            future: asyncio.Future[object] = loop.create_future()
+            protocol.send(command, functools.partial(settle, future))
+            handshake.append(future)
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                replies = [await step for step in handshake]
+        except (RedisReplyError, StoreUnavailable, TimeoutError) as exc:
+            protocol.transport.close()
+            raise StoreUnavailable(f"redis {self.name} refused the connection: {exc}") from exc
+        if self._locate is not None and replies[-1][0] != b"master":
+            protocol.transport.close()
+            raise StoreUnavailable(f"redis {self.name} is not a primary (role {replies[-1][0]!r})")
+        return protocol
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -237,32 +324,46 @@ class PipelinedConnection:
 
     def send(self, command: bytes, on_reply: OnReply, deadline: float = 0.0) -> bool:
         """Queue ``command`` when connected (the hot path: no coroutine, no future);
-        False, having done nothing, when ``execute`` must connect first."""
+        False, having done nothing, when ``connect`` must run first. While the breaker
+        is open, on_reply gets StoreDown at once."""
+        if self.down_until:
+            if time.monotonic() < self.down_until:
+                on_reply(StoreDown(f"redis {self.name} is down (breaker open)"))
+                return True
+            self.down_until = 0.0
         protocol = self._protocol
         if protocol is None:
             return False
         protocol.send(command, on_reply, deadline)
         return True
 
-    async def execute(self, command: bytes, deadline: float = 0.0) -> object:
-        """Send one encoded command (encode_command) and wait for its reply
-        (RedisReplyError for an error reply, StoreUnavailable when the connection is
-        down or lost, TimeoutError once ``deadline``, in time.monotonic(), has passed)."""
-        protocol = self._protocol
-        if protocol is None:
+    async def send_connecting(self, command: bytes, on_reply: OnReply, deadline: float = 0.0) -> None:
+        """``send`` once connected; the connection's failure goes to on_reply (and
+        TimeoutError once ``deadline`` has passed while connecting)."""
+        try:
             timeout = None if not deadline else max(0.0, deadline - time.monotonic())
             async with asyncio.timeout(timeout):
-                protocol = await self._connect()
-        future: asyncio.Future[object] = protocol.loop.create_future()
-        protocol.send(command, functools.partial(_settle, future), deadline)
+                protocol = await self.connect()
+        except (StoreUnavailable, TimeoutError) as exc:
+            on_reply(exc)
+            return
+        if not self.send(command, on_reply, deadline):  # lost again meanwhile
+            on_reply(StoreUnavailable(f"redis {self.name} connection lost while connecting"))
+        del protocol
+
+    async def execute(self, command: bytes, deadline: float = 0.0) -> object:
+        """Send one encoded command (encode_command) and wait for its reply
+        (RedisReplyError for an error reply, StoreUnavailable when the node is down or
+        the connection lost, TimeoutError once ``deadline``, in time.monotonic(), has
+        passed)."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        on_reply = functools.partial(settle, future)
+        if not self.send(command, on_reply, deadline):
+            await self.send_connecting(command, on_reply, deadline)
         return await future
 
-    def answered_within(self, seconds: float) -> bool:
-        """Whether Redis sent anything on this connection in the last ``seconds``."""
-        protocol = self._protocol
-        return protocol is not None and time.monotonic() - protocol.last_reply <= seconds
-
     def close(self) -> None:
+        self._closed = True
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
