@@ -8,7 +8,6 @@ import contextlib
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,13 @@ from sidecar.http.app import create_app
 from sidecar.store.base import Store
 from sidecar.store.memory_store import MemoryStore
 from sidecar.store.redis_store import RedisStore
+from tests.redis_servers import (
+    PrivateRedis,
+    RedisClusterServers,
+    SentinelServers,
+    delete_prefix,
+    free_port,
+)
 
 REDIS_URL = os.environ.get("AFORO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # A role allowed to create databases; each test that needs Postgres gets its own.
@@ -47,22 +53,6 @@ def stop_process(proc: subprocess.Popen[Any] | None) -> None:
             proc.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def delete_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
-    finally:
-        client.close()
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
@@ -75,17 +65,49 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+# The shared cluster and Sentinel set, once started: each test's prefix is deleted there too.
+_SHARED_URLS: list[str] = []
+
+
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix of this test's own; every key under it is deleted afterwards."""
+    """A key prefix of this test's own; every key under it is deleted afterwards, on
+    the shared Redis and on the shared cluster and Sentinel set."""
     value = f"test:{uuid.uuid4().hex[:12]}:"
     yield value
-    delete_prefix(redis_url, value)
+    for url in [redis_url, *_SHARED_URLS]:
+        delete_prefix(url, value)
 
 
-@pytest.fixture(params=["memory", "redis"])
+# Redis in each topology, and the stores every store test runs on: those and the
+# embedded one.
+DEPLOYMENTS = ["redis", "cluster", "sentinel"]
+BACKENDS = ["memory", *DEPLOYMENTS]
+
+
+def _deployment_url(name: str, request: pytest.FixtureRequest) -> str:
+    if name == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    if name == "sentinel":
+        return request.getfixturevalue("redis_sentinel").url
+    return request.getfixturevalue("redis_url")
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def backend_url(backend: str, request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL of the parametrised backend (None for the embedded store)."""
+    return None if backend == "memory" else _deployment_url(backend, request)
+
+
+@pytest.fixture(params=DEPLOYMENTS)
+def deployment_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a shared Redis, cluster or Sentinel set (the test runs on each)."""
+    return _deployment_url(request.param, request)
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -95,21 +117,21 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 @pytest.fixture
-async def store(backend: str, redis_url: str, prefix: str) -> AsyncIterator[Store]:
-    if backend == "memory":
+async def store(backend_url: str | None, prefix: str) -> AsyncIterator[Store]:
+    if backend_url is None:
         yield MemoryStore()
         return
-    redis_store = RedisStore(redis_url, prefix=prefix)
+    redis_store = RedisStore(backend_url, prefix=prefix)
     await redis_store.load_scripts()
     yield redis_store
     await redis_store.close()
 
 
 @pytest.fixture
-def settings(backend: str, redis_url: str, prefix: str) -> Settings:
-    if backend == "memory":
+def settings(backend_url: str | None, prefix: str) -> Settings:
+    if backend_url is None:
         return make_settings()
-    return make_settings(redis_url=redis_url, key_prefix=prefix)
+    return make_settings(redis_url=backend_url, key_prefix=prefix)
 
 
 @pytest.fixture
@@ -193,57 +215,57 @@ def start_sidecar(tmp_path: Any, prefix: str) -> Iterator[Callable[..., SidecarP
         sidecar.stop()
 
 
-class PrivateRedis:
-    def __init__(self, tmp_dir: str) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tmp_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.dir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.thaw()
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(str(tmp_path))
+    server = PrivateRedis(str(tmp_path / "redis"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A 3-master, 3-replica cluster shared by the tests that only read and write keys
+    under their own prefix (failure tests start one of their own: private_cluster)."""
+    servers = RedisClusterServers(str(tmp_path_factory.mktemp("cluster")))
+    try:
+        servers.start()
+        _SHARED_URLS.append(servers.url)
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelServers]:
+    """A primary + replica + 3 Sentinels shared like redis_cluster."""
+    servers = SentinelServers(str(tmp_path_factory.mktemp("sentinel")))
+    try:
+        servers.start()
+        _SHARED_URLS.append(servers.url)
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def private_cluster(tmp_path) -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers(str(tmp_path / "cluster"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def private_sentinel(tmp_path) -> Iterator[SentinelServers]:
+    servers = SentinelServers(str(tmp_path / "sentinel"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
 
 
 def _pg(sql: str, url: str = PG_URL) -> None:

@@ -23,7 +23,7 @@ from sidecar.core.windows import Window, window_bounds
 from sidecar.http.app import create_app
 from sidecar.store.base import Store
 from sidecar.store.redis_store import RedisStore
-from tests.conftest import ADMIN, ADMIN_TOKEN, make_settings, seed
+from tests.conftest import ADMIN, ADMIN_TOKEN, DEPLOYMENTS, make_settings, seed
 
 # --- helpers -----------------------------------------------------------------------
 
@@ -770,7 +770,7 @@ async def test_a_key_is_valid_only_in_its_tenant(client: httpx.AsyncClient) -> N
     assert (home.status_code, home.json()["tenant"], home.json()["consumer_id"]) == (200, "default", "c1")
 
 
-@pytest.mark.parametrize("backend", ["redis"])
+@pytest.mark.parametrize("backend", DEPLOYMENTS)
 async def test_raw_api_key_is_never_stored_in_redis(client: httpx.AsyncClient, store: Store) -> None:
     assert isinstance(store, RedisStore)
     await seed_c1(client)

@@ -184,8 +184,8 @@ def test_the_reconciler_refuses_an_unmigrated_database(database_url, redis_url, 
 # --- admin writes go to Postgres first, audited ------------------------------------
 
 
-async def test_admin_writes_land_in_postgres_with_their_audit_rows(migrated_database, redis_url, prefix):
-    async with stack(migrated_database, redis_url, prefix) as s:
+async def test_admin_writes_land_in_postgres_with_their_audit_rows(migrated_database, deployment_url, prefix):
+    async with stack(migrated_database, deployment_url, prefix) as s:
         await seed(s.http, windows={"day": 5}, price=100, balance=1_000, consumer_id="c1")
         assert (
             await s.http.post("/v1/admin/consumers/c1/suspend", json={}, headers=ADMIN)
@@ -235,10 +235,12 @@ async def test_postgres_down_admin_writes_fail_cleanly_and_decisions_go_on(
 # --- the change feed ---------------------------------------------------------------
 
 
-async def test_sql_changes_reach_decisions_within_a_second(migrated_database, redis_url, prefix, reconciler):
-    async with stack(migrated_database, redis_url, prefix) as s:
+async def test_sql_changes_reach_decisions_within_a_second(
+    migrated_database, deployment_url, prefix, reconciler
+):
+    async with stack(migrated_database, deployment_url, prefix) as s:
         await seed(s.http, windows={"day": 100}, consumer_id="c1")
-        reconciler(migrated_database, redis_url, prefix)
+        reconciler(migrated_database, deployment_url, prefix)
         assert (await s.decide("c1"))["allow"]
         await asyncio.sleep(0.5)  # the reconciler is up and listening
 
@@ -268,10 +270,10 @@ def _reason(s: Stack, consumer_id: str, reason: str) -> Callable[[], object]:
 
 
 async def test_a_consumer_created_in_sql_gets_its_plan_and_key(
-    migrated_database, redis_url, prefix, reconciler
+    migrated_database, deployment_url, prefix, reconciler
 ):
-    async with stack(migrated_database, redis_url, prefix) as s:
-        reconciler(migrated_database, redis_url, prefix)
+    async with stack(migrated_database, deployment_url, prefix) as s:
+        reconciler(migrated_database, deployment_url, prefix)
         await asyncio.sleep(0.5)
         async with s.db.acquire() as conn, conn.transaction():
             await conn.execute("INSERT INTO tenants (id) VALUES ('default')")
@@ -316,10 +318,12 @@ async def _decide_many(
     return decisions
 
 
-async def test_drain_survives_sigkill_three_times_exactly(migrated_database, redis_url, prefix, reconciler):
+async def test_drain_survives_sigkill_three_times_exactly(
+    migrated_database, deployment_url, prefix, reconciler
+):
     start_balance = 10_000_000_000
     costs = [1 + (i * 7919) % 997 for i in range(20_000)]
-    async with stack(migrated_database, redis_url, prefix, decision_timeout_ms=10_000) as s:
+    async with stack(migrated_database, deployment_url, prefix, decision_timeout_ms=10_000) as s:
         await seed(s.http, windows={"month": 1_000_000}, balance=start_balance, consumer_id="c1")
         decisions = await _decide_many(s.authorizer, "c1", costs)
         assert sum(d.allow for d in decisions) == 20_000
@@ -330,12 +334,12 @@ async def test_drain_survives_sigkill_three_times_exactly(migrated_database, red
 
         # Small batches so that every kill lands in the middle of the drain.
         for kill in range(3):
-            process = reconciler(migrated_database, redis_url, prefix, AFORO_DRAIN_BATCH="150")
+            process = reconciler(migrated_database, deployment_url, prefix, AFORO_DRAIN_BATCH="150")
             before = await rows()
             await until(lambda before=before: _more_than(rows, before + 500), 60, "the drain to progress")
             process.kill()
             assert 0 < await rows() < 20_000, f"kill {kill} did not land during the drain"
-        reconciler(migrated_database, redis_url, prefix, AFORO_DRAIN_BATCH="150")
+        reconciler(migrated_database, deployment_url, prefix, AFORO_DRAIN_BATCH="150")
         await until(lambda: _equals(rows, 20_000), 120, "all usage to arrive")
         await until(lambda: _stream_empty(s.store), 30, "the stream to be trimmed")
 
@@ -383,11 +387,11 @@ async def test_a_request_id_decided_again_after_its_window_is_charged_alike_on_b
 
 
 async def test_streams_marked_dirty_drain_without_waiting_for_a_scan(
-    migrated_database, redis_url, prefix, reconciler
+    migrated_database, deployment_url, prefix, reconciler
 ):
-    async with stack(migrated_database, redis_url, prefix) as s:
+    async with stack(migrated_database, deployment_url, prefix) as s:
         await seed(s.http, windows={"day": 1000}, consumer_id="c1")
-        reconciler(migrated_database, redis_url, prefix, AFORO_STREAM_SCAN_INTERVAL_SECONDS="3600")
+        reconciler(migrated_database, deployment_url, prefix, AFORO_STREAM_SCAN_INTERVAL_SECONDS="3600")
         await asyncio.sleep(1)  # past the reconciler's start-up scan
 
         async def rows() -> int:
@@ -400,14 +404,14 @@ async def test_streams_marked_dirty_drain_without_waiting_for_a_scan(
 
 
 async def test_a_lost_dirty_mark_only_delays_a_stream_until_the_next_scan(
-    migrated_database, redis_url, prefix, reconciler
+    migrated_database, deployment_url, prefix, reconciler
 ):
-    async with stack(migrated_database, redis_url, prefix) as s:
+    async with stack(migrated_database, deployment_url, prefix) as s:
         await seed(s.http, windows={"day": 1000}, consumer_id="c1")
-        reconciler(migrated_database, redis_url, prefix, AFORO_STREAM_SCAN_INTERVAL_SECONDS="2")
+        reconciler(migrated_database, deployment_url, prefix, AFORO_STREAM_SCAN_INTERVAL_SECONDS="2")
         await asyncio.sleep(1)
         # A store that never flushes its marks: as if its process died right after.
-        silent = RedisStore(redis_url, prefix=prefix)
+        silent = RedisStore(deployment_url, prefix=prefix)
         try:
             authorizer = Authorizer(silent, s.settings)
             decisions = await _decide_many(authorizer, "c1", [None] * 7)
@@ -434,11 +438,11 @@ async def _stream_empty(store: RedisStore) -> bool:
 
 
 async def test_topups_in_postgres_racing_debits_agree_to_the_micro(
-    migrated_database, redis_url, prefix, reconciler
+    migrated_database, deployment_url, prefix, reconciler
 ):
-    async with stack(migrated_database, redis_url, prefix, decision_timeout_ms=10_000) as s:
+    async with stack(migrated_database, deployment_url, prefix, decision_timeout_ms=10_000) as s:
         await seed(s.http, windows={"day": 1_000_000}, price=997, balance=500_000, consumer_id="c1")
-        reconciler(migrated_database, redis_url, prefix)
+        reconciler(migrated_database, deployment_url, prefix)
         await asyncio.sleep(0.5)
 
         async def top_ups() -> int:
@@ -520,8 +524,8 @@ async def test_postgres_stopped_30s_under_load_loses_no_usage(
 # --- gateway events ----------------------------------------------------------------
 
 
-async def test_gateway_events_reach_postgres_once(migrated_database, redis_url, prefix, reconciler):
-    async with stack(migrated_database, redis_url, prefix) as s:
+async def test_gateway_events_reach_postgres_once(migrated_database, deployment_url, prefix, reconciler):
+    async with stack(migrated_database, deployment_url, prefix) as s:
         await seed(s.http, consumer_id="c1")
         events = [
             {"consumer_id": "c1", "request_id": f"e-{i}", "status": 200, "response_size": i}
@@ -529,7 +533,7 @@ async def test_gateway_events_reach_postgres_once(migrated_database, redis_url, 
         ]
         for _ in range(3):  # the gateway resent its batch
             assert (await s.http.post("/v1/usage", json=events)).status_code == 200
-        reconciler(migrated_database, redis_url, prefix)
+        reconciler(migrated_database, deployment_url, prefix)
 
         async def rows() -> int:
             return await s.db.fetchval("SELECT count(*) FROM gateway_events")
@@ -578,8 +582,8 @@ async def test_audit_verify_detects_an_edited_row(migrated_database, redis_url, 
         assert "audit row 4: does not follow the previous row" in deleted.stdout
 
 
-async def test_reconciliation_report_flags_drift(migrated_database, redis_url, prefix, reconciler):
-    async with stack(migrated_database, redis_url, prefix) as s:
+async def test_reconciliation_report_flags_drift(migrated_database, deployment_url, prefix, reconciler):
+    async with stack(migrated_database, deployment_url, prefix) as s:
         await seed(s.http, windows={"day": 1000, "minute": 1000}, consumer_id="c1")
         await seed(s.http, plan_id="plan2", windows={"day": 1000}, consumer_id="c2")
         for consumer in ("c1", "c2"):
@@ -597,7 +601,7 @@ async def test_reconciliation_report_flags_drift(migrated_database, redis_url, p
         # 3 calls counted in Redis that no ledger knows of: 3% drift on c2, above 2%.
         day_start = next(r for r in clean["rows"] if r["consumer_id"] == "c2")["period_start"] * 1000
         await s.store.client.incrby(f"{prefix}{{default:c2}}:q:day:{day_start}", 3)
-        reconciler(migrated_database, redis_url, prefix)
+        reconciler(migrated_database, deployment_url, prefix)
 
         async def drained() -> bool:
             return await s.db.fetchval("SELECT count(*) FROM usage_records") == 200
@@ -605,7 +609,7 @@ async def test_reconciliation_report_flags_drift(migrated_database, redis_url, p
         await until(drained, 10, "the drain")
         result = await asyncio.to_thread(
             _cli, "reconcile", "--report", "--json", "--database-url", migrated_database,
-            "--redis-url", redis_url, "--key-prefix", prefix,
+            "--redis-url", deployment_url, "--key-prefix", prefix,
         )  # fmt: skip
         assert result.returncode == 1  # something is flagged
         report = __import__("json").loads(result.stdout)

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 CLIENTS = 64
 
 
-def _process_env(backend: str, redis_url: str, prefix: str) -> dict[str, str]:
+def _process_env(url: str | None, prefix: str) -> dict[str, str]:
     # A generous deadline: this test is about exactness, not the fail mode.
     env = {"AFORO_DECISION_TIMEOUT_MS": "10000"}
-    if backend == "redis":
-        env.update({"AFORO_REDIS_URL": redis_url, "AFORO_KEY_PREFIX": prefix})
+    if url is not None:
+        env.update({"AFORO_REDIS_URL": url, "AFORO_KEY_PREFIX": prefix})
     return env
 
 
@@ -41,9 +41,9 @@ async def _hammer(urls: list[str], total: int, path: str, body: dict) -> list[ht
     return responses
 
 
-async def test_1000_per_day_through_sidecar_processes(backend, redis_url, prefix, start_sidecar):
-    env = _process_env(backend, redis_url, prefix)
-    processes = [start_sidecar(env) for _ in range(2 if backend == "redis" else 1)]
+async def test_1000_per_day_through_sidecar_processes(backend_url, prefix, start_sidecar):
+    env = _process_env(backend_url, prefix)
+    processes = [start_sidecar(env) for _ in range(1 if backend_url is None else 2)]
     urls = [p.url for p in processes]
     async with httpx.AsyncClient(base_url=urls[0]) as admin:
         await seed(admin, windows={"day": 1000}, consumer_id="c1")
@@ -62,9 +62,9 @@ async def test_1000_per_day_through_sidecar_processes(backend, redis_url, prefix
     assert view["windows"] == {"day": 1000}
 
 
-async def test_wallet_through_sidecar_processes(backend, redis_url, prefix, start_sidecar):
-    env = _process_env(backend, redis_url, prefix)
-    processes = [start_sidecar(env) for _ in range(2 if backend == "redis" else 1)]
+async def test_wallet_through_sidecar_processes(backend_url, prefix, start_sidecar):
+    env = _process_env(backend_url, prefix)
+    processes = [start_sidecar(env) for _ in range(1 if backend_url is None else 2)]
     urls = [p.url for p in processes]
     async with httpx.AsyncClient(base_url=urls[0]) as admin:
         await seed(admin, price=50_000, balance=10_000_000, consumer_id="w1")
