@@ -1,9 +1,8 @@
 """Properties of the Redis store that only Redis has: the key layout, the scripts, the
-late-apply guard."""
+late-apply guard; on one Redis, a cluster and a Sentinel set."""
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from sidecar.authorizer import now_ms
@@ -14,7 +13,7 @@ from sidecar.store.base import DecisionCall, StoreUnavailable
 from sidecar.store.redis_store import RedisStore
 
 
-def _call(**overrides) -> DecisionCall:
+def decision_call(**overrides) -> DecisionCall:
     moment = now_ms()
     bounds = all_bounds(moment)
     values = {
@@ -37,8 +36,8 @@ def _call(**overrides) -> DecisionCall:
     return DecisionCall(**values)
 
 
-async def _store(redis_url: str, prefix: str) -> RedisStore:
-    store = RedisStore(redis_url, prefix=prefix)
+async def _store(url: str, prefix: str) -> RedisStore:
+    store = RedisStore(url, prefix=prefix)
     await store.load_scripts()
     await store.put_plan(Plan(id="p", windows={"minute": 5, "day": 10, "month": 100}, price=7).validated())
     await store.put_consumer(ConsumerSpec(id="c1", plan_id="p").validated(), now_ms())
@@ -46,14 +45,12 @@ async def _store(redis_url: str, prefix: str) -> RedisStore:
     return store
 
 
-async def test_every_key_of_a_consumer_lives_in_one_cluster_slot(redis_url, prefix):
-    store = await _store(redis_url, prefix)
+async def test_every_key_of_a_consumer_lives_in_one_cluster_slot(deployment_url, prefix):
+    store = await _store(deployment_url, prefix)
     try:
-        outcome = await store.decide(_call())
+        outcome = await store.decide(decision_call())
         assert outcome.reason == "ok"
-        client = aioredis.Redis.from_url(redis_url)
-        keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}{{default:c1}}*")]
-        await client.aclose()
+        keys = [k.decode() async for k in store.client.scan_iter(match=f"{prefix}{{default:c1}}*")]
         # consumer hash, request record, usage stream, 3 window counters, top-up reference
         assert len(keys) == 7
         assert len({key_slot(k.encode()) for k in keys}) == 1
@@ -61,10 +58,10 @@ async def test_every_key_of_a_consumer_lives_in_one_cluster_slot(redis_url, pref
         await store.close()
 
 
-async def test_a_decision_arriving_after_its_deadline_is_discarded_unapplied(redis_url, prefix):
-    store = await _store(redis_url, prefix)
+async def test_a_decision_arriving_after_its_deadline_is_discarded_unapplied(deployment_url, prefix):
+    store = await _store(deployment_url, prefix)
     try:
-        late = _call(apply_by_ms=now_ms() - 1)
+        late = decision_call(apply_by_ms=now_ms() - 1)
         try:
             await store.decide(late)
         except StoreUnavailable as exc:
@@ -76,41 +73,41 @@ async def test_a_decision_arriving_after_its_deadline_is_discarded_unapplied(red
         assert (view.windows, view.balance) == ({"minute": 0, "day": 0, "month": 0}, 1_000)
         assert await store.usage("default", "c1") == []
         # In time, the same request applies once.
-        on_time = await store.decide(_call(apply_by_ms=now_ms() + 60_000))
+        on_time = await store.decide(decision_call(apply_by_ms=now_ms() + 60_000))
         assert (on_time.reason, on_time.balance) == ("ok", 993)
     finally:
         await store.close()
 
 
-async def test_scripts_survive_a_script_flush(redis_url, prefix):
+async def test_scripts_survive_a_script_flush(deployment_url, prefix):
     # EVALSHA falls back to loading the script again (e.g. after a Redis restart).
-    store = await _store(redis_url, prefix)
+    store = await _store(deployment_url, prefix)
     try:
         await store.client.script_flush()
-        outcome = await store.decide(_call(request_id="r-2"))
+        outcome = await store.decide(decision_call(request_id="r-2"))
         assert outcome.reason == "ok" and outcome.used[0] == 1
         # Again once the pipelined connection is up: the hot path reloads and re-sends.
         await store.client.script_flush()
-        outcome = await store.decide(_call(request_id="r-3"))
+        outcome = await store.decide(decision_call(request_id="r-3"))
         assert outcome.reason == "ok" and outcome.used[0] == 2
     finally:
         await store.close()
 
 
-async def test_a_plan_edit_reaches_bound_consumers_and_not_others(redis_url, prefix):
-    store = await _store(redis_url, prefix)
+async def test_a_plan_edit_reaches_bound_consumers_and_not_others(deployment_url, prefix):
+    store = await _store(deployment_url, prefix)
     try:
         await store.put_plan(Plan(id="q", windows={"day": 1}).validated())
         await store.put_consumer(ConsumerSpec(id="c2", plan_id="q").validated(), now_ms())
         await store.put_plan(Plan(id="p", windows={"day": 1}, price=7).validated())
-        first = await store.decide(_call(request_id="a"))
-        second = await store.decide(_call(request_id="b"))
+        first = await store.decide(decision_call(request_id="a"))
+        second = await store.decide(decision_call(request_id="b"))
         assert (first.reason, second.reason) == ("ok", "quota_exceeded")
         assert first.limits == (None, None, 1, None, None)
         # Moving c1 to plan q leaves p's member set; a later edit of p no longer applies.
         await store.put_consumer(ConsumerSpec(id="c1", plan_id="q").validated(), now_ms())
         await store.put_plan(Plan(id="p", windows={"day": 50}).validated())
-        third = await store.decide(_call(request_id="c"))
+        third = await store.decide(decision_call(request_id="c"))
         assert third.limits == (None, None, 1, None, None)
     finally:
         await store.close()

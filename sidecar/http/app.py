@@ -17,6 +17,7 @@ from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import build_store
 from sidecar.store.redis_store import RedisStore
+from sidecar.store.topology import TopologyError
 
 log = logging.getLogger("aforo.http")
 
@@ -43,6 +44,8 @@ def create_app(
         if isinstance(active, RedisStore):
             try:
                 await active.load_scripts()
+            except TopologyError:
+                raise  # a setting the Redis found contradicts: stop with the message
             except StoreUnavailable as exc:
                 # Start anyway: decisions follow the fail mode until Redis answers.
                 log.warning("redis unreachable at start (%s); serving in fail mode", exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+import msgspec
 import redis.exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -64,7 +65,9 @@ def _common(target: RedisTarget, timeouts: Timeouts) -> dict[str, object]:
 async def _is_cluster_node(target: RedisTarget, timeouts: Timeouts) -> bool:
     if target.unix_path is None and not target.hosts:
         return False
-    probe = PipelinedConnection(target, target.hosts[0] if target.hosts else None, timeouts.connect_s)
+    # Database 0 for the question: a cluster node refuses SELECT.
+    plain = msgspec.structs.replace(target, db=0)
+    probe = PipelinedConnection(plain, target.hosts[0] if target.hosts else None, timeouts.connect_s)
     try:
         info = await probe.execute(encode_command(["INFO", "cluster"]), time.monotonic() + timeouts.socket_s)
     except (RedisReplyError, TimeoutError) as exc:
