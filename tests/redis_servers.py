@@ -201,19 +201,40 @@ class RedisClusterServers:
         return next(s for s in self.servers if s.port == port)
 
     def master_of(self, key: str) -> RedisServer:
-        slot = key_slot(key)
-        for server in self.live():
-            for start, end, port in self._owner_ports(server):
-                if start <= slot <= end:
-                    return self.server_on(port)
-        raise AssertionError(f"no master serves slot {slot}")
+        return self.master_of_slot(key_slot(key))
 
     def replicas_of(self, master: RedisServer) -> list[RedisServer]:
-        node_id = master.client().cluster("myid")
-        node_id = node_id.decode() if isinstance(node_id, bytes) else node_id
-        replicas = master.client().cluster("replicas", node_id)
+        replicas = master.client().execute_command("CLUSTER", "REPLICAS", self.node_id(master))
         ports = {int(line.split()[1].split("@")[0].rsplit(":", 1)[1]) for line in _lines(replicas)}
         return [s for s in self.live() if s.port in ports]
+
+    def node_id(self, server: RedisServer) -> str:
+        return _text(server.client().cluster("myid"))
+
+    def begin_migration(self, slot: int, to: RedisServer) -> RedisServer:
+        """Mark ``slot`` IMPORTING on ``to`` and MIGRATING on its owner (returned), the
+        first step of a resharding (what ``redis-cli --cluster reshard`` does per slot)."""
+        source = self.master_of_slot(slot)
+        to.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        source.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(to))
+        return source
+
+    def migrate_keys(self, slot: int, source: RedisServer, to: RedisServer, count: int = 1000) -> int:
+        keys = source.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, count)
+        if keys:
+            source.client().execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+        return len(keys)
+
+    def finish_migration(self, slot: int, to: RedisServer) -> None:
+        """Assign ``slot`` to ``to`` on every master (the last step of a resharding)."""
+        for master in self.masters():
+            master.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(to))
+
+    def master_of_slot(self, slot: int) -> RedisServer:
+        for start, end, port in self._owner_ports(self.live()[0]):
+            if start <= slot <= end:
+                return self.server_on(port)
+        raise AssertionError(f"no master serves slot {slot}")
 
     def reshard(self, count: int, source: RedisServer, to: RedisServer) -> None:
         """``redis-cli --cluster reshard``: move ``count`` slots from ``source`` to ``to``."""
@@ -224,9 +245,9 @@ class RedisClusterServers:
                 "reshard",
                 f"127.0.0.1:{to.port}",
                 "--cluster-from",
-                _text(source.client().cluster("myid")),
+                self.node_id(source),
                 "--cluster-to",
-                _text(to.client().cluster("myid")),
+                self.node_id(to),
                 "--cluster-slots",
                 str(count),
                 "--cluster-yes",

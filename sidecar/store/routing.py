@@ -263,6 +263,9 @@ class ClusterRouter(_Loop):
         return True
 
     def _resend(self, routed: _Routed) -> None:
+        # A TRYAGAIN is bounded by time, not by redirections: the ASK it came through
+        # is counted afresh.
+        routed.redirects = 0
         address = self._owners[routed.slot]
         if address is None:
             self._spawn(self._send_when_known(routed))
