@@ -230,6 +230,13 @@ class RedisClusterServers:
         for master in self.masters():
             master.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(to))
 
+    def slot_owners(self) -> list[int]:
+        """The port of the master of every slot, as the first live node sees it."""
+        table = [0] * 16384
+        for start, end, port in self._owner_ports(self.live()[0]):
+            table[start : end + 1] = [port] * (end - start + 1)
+        return table
+
     def master_of_slot(self, slot: int) -> RedisServer:
         for start, end, port in self._owner_ports(self.live()[0]):
             if start <= slot <= end:

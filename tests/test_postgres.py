@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import httpx
@@ -24,72 +23,9 @@ from sidecar.core.models import AuthorizeRequest
 from sidecar.reconciler.migrations import migrate
 from sidecar.server import build_app
 from sidecar.store.redis_store import RedisStore
-from tests.conftest import ADMIN, make_settings, seed, stop_process
+from tests.conftest import ADMIN, make_settings, seed, until
 
 pytestmark = pytest.mark.slow
-
-
-async def until(check: Callable[[], object], within: float, what: str, every: float = 0.05) -> float:
-    """Poll until ``check()`` (sync or async) is truthy; returns the seconds it took."""
-    started = time.monotonic()
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > within:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(every)
-
-
-class ReconcilerProcess:
-    """`aforo-sidecar reconcile` as its own process, as it runs in production."""
-
-    def __init__(self, env: dict[str, str], log_path: str) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar.cli", "reconcile"], env=self.env, stdout=log, stderr=log
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-@pytest.fixture
-def reconciler(tmp_path) -> Iterator[Callable[..., ReconcilerProcess]]:
-    started: list[ReconcilerProcess] = []
-
-    def make(database_url: str, redis_url: str, prefix: str, **extra: str) -> ReconcilerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
-        env.update(
-            {
-                "AFORO_DATABASE_URL": database_url,
-                "AFORO_REDIS_URL": redis_url,
-                "AFORO_KEY_PREFIX": prefix,
-                "AFORO_DRAIN_INTERVAL_MS": "50",
-                "AFORO_LOG_LEVEL": "info",
-                **extra,
-            }
-        )
-        process = ReconcilerProcess(env, str(tmp_path / f"reconciler-{len(started)}.log"))
-        started.append(process)
-        process.start()
-        return process
-
-    yield make
-    for process in started:
-        process.stop()
 
 
 class Stack:
