@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+import httpx
 import msgspec
 
 
@@ -71,3 +72,27 @@ async def hammer(
 
     await asyncio.gather(*(client(n) for n in range(clients)))
     return answers
+
+
+def steady_jobs(consumers: list[str], until: float) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Decisions for ``consumers`` in turn, each with a request id of its own, until
+    time.monotonic() reaches ``until``."""
+    i = 0
+    while time.monotonic() < until:
+        consumer_id = consumers[i % len(consumers)]
+        yield (
+            "/v1/authorize",
+            {"consumer_id": consumer_id, "product": "api", "request_id": f"{consumer_id}-{i}"},
+        )
+        i += 1
+
+
+async def poll_readiness(url: str, until: float, every: float = 0.1) -> list[tuple[float, int]]:
+    """(time.monotonic(), status) of GET /readyz every ``every`` seconds until ``until``."""
+    seen: list[tuple[float, int]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+        while time.monotonic() < until:
+            response = await http.get("/readyz")
+            seen.append((time.monotonic(), response.status_code))
+            await asyncio.sleep(every)
+    return seen

@@ -16,7 +16,8 @@ import pytest
 
 from sidecar.store.slots import key_slot
 from tests.conftest import ADMIN, until
-from tests.decision_load import Answer, hammer
+from tests.decision_load import Answer, hammer, poll_readiness, steady_jobs
+from tests.outage import check_applied_once, check_outage
 from tests.redis_servers import RedisClusterServers
 
 pytestmark = pytest.mark.slow
@@ -286,3 +287,54 @@ async def test_resharding_under_load_keeps_counts_exact_and_the_ledger_single(
         await until(settled, 30, "every prepaid wallet settled at exactly 0 in Postgres")
     finally:
         await db.close()
+
+
+async def test_a_master_killed_under_load_fails_only_its_slots_until_its_replica_takes_over(
+    private_cluster, prefix, start_sidecar
+):
+    """Acceptance 4 and 5: SIGKILL a master (its replica present) under load. Its
+    consumers get the fail mode for at most 10 s, then real decisions, without a
+    restart; the other masters' consumers never fail; no 500; nothing applied twice.
+    /readyz is 503 while its slots have no master and 200 after the failover."""
+    cluster = private_cluster
+    groups = spread(cluster, prefix, per_master=3)
+    victim_port, hit = next(iter(groups.items()))
+    spared = [c for port, ids in groups.items() if port != victim_port for c in ids]
+    # A deadline of 500 ms: on these 2 cores, shared by 2 sidecars, 6 Redis servers and
+    # the load, a decision may miss 50 ms for want of CPU, which is not what is tested
+    # (the dead master's decisions fail at once: its connections are refused).
+    env = _env(
+        cluster.url,
+        prefix,
+        AFORO_FAIL_MODE="closed",
+        AFORO_BREAKER_COOLDOWN_MS="300",
+        AFORO_DECISION_TIMEOUT_MS="500",
+    )
+    sidecars = [start_sidecar(env) for _ in range(2)]
+    with httpx.Client(base_url=sidecars[0].url, timeout=10) as http:
+        _put(http, "/v1/admin/plans/big", {"windows": {"day": 10_000_000}})
+        for consumer_id in hit + spared:
+            _put(http, f"/v1/admin/consumers/{consumer_id}", {"plan_id": "big"})
+
+    started = time.monotonic()
+    end = started + 16
+    load = asyncio.ensure_future(
+        hammer([s.decision_port for s in sidecars], steady_jobs(hit + spared, end), clients=16)
+    )
+    readiness = asyncio.ensure_future(poll_readiness(sidecars[0].url, end))
+    await asyncio.sleep(2)
+    killed_at = time.monotonic()
+    cluster.server_on(victim_port).kill()
+    answers, ready = await asyncio.gather(load, readiness)
+
+    allowed = check_outage(answers, hit, spared, killed_at)
+    assert [s for t, s in ready if t < killed_at] and all(s == 200 for t, s in ready if t < killed_at)
+    assert 503 in [s for t, s in ready if t > killed_at], "/readyz never saw the slots without a master"
+    assert ready[-1][1] == 200, "/readyz did not come back after the failover"
+    cluster.wait_ok()
+    client = cluster.client()
+    try:
+        lost_or_ambiguous = check_applied_once(client, prefix, allowed, exact=spared)
+    finally:
+        client.close()
+    assert sum(lost_or_ambiguous.values()) <= 16, lost_or_ambiguous  # at most one in flight per client

@@ -94,6 +94,7 @@ class _Protocol(asyncio.Protocol):
         self.sweep_scheduled = False
         self.last_reply = 0.0  # monotonic time the node last sent anything
         self.missed = 0  # deadlines missed since the node last sent anything
+        self.last_sweep = 0.0
         self._node = node
 
     def send(self, command: bytes, on_reply: OnReply, deadline: float = 0.0) -> None:
@@ -115,9 +116,13 @@ class _Protocol(asyncio.Protocol):
         """Time out the commands whose deadline has passed (they stay queued: the
         replies must still be matched in order)."""
         self.sweep_scheduled = False
+        now = time.monotonic()
+        # A sweep much later than SWEEP_S means this process's loop stalled: replies
+        # may be waiting unread in the socket, so the node's silence proves nothing.
+        stalled = now - self.last_sweep > MISSED_QUIET_S / 2
+        self.last_sweep = now
         if not self.waiting:
             return
-        now = time.monotonic()
         expired = []
         for entry in self.waiting:
             on_reply, deadline = entry
@@ -126,7 +131,7 @@ class _Protocol(asyncio.Protocol):
                 expired.append(on_reply)
         if expired:
             self.missed += len(expired)
-            if self.missed >= BREAKER_MISSES and now - self.last_reply > MISSED_QUIET_S:
+            if self.missed >= BREAKER_MISSES and now - self.last_reply > MISSED_QUIET_S and not stalled:
                 self._node.trip()
         # Called once the scan is over: an on_reply may queue a command.
         for on_reply in expired:
