@@ -1,0 +1,58 @@
+"""Pub/sub invalidation reaches every sidecar process whatever the topology: on a
+cluster a plain PUBLISH on any node is heard by a subscriber on any other node."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+
+from sidecar.authorizer import Authorizer
+from sidecar.server import _invalidations
+from sidecar.store.redis_store import RedisStore
+from tests.conftest import make_settings
+
+
+async def _heard(authorizer: Authorizer, owner_key: str, publish) -> float:  # type: ignore[no-untyped-def]
+    """Publish until the subscriber has dropped ``owner_key`` (it subscribes in the
+    background); the seconds it took."""
+    started = time.monotonic()
+    while owner_key in authorizer._key_owner:
+        assert time.monotonic() - started < 5, "the invalidation was never heard"
+        await publish()
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def test_an_invalidation_is_heard_by_every_process(deployment_url, prefix):
+    listening = RedisStore(deployment_url, prefix=prefix)
+    publishing = RedisStore(deployment_url, prefix=prefix)
+    settings = make_settings(redis_url=deployment_url, key_prefix=prefix)
+    authorizer = Authorizer(listening, settings)
+    try:
+        async with _invalidations(settings, authorizer, listening):
+            authorizer._key_owner["default:" + "a" * 64] = "c1"
+            authorizer._key_owner["default:" + "b" * 64] = "c2"
+            await _heard(
+                authorizer, "default:" + "a" * 64, lambda: publishing.publish_invalidation("default", "c1")
+            )
+            assert authorizer._key_owner == {"default:" + "b" * 64: "c2"}  # only c1's entries
+            backend = await publishing.open()
+            if backend.target.topology == "cluster":
+                # A PUBLISH on each master in turn: the one subscription hears them all.
+                channel = listening.keys.invalidations()
+                for node in await backend.router.masters():
+                    assert node.address is not None
+                    host, port = node.address
+                    direct = aioredis.Redis(host=host, port=port)
+                    authorizer._key_owner["default:" + "c" * 64] = "c3"
+                    await _heard(
+                        authorizer,
+                        "default:" + "c" * 64,
+                        lambda direct=direct: direct.publish(channel, "default:c3"),
+                    )
+                    await direct.aclose()
+    finally:
+        await listening.close()
+        await publishing.close()
