@@ -8,6 +8,8 @@ median run of each:
   naive      ../shared/bench/naive_baseline.py under uvicorn (one process)
   sidecar    `aforo-sidecar serve`, one process, on its decision port
   sidecar x2 the same with --workers 2
+  sidecar, cluster   one process on a 3-master Redis Cluster (3 replicas), started
+             here from redis-server (or --cluster-url)
   and, over gRPC with one Python client process: a bare grpc.aio echo server (the
   ceiling of grpc.aio here), unary Authorize, and AuthorizeBatch (100 per call)
 
@@ -16,6 +18,7 @@ two-worker run is under load, a 1000/day consumer is hammered with 1500 requests
 must get exactly 1000 allows.
 
     python loadtests/benchmark.py [--duration 10] [--rounds 3] [--connections 32 256]
+                                  [--cluster-url redis+cluster://...] [--cluster-replicas 1]
 
 Needs wrk (Debian: apt-get install wrk), a Redis (AFORO_REDIS_URL, default
 redis://127.0.0.1:6379/0; keys under a bench prefix are deleted afterwards) and the
@@ -43,9 +46,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the test servers: a cluster started from redis-server
+from tests.redis_servers import RedisClusterServers, delete_prefix  # noqa: E402
+
 NAIVE = ROOT.parent / "shared" / "bench" / "naive_baseline.py"
 REDIS_URL = os.environ.get("AFORO_REDIS_URL", "redis://127.0.0.1:6379/0")
 TOKEN = "benchmark-admin-token-0001"
@@ -155,14 +160,14 @@ async def exactness(decision_url: str) -> Counter[str]:
     return statuses
 
 
-def sidecar_env(prefix: str, **extra: str) -> dict[str, str]:
+def sidecar_env(prefix: str, redis_url: str = REDIS_URL, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
     env.update(
         {
             # Measure decisions, not fail-mode answers: on a saturated box a 50 ms
             # deadline sheds load (the `degraded` column counts what it still sheds).
             "AFORO_DECISION_TIMEOUT_MS": "1000",
-            "AFORO_REDIS_URL": REDIS_URL,
+            "AFORO_REDIS_URL": redis_url,
             "AFORO_KEY_PREFIX": prefix,
             "AFORO_ADMIN_TOKEN": TOKEN,
             "AFORO_LOG_LEVEL": "warning",
@@ -178,13 +183,14 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 @contextmanager
-def sidecar(workers: int, grpc: bool = False) -> Iterator[dict[str, str]]:
+def sidecar(workers: int, grpc: bool = False, redis_url: str = REDIS_URL) -> Iterator[dict[str, str]]:
     """A seeded `aforo-sidecar serve` with its own key prefix, deleted afterwards;
     yields its URLs ("main", "decision") and gRPC target ("grpc")."""
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     main_port, decision_port, grpc_port = free_port(), free_port(), free_port()
     env = sidecar_env(
         prefix,
+        redis_url,
         AFORO_GRPC_PORT=str(grpc_port) if grpc else "0",
         AFORO_DECISION_PORT="0" if grpc else str(decision_port),
     )
@@ -210,13 +216,13 @@ def sidecar(workers: int, grpc: bool = False) -> Iterator[dict[str, str]]:
             seed(urls["main"])
             yield urls
     finally:
-        _delete(prefix)
+        delete_prefix(redis_url, prefix)
 
 
 def run_http(
-    args: argparse.Namespace, script: str
+    args: argparse.Namespace, script: str, cluster_url: str
 ) -> tuple[dict[str, dict[int, dict[str, float]]], Counter[int]]:
-    """All three servers up at once, measured in alternation round after round, so a
+    """All four servers up at once, measured in alternation round after round, so a
     drift of the machine's speed (a shared VM) weighs on each of them alike."""
     port = free_port()
     naive_env = {**os.environ, "REDIS_URL": REDIS_URL}
@@ -227,11 +233,13 @@ def run_http(
         process(naive, naive_env, f"http://127.0.0.1:{port}/"),
         sidecar(1) as one,
         sidecar(2) as two,
+        sidecar(1, redis_url=cluster_url) as clustered,
     ):
         targets = {
             "naive": (f"http://127.0.0.1:{port}{SEED_PATH}", None),
             "sidecar": (f"{one['decision']}{SEED_PATH}", one["main"]),
             "sidecar x2": (f"{two['decision']}{SEED_PATH}", two["main"]),
+            "sidecar, cluster": (f"{clustered['decision']}{SEED_PATH}", clustered["main"]),
         }
         runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {} for name in targets}
         for connections in args.connections:
@@ -269,15 +277,23 @@ def _deleting(prefix: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _delete(prefix)
+        delete_prefix(REDIS_URL, prefix)
 
 
-def _delete(prefix: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    for start in range(0, len(keys), 1000):
-        client.delete(*keys[start : start + 1000])
-    client.close()
+@contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[str]:
+    """The cluster to measure: --cluster-url, or 3 masters started here from
+    redis-server (with --cluster-replicas replicas each), stopped afterwards."""
+    if args.cluster_url:
+        yield args.cluster_url
+        return
+    with tempfile.TemporaryDirectory(prefix="aforo-bench-cluster-") as folder:
+        servers = RedisClusterServers(folder, replicas=args.cluster_replicas)
+        try:
+            servers.start()
+            yield servers.url
+        finally:
+            servers.stop()
 
 
 def run_grpc(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -340,13 +356,16 @@ def main() -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each server; the median is shown")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--cluster-url", help="a Redis Cluster to measure (default: start one here)")
+    parser.add_argument("--cluster-replicas", type=int, default=1, help="replicas per master when started")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
-    http, exact = run_http(args, script.name)
+    with _cluster(args) as cluster_url:
+        http, exact = run_http(args, script.name, cluster_url)
     grpc_results = run_grpc(args)
     if args.json:
         args.json.write_text(
@@ -371,6 +390,9 @@ def main() -> int:
     for c in args.connections:
         scaling = http["sidecar x2"][c]["rps"] / http["sidecar"][c]["rps"]
         print(f"workers scaling at {c} connections: x{scaling:.2f}")
+    for c in args.connections:
+        kept = http["sidecar, cluster"][c]["rps"] / http["sidecar"][c]["rps"]
+        print(f"cluster against one Redis at {c} connections (one process each): {kept:.0%}")
     verdict = "PASS" if exact == Counter({"ok": 1000, "quota_exceeded": 500}) else "FAIL"
     print(f"exactness under load (1000/day, 1500 requests, 64 clients, 2 workers): {dict(exact)} {verdict}")
     return 0 if verdict == "PASS" else 1

@@ -118,7 +118,7 @@ class RedisClusterServers:
     own keys (the setting the README recommends). ``cluster-node-timeout`` is short so
     a failover takes a second or two."""
 
-    def __init__(self, folder: str, masters: int = 3) -> None:
+    def __init__(self, folder: str, masters: int = 3, replicas: int = 1) -> None:
         self.folder = folder
         args = (
             "--cluster-enabled",
@@ -134,9 +134,10 @@ class RedisClusterServers:
         # 10000, may be taken or out of range).
         self.servers = [
             RedisServer(os.path.join(folder, f"node-{i}"), *args, "--cluster-port", str(free_port()))
-            for i in range(masters * 2)
+            for i in range(masters * (1 + replicas))
         ]
         self.masters_count = masters
+        self.replicas = replicas
 
     @property
     def url(self) -> str:
@@ -153,7 +154,7 @@ class RedisClusterServers:
                 "create",
                 *(f"127.0.0.1:{s.port}" for s in self.servers),
                 "--cluster-replicas",
-                "1",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             capture_output=True,

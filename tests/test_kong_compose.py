@@ -126,3 +126,59 @@ def test_the_start_cmd_starts_the_plugin_server_where_kong_looks(compose, kong_e
     finally:
         server.kill()
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+def test_the_cluster_profile_runs_the_sidecar_on_a_cluster(compose, tmp_path):
+    """The optional "cluster" profile: six nodes, a one-shot `--cluster create`, and a
+    sidecar and reconciler whose URL names the cluster's nodes. The node command line
+    is run here with redis-server itself: its flags are valid, and the host name it
+    announces is what the sidecar's slot table reads."""
+    from sidecar.store.slots import ranges_from_shards
+    from sidecar.store.target import parse_redis_target
+    from tests.redis_servers import RedisServer, free_port
+
+    services = compose["services"]
+    nodes = [f"redis-node-{n}" for n in range(1, 7)]
+    for name in [*nodes, "redis-cluster-init", "sidecar-cluster", "reconciler-cluster"]:
+        assert services[name]["profiles"] == ["cluster"], name
+    for name in ("sidecar", "reconciler", "redis"):
+        assert "profiles" not in services[name]  # the default stack is unchanged
+    init = services["redis-cluster-init"]
+    assert set(init["depends_on"]) == set(nodes)
+    assert "--cluster create" in init["command"][0] and "--cluster-replicas 1" in init["command"][0]
+    for name in ("sidecar-cluster", "reconciler-cluster"):
+        target = parse_redis_target(services[name]["environment"]["AFORO_REDIS_URL"])
+        assert target.topology == "cluster"
+        assert {host for host, _ in target.hosts} <= set(nodes)
+        assert (
+            services[name]["depends_on"]["redis-cluster-init"]["condition"]
+            == "service_completed_successfully"
+        )
+
+    shell = services["redis-node-1"]["command"][2]
+    argv = shlex.split(shell.replace("$$HOSTNAME", "localhost"))
+    assert argv[:2] == ["exec", "redis-server"]
+    args = argv[2:]
+    port = free_port()
+    args[args.index("--port") + 1] = str(port)
+    server = RedisServer(str(tmp_path / "node"), *args, "--cluster-port", str(free_port()), port=port)
+    server.start()
+    try:
+        client = server.client()
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        reply = client.execute_command("CLUSTER", "SHARDS")
+        # redis-py decodes the reply into dicts; the sidecar reads the raw arrays.
+        raw = [[k for kv in shard.items() for k in (kv[0], _flat(kv[1]))] for shard in reply]
+        (only,) = ranges_from_shards(raw, ("127.0.0.1", port))
+        assert (only.start, only.end, only.master) == (0, 16383, ("localhost", port))
+    finally:
+        server.stop()
+
+
+def _flat(value: Any) -> Any:
+    """A redis-py-decoded CLUSTER SHARDS value back into RESP2 shape."""
+    if isinstance(value, list):
+        return [_flat(v) for v in value]
+    if isinstance(value, dict):
+        return [x for kv in value.items() for x in (kv[0], _flat(kv[1]))]
+    return value
