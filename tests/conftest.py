@@ -34,6 +34,7 @@ from tests.redis_servers import (
     SentinelServers,
     delete_prefix,
     free_port,
+    running,
 )
 
 REDIS_URL = os.environ.get("AFORO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -219,55 +220,37 @@ def start_sidecar(tmp_path: Any, prefix: str) -> Iterator[Callable[..., SidecarP
 
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(str(tmp_path / "redis"))
-    server.start()
-    yield server
-    server.stop()
+    with running(PrivateRedis(str(tmp_path / "redis"))) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
     """A 3-master, 3-replica cluster shared by the tests that only read and write keys
     under their own prefix (failure tests start one of their own: private_cluster)."""
-    servers = RedisClusterServers(str(tmp_path_factory.mktemp("cluster")))
-    try:
-        servers.start()
+    with running(RedisClusterServers(str(tmp_path_factory.mktemp("cluster")))) as servers:
         _SHARED_URLS.append(servers.url)
         yield servers
-    finally:
-        servers.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelServers]:
     """A primary + replica + 3 Sentinels shared like redis_cluster."""
-    servers = SentinelServers(str(tmp_path_factory.mktemp("sentinel")))
-    try:
-        servers.start()
+    with running(SentinelServers(str(tmp_path_factory.mktemp("sentinel")))) as servers:
         _SHARED_URLS.append(servers.url)
         yield servers
-    finally:
-        servers.stop()
 
 
 @pytest.fixture
 def private_cluster(tmp_path) -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(str(tmp_path / "cluster"))
-    try:
-        servers.start()
+    with running(RedisClusterServers(str(tmp_path / "cluster"))) as servers:
         yield servers
-    finally:
-        servers.stop()
 
 
 @pytest.fixture
 def private_sentinel(tmp_path) -> Iterator[SentinelServers]:
-    servers = SentinelServers(str(tmp_path / "sentinel"))
-    try:
-        servers.start()
+    with running(SentinelServers(str(tmp_path / "sentinel"))) as servers:
         yield servers
-    finally:
-        servers.stop()
 
 
 def _pg(sql: str, url: str = PG_URL) -> None:

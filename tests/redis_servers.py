@@ -4,12 +4,15 @@ Each runs on free ports in a folder of its own and is stopped by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from typing import TypeVar
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -18,6 +21,7 @@ from redis.sentinel import Sentinel
 from sidecar.store.slots import key_slot
 from sidecar.store.target import parse_redis_target
 
+ServerSet = TypeVar("ServerSet", "RedisServer", "RedisClusterServers", "SentinelServers")
 NODE_TIMEOUT_MS = 1000  # cluster and Sentinel: how long before a silent node is failed
 SERVICE = "mymaster"
 
@@ -337,6 +341,16 @@ class SentinelServers:
                 proc.wait()
         self.primary.stop()
         self.replica.stop()
+
+
+@contextlib.contextmanager
+def running(servers: ServerSet) -> Iterator[ServerSet]:
+    """``servers`` started for the block, stopped (by PID) after it, even half-started."""
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
 
 
 def _text(value: object) -> str:

@@ -25,19 +25,15 @@ from sidecar.store.slots import (
     uncovered,
 )
 from sidecar.store.target import parse_redis_target
-from tests.redis_servers import RedisClusterServers
+from tests.redis_servers import RedisClusterServers, RedisServer, running
 from tests.test_redis_store import decision_call
 
 
 @pytest.fixture(scope="module")
 def moving_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
     """A cluster of this module's own: its tests move slots around."""
-    servers = RedisClusterServers(str(tmp_path_factory.mktemp("moving-cluster")))
-    try:
-        servers.start()
+    with running(RedisClusterServers(str(tmp_path_factory.mktemp("moving-cluster")))) as servers:
         yield servers
-    finally:
-        servers.stop()
 
 
 @pytest.mark.parametrize(
@@ -96,29 +92,43 @@ async def _store_on(cluster: RedisClusterServers, prefix: str, consumer_id: str,
     return store
 
 
-def _other_master(cluster: RedisClusterServers, key: str):  # type: ignore[no-untyped-def]
-    owner = cluster.master_of(key)
-    return owner, next(m for m in cluster.masters() if m.port != owner.port)
+class Migration:
+    """One consumer's slot moving from its master to another, step by step."""
+
+    def __init__(self, cluster: RedisClusterServers, store: RedisStore, consumer_id: str) -> None:
+        self.cluster = cluster
+        self.consumer_key = store.keys.consumer("default", consumer_id)
+        self.slot = key_slot(self.consumer_key)
+        self.source: RedisServer = cluster.master_of(self.consumer_key)
+        self.target = next(m for m in cluster.masters() if m.port != self.source.port)
+
+    def begin(self, keys: int = 0) -> None:
+        """IMPORTING / MIGRATING, and ``keys`` of the slot's keys moved (split)."""
+        self.cluster.begin_migration(self.slot, self.target)
+        if keys:
+            assert self.cluster.migrate_keys(self.slot, self.source, self.target, count=keys) == keys
+
+    def finish(self) -> None:
+        """The rest of the keys moved, and the slot assigned to the target."""
+        while self.cluster.migrate_keys(self.slot, self.source, self.target):
+            pass
+        self.cluster.finish_migration(self.slot, self.target)
 
 
 async def test_a_decision_sent_to_the_old_master_follows_moved_and_counts_once(moving_cluster, prefix):
     store = await _store_on(moving_cluster, prefix, "mover", limit=100)
     try:
         assert (await store.decide(decision_call(consumer_id="mover", request_id="m-1"))).reason == "ok"
-        consumer_key = store.keys.consumer("default", "mover")
-        slot = key_slot(consumer_key)
-        source, target = _other_master(moving_cluster, consumer_key)
-        moving_cluster.begin_migration(slot, target)
-        while moving_cluster.migrate_keys(slot, source, target):
-            pass
-        moving_cluster.finish_migration(slot, target)
+        migration = Migration(moving_cluster, store, "mover")
+        migration.begin()
+        migration.finish()
         # The store still routes the slot to the old master: MOVED, then the new one.
         second = await store.decide(decision_call(consumer_id="mover", request_id="m-2"))
         assert (second.reason, second.used[2]) == ("ok", 2)
         view = await store.get_consumer("default", "mover", now_ms())
         assert view is not None and view.windows == {"day": 2}
         assert [r.request_id for r in await store.usage("default", "mover")] == ["m-1", "m-2"]
-        assert moving_cluster.master_of(consumer_key).port == target.port
+        assert moving_cluster.master_of(migration.consumer_key).port == migration.target.port
     finally:
         await store.close()
 
@@ -130,11 +140,8 @@ async def test_decisions_wait_out_a_slot_in_migration_and_count_once(moving_clus
     store = await _store_on(moving_cluster, prefix, "split", limit=1000)
     try:
         assert (await store.decide(decision_call(consumer_id="split", request_id="s-0"))).reason == "ok"
-        consumer_key = store.keys.consumer("default", "split")
-        slot = key_slot(consumer_key)
-        source, target = _other_master(moving_cluster, consumer_key)
-        moving_cluster.begin_migration(slot, target)
-        assert moving_cluster.migrate_keys(slot, source, target, count=1) == 1  # keys now split
+        migration = Migration(moving_cluster, store, "split")
+        migration.begin(keys=1)  # the consumer's keys now split between two masters
         deadline = time.monotonic() + 10
         waiting = [
             store.decide(decision_call(consumer_id="split", request_id=f"s-{i}", deadline=deadline))
@@ -142,9 +149,7 @@ async def test_decisions_wait_out_a_slot_in_migration_and_count_once(moving_clus
         ]
         await asyncio.sleep(0.3)
         assert not any(f.done() for f in waiting), "a decision ran while the keys were split"
-        while moving_cluster.migrate_keys(slot, source, target):
-            pass
-        moving_cluster.finish_migration(slot, target)
+        migration.finish()
         outcomes = await asyncio.gather(*waiting)
         assert all(o.reason == "ok" for o in outcomes)
         assert sorted(o.used[2] for o in outcomes) == list(range(2, 42))
@@ -159,18 +164,13 @@ async def test_a_decision_past_its_deadline_during_a_migration_applies_nothing(m
     store = await _store_on(moving_cluster, prefix, "late", limit=1000)
     try:
         assert (await store.decide(decision_call(consumer_id="late", request_id="l-0"))).reason == "ok"
-        consumer_key = store.keys.consumer("default", "late")
-        slot = key_slot(consumer_key)
-        source, target = _other_master(moving_cluster, consumer_key)
-        moving_cluster.begin_migration(slot, target)
-        moving_cluster.migrate_keys(slot, source, target, count=1)
+        migration = Migration(moving_cluster, store, "late")
+        migration.begin(keys=1)
         with pytest.raises((TimeoutError, StoreUnavailable)):
             await store.decide(
                 decision_call(consumer_id="late", request_id="l-1", deadline=time.monotonic() + 0.1)
             )
-        while moving_cluster.migrate_keys(slot, source, target):
-            pass
-        moving_cluster.finish_migration(slot, target)
+        migration.finish()
         view = await store.get_consumer("default", "late", now_ms())
         assert view is not None and view.windows == {"day": 1}
         assert [r.request_id for r in await store.usage("default", "late")] == ["l-0"]

@@ -37,6 +37,7 @@ from sidecar.core.windows import WINDOWS, periods
 from sidecar.store.base import DecisionCall, StoreDown, StoreUnavailable, TopUpResult
 from sidecar.store.keys import KeySpace
 from sidecar.store.resp import RedisReplyError, encode_bulks, encode_command, ignore_reply
+from sidecar.store.routing import Router
 from sidecar.store.slots import key_slot
 from sidecar.store.target import RedisTarget, parse_redis_target
 from sidecar.store.topology import Backend, Timeouts, open_backend
@@ -231,7 +232,7 @@ class RedisStore:
         return self._backend
 
     @property
-    def _router(self):  # type: ignore[no-untyped-def]
+    def _router(self) -> Router:
         assert self._backend is not None, "the store is not open"
         return self._backend.router
 

@@ -83,9 +83,14 @@ class Router(Protocol):
     def close(self) -> None: ...
 
 
-class _Loop:
+class _RouterBase:
+    """What both routers share: the captured loop, background tasks, ``execute``."""
+
     _loop: asyncio.AbstractEventLoop | None = None
     _tasks: set[asyncio.Task[None]]
+
+    def send(self, slot: int, command: bytes, on_reply: OnReply, deadline: float = 0.0) -> None:
+        raise NotImplementedError
 
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -101,11 +106,11 @@ class _Loop:
 
     async def execute(self, slot: int, command: bytes, deadline: float = 0.0) -> object:
         future: asyncio.Future[object] = self.loop().create_future()
-        self.send(slot, command, functools.partial(settle, future), deadline)  # type: ignore[attr-defined]
+        self.send(slot, command, functools.partial(settle, future), deadline)
         return await future
 
 
-class SingleRouter(_Loop):
+class SingleRouter(_RouterBase):
     """One node: a standalone Redis, or the primary named by Sentinel (``locate``)."""
 
     def __init__(self, node: PipelinedConnection) -> None:
@@ -162,7 +167,7 @@ class _Routed:
         self.on_reply(reply)
 
 
-class ClusterRouter(_Loop):
+class ClusterRouter(_RouterBase):
     def __init__(self, target: RedisTarget, connect_timeout_s: float, cooldown_s: float) -> None:
         self._target = target
         self._connect_timeout_s = connect_timeout_s
