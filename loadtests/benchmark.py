@@ -8,17 +8,20 @@ median run of each:
   naive      ../shared/bench/naive_baseline.py under uvicorn (one process)
   sidecar    `aforo-sidecar serve`, one process, on its decision port
   sidecar x2 the same with --workers 2
-  sidecar, cluster   one process on a 3-master Redis Cluster (3 replicas), started
-             here from redis-server (or --cluster-url)
+  sidecar, cluster 3+3 / 3+0   one process on a 3-master Redis Cluster with a replica
+             per master, and without replicas, both started here from redis-server
+             (or one cluster given with --cluster-url)
   and, over gRPC with one Python client process: a bare grpc.aio echo server (the
   ceiling of grpc.aio here), unary Authorize, and AuthorizeBatch (100 per call)
 
-and prints decisions/s, P50/P95/P99 and errors side by side, with ratios. While the
+and prints decisions/s, P50/P95/P99, errors and the CPU time spent per decision by the
+server (its worker processes included) and by Redis (masters, and replicas apart; read
+from /proc for the servers on this machine) side by side, with ratios. While the
 two-worker run is under load, a 1000/day consumer is hammered with 1500 requests and
 must get exactly 1000 allows.
 
     python loadtests/benchmark.py [--duration 10] [--rounds 3] [--connections 32 256]
-                                  [--cluster-url redis+cluster://...] [--cluster-replicas 1]
+                                  [--cluster-url redis+cluster://...]
 
 Needs wrk (Debian: apt-get install wrk), a Redis (AFORO_REDIS_URL, default
 redis://127.0.0.1:6379/0; keys under a bench prefix are deleted afterwards) and the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -44,12 +48,14 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test servers: a cluster started from redis-server
-from tests.redis_servers import RedisClusterServers, delete_prefix  # noqa: E402
+from tests.redis_servers import RedisClusterServers, delete_prefix, running  # noqa: E402
 
 NAIVE = ROOT.parent / "shared" / "bench" / "naive_baseline.py"
 REDIS_URL = os.environ.get("AFORO_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -120,6 +126,51 @@ def wrk(url: str, connections: int, duration: int, script: str) -> dict[str, flo
         "p99_ms": p99 / 1000,
         "errors": socket_errors + status_errors,
     }
+
+
+class Target(NamedTuple):
+    url: str
+    main_url: str | None  # the sidecar's HTTP port (None: the baseline)
+    pid: int  # the server's process (its workers are its children)
+    redis_pids: list[int]  # the Redis servers it writes to (masters), when on this machine
+    replica_pids: list[int]
+
+
+def with_children(pid: int) -> list[int]:
+    """``pid`` and every process below it (a server's worker processes)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += parents.get(current, [])
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes on this machine, from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def standalone_pid() -> list[int]:
+    """The PID of the Redis at REDIS_URL when it runs on this machine."""
+    info = redis.Redis.from_url(REDIS_URL).info("server")
+    pid = int(info["process_id"])
+    return [pid] if Path(f"/proc/{pid}").exists() else []
 
 
 def degraded(main_url: str) -> float:
@@ -210,7 +261,8 @@ def sidecar(workers: int, grpc: bool = False, redis_url: str = REDIS_URL) -> Ite
         "grpc": f"127.0.0.1:{grpc_port}",
     }
     try:
-        with process(command, env, f"{urls['main']}/healthz"):
+        with process(command, env, f"{urls['main']}/healthz") as proc:
+            urls["pid"] = str(proc.pid)
             if not grpc:
                 wait_http(f"{urls['decision']}/healthz")
             seed(urls["main"])
@@ -220,40 +272,55 @@ def sidecar(workers: int, grpc: bool = False, redis_url: str = REDIS_URL) -> Ite
 
 
 def run_http(
-    args: argparse.Namespace, script: str, cluster_url: str
+    args: argparse.Namespace, script: str, clusters: dict[str, tuple[str, list[int], list[int]]]
 ) -> tuple[dict[str, dict[int, dict[str, float]]], Counter[int]]:
-    """All four servers up at once, measured in alternation round after round, so a
-    drift of the machine's speed (a shared VM) weighs on each of them alike."""
+    """Every server up at once, measured in alternation round after round, so a drift
+    of the machine's speed (a shared VM) weighs on each of them alike. ``clusters``:
+    name -> (URL, master PIDs, replica PIDs)."""
     port = free_port()
     naive_env = {**os.environ, "REDIS_URL": REDIS_URL}
     naive = [sys.executable, "-m", "uvicorn", "naive_baseline:app", "--app-dir", str(NAIVE.parent),
              "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    with (
-        _deleting("naive:"),  # the baseline's own keys (it seeds them at each start)
-        process(naive, naive_env, f"http://127.0.0.1:{port}/"),
-        sidecar(1) as one,
-        sidecar(2) as two,
-        sidecar(1, redis_url=cluster_url) as clustered,
-    ):
+    one_redis = standalone_pid()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_deleting("naive:"))  # the baseline's own keys (seeded at each start)
+        baseline = stack.enter_context(process(naive, naive_env, f"http://127.0.0.1:{port}/"))
+        one = stack.enter_context(sidecar(1))
+        two = stack.enter_context(sidecar(2))
         targets = {
-            "naive": (f"http://127.0.0.1:{port}{SEED_PATH}", None),
-            "sidecar": (f"{one['decision']}{SEED_PATH}", one["main"]),
-            "sidecar x2": (f"{two['decision']}{SEED_PATH}", two["main"]),
-            "sidecar, cluster": (f"{clustered['decision']}{SEED_PATH}", clustered["main"]),
+            "naive": Target(f"http://127.0.0.1:{port}{SEED_PATH}", None, baseline.pid, one_redis, []),
+            "sidecar": Target(f"{one['decision']}{SEED_PATH}", one["main"], int(one["pid"]), one_redis, []),
+            "sidecar x2": Target(
+                f"{two['decision']}{SEED_PATH}", two["main"], int(two["pid"]), one_redis, []
+            ),
         }
+        for name, (url, masters, replicas) in clusters.items():
+            urls = stack.enter_context(sidecar(1, redis_url=url))
+            targets[f"sidecar, {name}"] = Target(
+                f"{urls['decision']}{SEED_PATH}", urls["main"], int(urls["pid"]), masters, replicas
+            )
         runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {} for name in targets}
         for connections in args.connections:
             for _ in range(args.rounds):
-                for name, (url, main_url) in targets.items():
-                    before = degraded(main_url) if main_url else 0.0
-                    result = wrk(url, connections, args.duration, script)
-                    result["degraded"] = degraded(main_url) - before if main_url else 0.0
+                for name, target in targets.items():
+                    before = degraded(target.main_url) if target.main_url else 0.0
+                    server = with_children(target.pid)
+                    groups = (server, target.redis_pids, target.replica_pids)
+                    cpu = [cpu_seconds(pids) for pids in groups]
+                    result = wrk(target.url, connections, args.duration, script)
+                    decisions = result["rps"] * args.duration
+                    spent = [
+                        (cpu_seconds(pids) - start) / decisions * 1e6
+                        for pids, start in zip(groups, cpu, strict=True)
+                    ]
+                    result["server_us"], result["redis_us"], result["replicas_us"] = spent
+                    result["degraded"] = degraded(target.main_url) - before if target.main_url else 0.0
                     runs[name].setdefault(connections, []).append(result)
         # Exactness under load: a 1000/day consumer hammered while wrk runs (a run of
         # its own: the checker's CPU would skew the figures).
         checker = Exactness(two["decision"])
         checker.start()
-        wrk(targets["sidecar x2"][0], args.connections[0], args.duration, script)
+        wrk(targets["sidecar x2"].url, args.connections[0], args.duration, script)
         checker.join()
     results = {name: {c: median_run(r) for c, r in by_c.items()} for name, by_c in runs.items()}
     return results, checker.result
@@ -281,19 +348,25 @@ def _deleting(prefix: str) -> Iterator[None]:
 
 
 @contextmanager
-def _cluster(args: argparse.Namespace) -> Iterator[str]:
-    """The cluster to measure: --cluster-url, or 3 masters started here from
-    redis-server (with --cluster-replicas replicas each), stopped afterwards."""
+def _clusters(args: argparse.Namespace) -> Iterator[dict[str, tuple[str, list[int], list[int]]]]:
+    """The clusters to measure: --cluster-url, or two started here from redis-server, 3
+    masters with a replica each ("cluster 3+3") and without ("cluster 3+0"), stopped
+    afterwards. Name -> (URL, master PIDs, replica PIDs; empty when not known)."""
     if args.cluster_url:
-        yield args.cluster_url
+        yield {"cluster": (args.cluster_url, [], [])}
         return
-    with tempfile.TemporaryDirectory(prefix="aforo-bench-cluster-") as folder:
-        servers = RedisClusterServers(folder, replicas=args.cluster_replicas)
-        try:
-            servers.start()
-            yield servers.url
-        finally:
-            servers.stop()
+    with contextlib.ExitStack() as stack:
+        found = {}
+        for replicas in (1, 0):
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="aforo-bench-cluster-"))
+            servers = stack.enter_context(running(RedisClusterServers(folder, replicas=replicas)))
+            masters = {s.port for s in servers.masters()}
+            found[f"cluster 3+{3 * replicas}"] = (
+                servers.url,
+                [s.proc.pid for s in servers.servers if s.port in masters and s.proc],
+                [s.proc.pid for s in servers.servers if s.port not in masters and s.proc],
+            )
+        yield found
 
 
 def run_grpc(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -347,6 +420,12 @@ def _row(name: str, connections: int, r: dict[str, float], ratio: str) -> str:
         f"{r['errors']:.0f}",
         f"{r.get('degraded', 0):.0f}",
     ]
+    if "redis_us" in r:  # gRPC runs have no CPU figures
+        cells += [
+            f"{r['server_us']:.0f}",
+            f"{r['redis_us']:.1f}" if r["redis_us"] else "n/a",
+            f"{r['replicas_us']:.1f}",
+        ]
     return f"{name:<28} " + " ".join(f"{c:>11}" for c in cells)
 
 
@@ -356,16 +435,15 @@ def main() -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each server; the median is shown")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--cluster-url", help="a Redis Cluster to measure (default: start one here)")
-    parser.add_argument("--cluster-replicas", type=int, default=1, help="replicas per master when started")
+    parser.add_argument("--cluster-url", help="a Redis Cluster to measure (default: start two here)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
-    with _cluster(args) as cluster_url:
-        http, exact = run_http(args, script.name, cluster_url)
+    with _clusters(args) as clusters:
+        http, exact = run_http(args, script.name, clusters)
     grpc_results = run_grpc(args)
     if args.json:
         args.json.write_text(
@@ -375,7 +453,8 @@ def main() -> int:
         f"\nmachine: {os.cpu_count()} cores; wrk -t1, {args.duration}s per run, median of {args.rounds} "
         f"rounds run in alternation; Redis {REDIS_URL}\n"
     )
-    columns = ("conns", "decisions/s", "x naive", "p50 ms", "p95 ms", "p99 ms", "errors", "degraded")
+    columns = ("conns", "decisions/s", "x naive", "p50 ms", "p95 ms", "p99 ms", "errors", "degraded",
+               "server us/d", "redis us/d", "replica us/d")  # fmt: skip
     print(f"{'run':<28} " + " ".join(f"{c:>11}" for c in columns))
     for name, by_connections in http.items():
         for connections, r in by_connections.items():
@@ -390,9 +469,11 @@ def main() -> int:
     for c in args.connections:
         scaling = http["sidecar x2"][c]["rps"] / http["sidecar"][c]["rps"]
         print(f"workers scaling at {c} connections: x{scaling:.2f}")
-    for c in args.connections:
-        kept = http["sidecar, cluster"][c]["rps"] / http["sidecar"][c]["rps"]
-        print(f"cluster against one Redis at {c} connections (one process each): {kept:.0%}")
+    for name in (n for n in http if n.startswith("sidecar, cluster")):
+        for c in args.connections:
+            kept = http[name][c]["rps"] / http["sidecar"][c]["rps"]
+            cluster = name.removeprefix("sidecar, ")
+            print(f"{cluster} against one Redis at {c} connections (one process each): {kept:.0%}")
     verdict = "PASS" if exact == Counter({"ok": 1000, "quota_exceeded": 500}) else "FAIL"
     print(f"exactness under load (1000/day, 1500 requests, 64 clients, 2 workers): {dict(exact)} {verdict}")
     return 0 if verdict == "PASS" else 1

@@ -16,6 +16,7 @@ from sidecar.core.models import ConsumerSpec, Plan
 from sidecar.store.redis_store import RedisStore
 from sidecar.store.target import RedisTarget, RedisTargetError, parse_redis_target
 from sidecar.store.topology import TopologyError
+from tests.redis_servers import free_port
 from tests.test_redis_store import decision_call
 
 
@@ -171,3 +172,26 @@ async def test_a_cluster_node_named_with_a_database_is_refused(redis_cluster, pr
             await store.load_scripts()
     finally:
         await store.close()
+
+
+def test_serve_stops_when_the_node_turns_out_to_be_a_cluster_node_with_a_database(redis_cluster):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
+    node = redis_cluster.servers[0]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--redis-url",
+            f"redis://127.0.0.1:{node.port}/3",
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "AFORO_GRPC_PORT": "0", "AFORO_DECISION_PORT": "0"},
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "is a cluster node, which has only database 0" in result.stderr
