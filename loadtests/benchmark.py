@@ -16,7 +16,9 @@ median run of each:
 
 and prints decisions/s, P50/P95/P99, errors and the CPU time spent per decision by the
 server (its worker processes included) and by Redis (masters, and replicas apart; read
-from /proc for the servers on this machine) side by side, with ratios. While the
+from /proc for the servers on this machine), and the decisions per read of the Redis
+masters (how many pipelined commands each socket read takes in: INFO stats
+total_reads_processed), side by side, with ratios. While the
 two-worker run is under load, a 1000/day consumer is hammered with 1500 requests and
 must get exactly 1000 allows.
 
@@ -128,12 +130,27 @@ def wrk(url: str, connections: int, duration: int, script: str) -> dict[str, flo
     }
 
 
+class Deployment(NamedTuple):
+    """A Redis deployment measured: its URL and, when it runs on this machine, the
+    PIDs of its masters and replicas and the ports of its masters."""
+
+    url: str
+    master_pids: list[int]
+    replica_pids: list[int]
+    master_ports: list[int]
+
+
 class Target(NamedTuple):
     url: str
     main_url: str | None  # the sidecar's HTTP port (None: the baseline)
     pid: int  # the server's process (its workers are its children)
-    redis_pids: list[int]  # the Redis servers it writes to (masters), when on this machine
-    replica_pids: list[int]
+    redis: Deployment
+
+
+def reads(ports: list[int]) -> int:
+    """Reads from client sockets the Redis masters on ``ports`` made so far (each read
+    takes in one batch of pipelined commands)."""
+    return sum(int(redis.Redis(port=port).info("stats")["total_reads_processed"]) for port in ports)
 
 
 def with_children(pid: int) -> list[int]:
@@ -166,11 +183,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def standalone_pid() -> list[int]:
-    """The PID of the Redis at REDIS_URL when it runs on this machine."""
-    info = redis.Redis.from_url(REDIS_URL).info("server")
+def standalone() -> Deployment:
+    """The Redis at REDIS_URL (its PID and port when it runs on this machine)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    info = client.info("server")
     pid = int(info["process_id"])
-    return [pid] if Path(f"/proc/{pid}").exists() else []
+    here = Path(f"/proc/{pid}").exists()
+    return Deployment(REDIS_URL, [pid] if here else [], [], [int(info["tcp_port"])] if here else [])
 
 
 def degraded(main_url: str) -> float:
@@ -272,32 +291,29 @@ def sidecar(workers: int, grpc: bool = False, redis_url: str = REDIS_URL) -> Ite
 
 
 def run_http(
-    args: argparse.Namespace, script: str, clusters: dict[str, tuple[str, list[int], list[int]]]
+    args: argparse.Namespace, script: str, clusters: dict[str, Deployment]
 ) -> tuple[dict[str, dict[int, dict[str, float]]], Counter[int]]:
     """Every server up at once, measured in alternation round after round, so a drift
-    of the machine's speed (a shared VM) weighs on each of them alike. ``clusters``:
-    name -> (URL, master PIDs, replica PIDs)."""
+    of the machine's speed (a shared VM) weighs on each of them alike."""
     port = free_port()
     naive_env = {**os.environ, "REDIS_URL": REDIS_URL}
     naive = [sys.executable, "-m", "uvicorn", "naive_baseline:app", "--app-dir", str(NAIVE.parent),
              "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    one_redis = standalone_pid()
+    one_redis = standalone()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_deleting("naive:"))  # the baseline's own keys (seeded at each start)
         baseline = stack.enter_context(process(naive, naive_env, f"http://127.0.0.1:{port}/"))
         one = stack.enter_context(sidecar(1))
         two = stack.enter_context(sidecar(2))
         targets = {
-            "naive": Target(f"http://127.0.0.1:{port}{SEED_PATH}", None, baseline.pid, one_redis, []),
-            "sidecar": Target(f"{one['decision']}{SEED_PATH}", one["main"], int(one["pid"]), one_redis, []),
-            "sidecar x2": Target(
-                f"{two['decision']}{SEED_PATH}", two["main"], int(two["pid"]), one_redis, []
-            ),
+            "naive": Target(f"http://127.0.0.1:{port}{SEED_PATH}", None, baseline.pid, one_redis),
+            "sidecar": Target(f"{one['decision']}{SEED_PATH}", one["main"], int(one["pid"]), one_redis),
+            "sidecar x2": Target(f"{two['decision']}{SEED_PATH}", two["main"], int(two["pid"]), one_redis),
         }
-        for name, (url, masters, replicas) in clusters.items():
-            urls = stack.enter_context(sidecar(1, redis_url=url))
+        for name, deployment in clusters.items():
+            urls = stack.enter_context(sidecar(1, redis_url=deployment.url))
             targets[f"sidecar, {name}"] = Target(
-                f"{urls['decision']}{SEED_PATH}", urls["main"], int(urls["pid"]), masters, replicas
+                f"{urls['decision']}{SEED_PATH}", urls["main"], int(urls["pid"]), deployment
             )
         runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {} for name in targets}
         for connections in args.connections:
@@ -305,10 +321,13 @@ def run_http(
                 for name, target in targets.items():
                     before = degraded(target.main_url) if target.main_url else 0.0
                     server = with_children(target.pid)
-                    groups = (server, target.redis_pids, target.replica_pids)
+                    groups = (server, target.redis.master_pids, target.redis.replica_pids)
                     cpu = [cpu_seconds(pids) for pids in groups]
+                    read_before = reads(target.redis.master_ports)
                     result = wrk(target.url, connections, args.duration, script)
                     decisions = max(1.0, result["rps"] * args.duration)  # the baseline fails at 256
+                    batches = reads(target.redis.master_ports) - read_before
+                    result["per_read"] = decisions / batches if batches else 0.0
                     spent = [
                         (cpu_seconds(pids) - start) / decisions * 1e6
                         for pids, start in zip(groups, cpu, strict=True)
@@ -348,12 +367,12 @@ def _deleting(prefix: str) -> Iterator[None]:
 
 
 @contextmanager
-def _clusters(args: argparse.Namespace) -> Iterator[dict[str, tuple[str, list[int], list[int]]]]:
+def _clusters(args: argparse.Namespace) -> Iterator[dict[str, Deployment]]:
     """The clusters to measure: --cluster-url, or two started here from redis-server, 3
     masters with a replica each ("cluster 3+3") and without ("cluster 3+0"), stopped
-    afterwards. Name -> (URL, master PIDs, replica PIDs; empty when not known)."""
+    afterwards."""
     if args.cluster_url:
-        yield {"cluster": (args.cluster_url, [], [])}
+        yield {"cluster": Deployment(args.cluster_url, [], [], [])}
         return
     with contextlib.ExitStack() as stack:
         found = {}
@@ -361,10 +380,11 @@ def _clusters(args: argparse.Namespace) -> Iterator[dict[str, tuple[str, list[in
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="aforo-bench-cluster-"))
             servers = stack.enter_context(running(RedisClusterServers(folder, replicas=replicas)))
             masters = {s.port for s in servers.masters()}
-            found[f"cluster 3+{3 * replicas}"] = (
+            found[f"cluster 3+{3 * replicas}"] = Deployment(
                 servers.url,
                 [s.proc.pid for s in servers.servers if s.port in masters and s.proc],
                 [s.proc.pid for s in servers.servers if s.port not in masters and s.proc],
+                sorted(masters),
             )
         yield found
 
@@ -420,11 +440,12 @@ def _row(name: str, connections: int, r: dict[str, float], ratio: str) -> str:
         f"{r['errors']:.0f}",
         f"{r.get('degraded', 0):.0f}",
     ]
-    if "redis_us" in r:  # gRPC runs have no CPU figures
+    if "redis_us" in r and r["rps"]:  # gRPC runs have no CPU figures, a failed run none
         cells += [
             f"{r['server_us']:.0f}",
             f"{r['redis_us']:.1f}" if r["redis_us"] else "n/a",
             f"{r['replicas_us']:.1f}",
+            f"{r['per_read']:.1f}" if r["per_read"] else "n/a",
         ]
     return f"{name:<28} " + " ".join(f"{c:>11}" for c in cells)
 
@@ -454,7 +475,7 @@ def main() -> int:
         f"rounds run in alternation; Redis {REDIS_URL}\n"
     )
     columns = ("conns", "decisions/s", "x naive", "p50 ms", "p95 ms", "p99 ms", "errors", "degraded",
-               "server us/d", "redis us/d", "replica us/d")  # fmt: skip
+               "server us/d", "redis us/d", "replica us/d", "cmds/read")  # fmt: skip
     print(f"{'run':<28} " + " ".join(f"{c:>11}" for c in columns))
     for name, by_connections in http.items():
         for connections, r in by_connections.items():
