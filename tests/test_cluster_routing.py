@@ -176,3 +176,19 @@ async def test_a_decision_past_its_deadline_during_a_migration_applies_nothing(m
         assert [r.request_id for r in await store.usage("default", "late")] == ["l-0"]
     finally:
         await store.close()
+
+
+async def test_an_admin_write_on_a_slot_stuck_in_migration_is_unavailable_not_a_crash(moving_cluster, prefix):
+    """redis-py gives up on a slot that stays split ("TTL exhausted"): the admin call
+    (and the reconciler) see StoreUnavailable, a 503 they retry, and nothing changed."""
+    store = await _store_on(moving_cluster, prefix, "stuck", limit=1000)
+    try:
+        await store.top_up("default", "stuck", 500, "ref-0")
+        migration = Migration(moving_cluster, store, "stuck")
+        migration.begin(keys=1)
+        with pytest.raises(StoreUnavailable):
+            await store.top_up("default", "stuck", 700, "ref-1")  # consumer hash + reference: 2 keys
+        migration.finish()
+        assert (await store.top_up("default", "stuck", 700, "ref-1")).balance == 1_200
+    finally:
+        await store.close()

@@ -48,7 +48,9 @@ from sidecar.store.topology import Backend, Timeouts, open_backend
 UNREACHABLE = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
-    redis_errors.ClusterDownError,
+    # ClusterError: also a slot still migrating after redis-py's redirections ("TTL
+    # exhausted"); ClusterDownError is one.
+    redis_errors.ClusterError,
     redis_errors.TryAgainError,
     redis_errors.ReadOnlyError,
     redis_errors.SlotNotCoveredError,
