@@ -66,7 +66,8 @@ def pull(args: argparse.Namespace) -> int:
         response.json(), organization=args.org, time_unit_ms=TIME_UNITS[args.time_unit]
     )
     processed = skipped = 0
-    sidecar_headers = {TENANT_HEADER: args.tenant, SECRET_HEADER: args.ingest_secret}
+    secret = args.ingest_secret if args.ingest_secret is not None else _ingest_secret(args.tenant)
+    sidecar_headers = {TENANT_HEADER: args.tenant, SECRET_HEADER: secret}
     with httpx.Client(base_url=args.sidecar_url, headers=sidecar_headers, timeout=60) as sidecar:
         for payload in payloads:
             answer = sidecar.post("/integrations/apigee/ingest", content=msgspec.json.encode(payload))
@@ -79,21 +80,50 @@ def pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest_secret(tenant: str) -> str:
+    """The tenant's entry of AFORO_INGEST_SECRETS ("tenant=secret,..."), the variable
+    the sidecar itself reads, so one environment serves both."""
+    for item in os.environ.get("AFORO_INGEST_SECRETS", "").split(","):
+        name, _, secret = item.strip().partition("=")
+        if name.strip() == tenant:
+            return secret.strip()
+    return ""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--apigee-url", default="https://apigee.googleapis.com", help="management API base URL"
+        "--apigee-url",
+        default="https://apigee.googleapis.com",
+        help="Apigee management API base URL (default https://apigee.googleapis.com)",
     )
-    parser.add_argument("--org", required=True)
-    parser.add_argument("--env", required=True)
+    parser.add_argument("--org", required=True, help="Apigee organization (required)")
+    parser.add_argument("--env", required=True, help="Apigee environment (required)")
     parser.add_argument(
-        "--token", default=os.environ.get("APIGEE_TOKEN", ""), help="OAuth token (APIGEE_TOKEN)"
+        "--token",
+        default=os.environ.get("APIGEE_TOKEN", ""),
+        help="OAuth bearer token for the management API (APIGEE_TOKEN; default none)",
     )
-    parser.add_argument("--start", help="ISO 8601 (default: an hour before --end)")
-    parser.add_argument("--end", help="ISO 8601 (default: now)")
-    parser.add_argument("--time-unit", choices=sorted(TIME_UNITS), default="hour")
-    parser.add_argument("--attempts", type=int, default=6, help="tries on 429/5xx before giving up")
-    parser.add_argument("--sidecar-url", default="http://127.0.0.1:8080")
-    parser.add_argument("--tenant", default="default")
+    parser.add_argument("--start", help="ISO 8601 start of the range (default: an hour before --end)")
+    parser.add_argument("--end", help="ISO 8601 end of the range (default: now)")
     parser.add_argument(
-        "--ingest-secret", default=os.environ.get("AFORO_INGEST_SECRET", ""), help="(AFORO_INGEST_SECRET)"
+        "--time-unit",
+        choices=sorted(TIME_UNITS),
+        default="hour",
+        help="bucket size: day, hour or minute (default hour)",
+    )
+    parser.add_argument(
+        "--attempts", type=int, default=6, help="tries on 429/502/503/504 before giving up (default 6)"
+    )
+    parser.add_argument(
+        "--sidecar-url",
+        default="http://127.0.0.1:8080",
+        help="the sidecar's HTTP port (default http://127.0.0.1:8080)",
+    )
+    parser.add_argument(
+        "--tenant", default="default", help="tenant the analytics belong to (default default)"
+    )
+    parser.add_argument(
+        "--ingest-secret",
+        help="the tenant's ingestion secret (default: its entry of AFORO_INGEST_SECRETS, "
+        "tenant=secret,..., the variable the sidecar reads)",
     )

@@ -44,7 +44,9 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grpc-port", type=int, help="gRPC port (AFORO_GRPC_PORT, default 9090; 0 turns gRPC off)"
     )
-    parser.add_argument("--admin-token", help="bearer token of the admin API (AFORO_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--admin-token", help="bearer token of the admin API (AFORO_ADMIN_TOKEN, default unset: admin off)"
+    )
     parser.add_argument(
         "--log-level", help="critical|error|warning|info|debug (AFORO_LOG_LEVEL, default info)"
     )
@@ -64,16 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--redis-url",
         help="Redis URL (AFORO_REDIS_URL): redis://, rediss://, unix://, "
-        "redis+cluster://h:p,h:p, redis+sentinel://h:p,h:p/master; unset: embedded store",
+        "redis+cluster://h:p,h:p, redis+sentinel://h:p,h:p/master; default unset: the embedded store",
     )
     serve.add_argument("--redis-topology", help=_TOPOLOGY_HELP)
     serve.add_argument("--workers", type=int, help="worker processes (AFORO_WORKERS, default 1)")
-    serve.add_argument("--fail-mode", help="open|closed when Redis is unreachable (AFORO_FAIL_MODE)")
-    serve.add_argument("--decision-timeout-ms", type=int, help="deadline of one decision (default 50)")
+    serve.add_argument(
+        "--fail-mode",
+        help="open|closed: the answer when Redis is unreachable (AFORO_FAIL_MODE, default open)",
+    )
+    serve.add_argument(
+        "--decision-timeout-ms",
+        type=int,
+        help="deadline of one decision in ms (AFORO_DECISION_TIMEOUT_MS, default 50)",
+    )
     serve.add_argument("--key-prefix", help="Redis key prefix (AFORO_KEY_PREFIX, default aforo:)")
 
     serve.add_argument(
-        "--database-url", help="Postgres URL (AFORO_DATABASE_URL): admin writes go there first"
+        "--database-url", help="Postgres URL (AFORO_DATABASE_URL, default unset): admin writes go there first"
     )
 
     demo = sub.add_parser("demo", help="run on the embedded store with a demo catalog")
@@ -97,19 +106,21 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(pull)
 
     audit = sub.add_parser("audit", help="audit log tools")
-    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="{verify}")
     verify = audit_sub.add_parser("verify", help="check the audit log's hash chain (exit 1 if broken)")
     _data_args(verify, redis=False)
     return parser
 
 
 def _data_args(parser: argparse.ArgumentParser, *, redis: bool) -> None:
-    parser.add_argument("--database-url", help="Postgres URL (AFORO_DATABASE_URL)")
+    parser.add_argument("--database-url", help="Postgres URL (AFORO_DATABASE_URL, required)")
     if redis:
-        parser.add_argument("--redis-url", help="Redis URL (AFORO_REDIS_URL)")
+        parser.add_argument("--redis-url", help="Redis URL (AFORO_REDIS_URL, required)")
         parser.add_argument("--redis-topology", help=_TOPOLOGY_HELP)
-        parser.add_argument("--key-prefix", help="Redis key prefix (AFORO_KEY_PREFIX)")
-    parser.add_argument("--log-level", help="critical|error|warning|info|debug (AFORO_LOG_LEVEL)")
+        parser.add_argument("--key-prefix", help="Redis key prefix (AFORO_KEY_PREFIX, default aforo:)")
+    parser.add_argument(
+        "--log-level", help="critical|error|warning|info|debug (AFORO_LOG_LEVEL, default info)"
+    )
 
 
 def _settings(args: argparse.Namespace, extra: dict[str, object]) -> Settings:
@@ -208,6 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.apigee_pull import pull
 
         return pull(args)
+    if args.command == "audit" and args.audit_command is None:
+        print(
+            "aforo-sidecar audit: name the tool: `aforo-sidecar audit verify` checks the audit "
+            "log's hash chain",
+            file=sys.stderr,
+        )
+        return 2
     if args.command in ("migrate", "reconcile", "audit"):
         try:
             settings = _data_settings(args)
@@ -237,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings = msgspec.structs.replace(settings, admin_token=secrets.token_urlsafe(24))
     except SettingsError as exc:
         print(f"aforo-sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from sidecar.port_check import busy_port
+
+    busy = busy_port(settings)
+    if busy is not None:
+        print(f"aforo-sidecar: {busy}", file=sys.stderr)
         return 2
     if args.command == "serve":
         _run(settings, args.access_log)

@@ -4,8 +4,9 @@ once at start with a message that names the bad value."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 from urllib.parse import urlparse
 
 import msgspec
@@ -232,5 +233,20 @@ def load_settings(
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SettingsError(f"invalid setting: {exc} (environment variables are AFORO_<NAME>)") from None
+        raise SettingsError(_explain(exc, raw)) from None
     return settings.validate()
+
+
+def _explain(exc: msgspec.ValidationError, raw: Mapping[str, Any]) -> str:
+    """A validation error in words: the setting, its variable, and for a choice the
+    values it takes."""
+    text = str(exc)
+    found = re.search(r"at `\$\.(\w+)", text)
+    if found is None or found.group(1) not in Settings.__struct_fields__:
+        return f"invalid setting: {text} (environment variables are AFORO_<NAME>)"
+    name = found.group(1)
+    where = f"{ENV_PREFIX}{name.upper()}"
+    choices = get_args(get_type_hints(Settings)[name])
+    if choices and all(isinstance(c, str) for c in choices):
+        return f"{name} {raw.get(name)!r} is not one of: {', '.join(choices)} ({where})"
+    return f"{name}: {text.split(' - at ')[0]} ({where})"

@@ -519,6 +519,22 @@ async def test_consumer_id_with_braces_or_spaces_is_refused(
     assert [k for k in await redis_keys(store) if consumer_id in k] == []
 
 
+@pytest.mark.parametrize("encoded", ["%2E", "%2E%2E", "%2e%2e"])
+async def test_dot_segments_are_not_consumer_ids(
+    client: httpx.AsyncClient, store: Store, encoded: str
+) -> None:
+    """ "." and ".." would be resolved away as URL path segments: no plain admin URL
+    could name such a consumer, so they are refused wherever a consumer id is taken."""
+    await seed(client, consumer_id="other")
+    response = await client.put(f"/v1/admin/consumers/{encoded}", json={"plan_id": "plan"}, headers=ADMIN)
+    assert_error(response, 400, "invalid_identifier", "id")
+    assert "not '.' or '..'" in response.json()["error"]["message"]
+    name = encoded.replace("%2E", ".").replace("%2e", ".")
+    body = await client.post("/v1/authorize", json={"consumer_id": name, "product": "p"})
+    assert_error(body, 400, "invalid_identifier", "consumer_id")
+    await assert_no_consumer(store, name)
+
+
 async def test_consumer_with_a_bad_tenant_is_refused(client: httpx.AsyncClient, store: Store) -> None:
     await seed(client, consumer_id="other")
     body = {"plan_id": "plan", "tenant": "acme:eu"}

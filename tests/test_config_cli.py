@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from sidecar.config import SettingsError, load_settings
+from sidecar.config import Settings, SettingsError, load_settings
 from tests.conftest import free_port
 
 
@@ -50,7 +52,8 @@ def test_to_env_rebuilds_the_same_settings():
     [
         ({"port": "eighty"}, "port"),
         ({"port": 70000}, "port 70000 is out of range"),
-        ({"fail_mode": "sometimes"}, "fail_mode"),
+        ({"fail_mode": "sometimes"}, "fail_mode 'sometimes' is not one of: open, closed (AFORO_FAIL_MODE)"),
+        ({"kong_consumer_field": "x"}, "is not one of: id, custom_id, username (AFORO_KONG_CONSUMER_FIELD)"),
         ({"workers": 2}, "workers > 1 needs redis_url"),
         ({"redis_url": "http://localhost:6379"}, "is not a Redis URL"),
         ({"decision_timeout_ms": 0}, "decision_timeout_ms 0 is out of range"),
@@ -58,7 +61,8 @@ def test_to_env_rebuilds_the_same_settings():
         ({"tenant_fail_modes": "acme"}, "tenant_fail_modes expects entries like tenant=closed"),
         ({"tenant_fail_modes": "acme=half"}, "tenant_fail_modes"),
         ({"key_prefix": "a{b}:"}, "key_prefix must not contain braces"),
-        ({"log_level": "loud"}, "log_level"),
+        ({"log_level": "loud"}, "log_level 'loud' is not one of: critical, error, warning, info, debug"),
+        ({"workers": "two"}, "workers: Expected `int`, got `str` (AFORO_WORKERS)"),
     ],
 )
 def test_bad_values_are_refused_with_a_message_naming_them(values, message):
@@ -140,3 +144,65 @@ def test_demo_serves_the_catalog_and_its_printed_curl_lines_work():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("held", ["AFORO_DECISION_PORT", "AFORO_PORT", "AFORO_GRPC_PORT"])
+def test_make_run_with_a_busy_port_stops_with_one_line_and_no_token(held):
+    """`make run` (the demo) with one of its three ports held by another program: exit 2
+    and one line naming the port and the setting, before the banner, the admin token
+    or a traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
+    env.update({name: str(free_port()) for name in ("AFORO_PORT", "AFORO_DECISION_PORT", "AFORO_GRPC_PORT")})
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(env[held])))
+        holder.listen()
+        result = subprocess.run(
+            ["make", "--no-print-directory", "-s", "run"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    assert result.returncode != 0
+    assert "admin token" not in result.stdout and "Traceback" not in result.stderr + result.stdout
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("aforo-sidecar:")]
+    assert f"port {env[held]} on 127.0.0.1 is already in use" in line
+    assert held in line
+
+
+def _flags() -> list[tuple[str, argparse.Action]]:
+    """Every optional flag of every command, with the command's name."""
+    from sidecar.cli import _parser
+
+    found = []
+    commands = [("", _parser())]
+    while commands:
+        name, parser = commands.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands += [(f"{name} {sub}".strip(), p) for sub, p in action.choices.items()]
+            elif action.option_strings and action.dest not in ("help", "version"):
+                found.append((name, action))
+    return found
+
+
+def test_every_flag_says_its_variable_and_default():
+    flags = _flags()
+    assert {"serve", "demo", "reconcile", "apigee-pull", "audit verify"} <= {name for name, _ in flags}
+    for command, action in flags:
+        flag = action.option_strings[-1]
+        text = action.help or ""
+        if action.const is True:  # a switch: off unless given
+            continue
+        assert "default" in text or "required" in text, f"{command} {flag}: no default in {text!r}"
+        setting = flag.removeprefix("--").replace("-", "_")
+        if setting in Settings.__struct_fields__:
+            assert f"AFORO_{setting.upper()}" in text, f"{command} {flag}: no variable in {text!r}"
+
+
+def test_a_bare_audit_says_which_tool_is_missing():
+    result = _cli("audit")
+    assert result.returncode == 2
+    assert "aforo-sidecar audit verify" in result.stderr and "audit_command" not in result.stderr

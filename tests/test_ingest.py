@@ -7,6 +7,7 @@ import asyncio
 import copy
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -356,8 +357,11 @@ def test_apigee_pull_backs_off_and_ingests_each_bucket_once(redis_url, prefix, s
             "/v1/organizations/acme/environments/prod/stats/apiproxy,developer_app,api_product?"
         )
         assert "sum%28message_count%29" in path and "timeUnit=hour" in path
-        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        assert "2 buckets, 0 records processed, 3 skipped" in second.stdout
+        # Again, the secret from the variable the sidecar reads: AFORO_INGEST_SECRETS.
+        flagless = command[: command.index("--ingest-secret")]
+        env = {**os.environ, "AFORO_INGEST_SECRETS": f"other=x,default={SECRET}"}
+        second = subprocess.run(flagless, capture_output=True, text=True, timeout=60, env=env)
+        assert "2 buckets, 0 records processed, 3 skipped" in second.stdout, second.stderr
     finally:
         server.shutdown()
 

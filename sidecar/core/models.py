@@ -16,8 +16,10 @@ from sidecar.core.windows import WINDOWS, parse_window
 TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Consumer ids come from gateways (Kong UUIDs, Apigee app ids, custom ids). Braces
 # would break the hash tag, a slash could not be named in an admin URL path, and
-# whitespace and control characters are never legitimate.
-CONSUMER_ID_RE = re.compile(r"[A-Za-z0-9._~@:+=-]{1,200}")
+# whitespace and control characters are never legitimate; "." and ".." would be
+# resolved away as URL path segments, so no plain admin URL could name them.
+CONSUMER_ID_CHARS = r"[A-Za-z0-9._~@:+=-]{1,200}"
+CONSUMER_ID_RE = re.compile(r"(?!\.\.?\Z)" + CONSUMER_ID_CHARS)
 PLAN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 PRODUCT_RE = re.compile(r"[^\s|{}]{1,200}")
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,200}")
@@ -39,10 +41,15 @@ class WalletMode(enum.StrEnum):
     POSTPAID = "postpaid"
 
 
+# How an id rule reads in an error message, when its pattern is not plain enough.
+_RULES = {CONSUMER_ID_RE.pattern: f"{CONSUMER_ID_CHARS}, not '.' or '..'"}
+
+
 def check_id(value: str, pattern: re.Pattern[str], field: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
+        rule = _RULES.get(pattern.pattern, pattern.pattern)
         raise InvalidInput(
-            f"{field} {value!r} is not valid (allowed: {pattern.pattern})",
+            f"{field} {value!r} is not valid (allowed: {rule})",
             code="invalid_identifier",
             field=field,
         )
