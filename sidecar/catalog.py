@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from sidecar.authorizer import now_ms
-from sidecar.core.models import ConsumerSpec, ConsumerStatus, ConsumerView, Plan
+from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
 from sidecar.store.base import Store, TopUpResult
 
 
@@ -41,6 +41,18 @@ class Catalog(Protocol):
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool: ...
 
+    async def delete_plan(self, tenant: str, plan_id: str, actor: str) -> bool:
+        """Delete a plan no consumer is bound to (Conflict plan_in_use otherwise);
+        False if there was none."""
+        ...
+
+    async def delete_consumer(self, tenant: str, consumer_id: str, actor: str) -> bool:
+        """Delete a consumer: it stops deciding at once, its keys stop resolving;
+        False if there was none."""
+        ...
+
+    async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None: ...
+
     async def reconciliation(self) -> object:
         """The reconciliation report; raises NeedsPostgres without Postgres."""
         ...
@@ -69,10 +81,19 @@ class StoreCatalog:
         return await self.store.top_up(tenant, consumer_id, amount, reference)
 
     async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
-        await self.store.add_key(tenant, consumer_id, key_hash)
+        await self.store.add_key(tenant, consumer_id, key_hash, now_ms())
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
         return await self.store.revoke_key(tenant, consumer_id, key_hash)
+
+    async def delete_plan(self, tenant: str, plan_id: str, actor: str) -> bool:
+        return await self.store.delete_plan(tenant, plan_id)
+
+    async def delete_consumer(self, tenant: str, consumer_id: str, actor: str) -> bool:
+        return await self.store.delete_consumer(tenant, consumer_id, now_ms())
+
+    async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
+        return await self.store.consumer_keys(tenant, consumer_id)
 
     async def reconciliation(self) -> object:
         raise NeedsPostgres("the reconciliation report compares Redis with Postgres: set AFORO_DATABASE_URL")

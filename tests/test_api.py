@@ -809,6 +809,8 @@ async def test_raw_api_key_is_never_stored_in_redis(client: httpx.AsyncClient, s
             values = [v for _, fields in await redis.xrange(name) for pair in fields.items() for v in pair]
         elif kind == "set":
             values = list(await redis.smembers(name))
+        elif kind == "zset":
+            values = list(await redis.zrange(name, 0, -1))
         else:
             pytest.fail(f"unexpected key type {kind} at {name}")
         for value in values:

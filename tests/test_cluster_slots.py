@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from sidecar.authorizer import now_ms
+from sidecar.core.errors import Conflict
 from sidecar.core.models import ConsumerSpec, ConsumerStatus, Plan, UsageEvent
 from sidecar.store.redis_store import RedisStore
 from sidecar.store.slots import key_slot
@@ -116,11 +117,27 @@ async def _every_store_operation(store: RedisStore) -> None:
         assert len(await store.scan_streams(kind)) == 6
     usage = await store.read_usage("default", "c2", 10)
     await store.settle("default", "c2", 900, 100, 5, trim_before=usage[-1][0])
+    await store.trim_usage("default", "c2", usage[-1][0])
     read = await store.read_events("default", "c3", 10)
     await store.trim_events("default", "c3", read[-1][0])
     await store.window_counts("default", "c4", decision_call().window_starts_ms)
     await store.publish_invalidation("default", "c4")
     await store.ping()
+    # Listing, the full sync's scans, deletions.
+    plans, _ = await store.list_plans("default", None, 10)
+    assert {p.id for p in plans} == {"gold", "free"}
+    page, after = await store.list_consumers("default", None, 3, now, plan_id="gold")
+    assert len(page) == 3 and after is not None
+    assert await store.consumer_keys("default", "c0") == []
+    assert len(await store.scan_consumers()) == 6 and len(await store.scan_plans()) == 2
+    await store.add_key("default", "c3", "c" * 64, now)
+    for tenant, key_hash, owner in await store.scan_key_index():
+        await store.drop_key_index(tenant, key_hash, owner)
+    with pytest.raises(Conflict):
+        await store.delete_plan("default", "free")  # c5 is bound to it
+    assert await store.delete_consumer("default", "c5", now)
+    assert await store.delete_plan("default", "free")
+    assert await store.prune("default") == 0
 
 
 async def test_every_command_and_script_touches_one_slot(redis_cluster, prefix):

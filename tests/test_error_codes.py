@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 # Exceptions the HTTP layer maps to a fixed status (sidecar/http/errors.py).
-FIXED_STATUS = {"InvalidInput": 400, "NotFound": 404}
+FIXED_STATUS = {"InvalidInput": 400, "NotFound": 404, "Conflict": 409}
 DEFAULT_INVALID = "invalid_request"  # InvalidInput's default code
 
 

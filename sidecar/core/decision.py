@@ -55,7 +55,8 @@ def evaluate(
     and the debit (``charged``) only when the reason is ``ok``.
     """
     if state is None:
-        return Verdict(Reason.UNKNOWN_CONSUMER, 0, 0)
+        # A key that names no consumer (deleted, or never there) is an invalid key.
+        return Verdict(Reason.UNKNOWN_CONSUMER if key_valid else Reason.INVALID_KEY, 0, 0)
     if not key_valid:
         return Verdict(Reason.INVALID_KEY, 0, 0)
     if state.status is ConsumerStatus.SUSPENDED:

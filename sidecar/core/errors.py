@@ -24,3 +24,13 @@ class NotFound(LookupError):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+class Conflict(Exception):
+    """The request is valid but contradicts the current state (e.g. deleting a plan
+    consumers are still bound to); nothing was changed."""
+
+    def __init__(self, message: str, *, code: str):
+        super().__init__(message)
+        self.message = message
+        self.code = code

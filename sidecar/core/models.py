@@ -143,6 +143,14 @@ class ConsumerView(msgspec.Struct):
     windows: dict[str, int]  # used count of each limited window, current period
 
 
+class ConsumerKey(msgspec.Struct):
+    """An API key of a consumer as the admin API lists it: its hash (the raw key is
+    never kept) and when it was registered (None: before the sidecar kept that)."""
+
+    key_hash: str
+    created_ms: int | None = None
+
+
 class AuthorizeRequest(msgspec.Struct, forbid_unknown_fields=True):
     """May this consumer call this product now, at this cost?
 

@@ -6,7 +6,9 @@ call learns nothing and changes nothing.
 
 from __future__ import annotations
 
+import base64
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -96,6 +98,53 @@ async def put_plan(request: Request) -> Response:
     return _json(plan, 201 if created else 200)
 
 
+_MAX_PAGE = 1000
+
+
+class _Page(msgspec.Struct):
+    items: list[Any]
+    next_cursor: str | None
+
+
+def _page_request(request: Request) -> tuple[str | None, int]:
+    """The ``cursor`` (the id to continue after) and ``limit`` of a list call."""
+    params = request.query_params
+    text = params.get("limit", "100")
+    if not text.isdigit() or not 1 <= int(text) <= _MAX_PAGE:
+        raise InvalidInput(f"limit must be 1 to {_MAX_PAGE}", field="limit")
+    cursor = params.get("cursor")
+    after = None
+    if cursor:
+        try:
+            after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("cursor is not one this API gave", field="cursor") from None
+        if not after or not after.isprintable():
+            raise InvalidInput("cursor is not one this API gave", field="cursor")
+    return after, int(text)
+
+
+def _cursor(after: str | None) -> str | None:
+    return None if after is None else base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
+
+
+async def list_plans(request: Request) -> Response:
+    require_admin(request)
+    after, limit = _page_request(request)
+    plans, last = await _store(request).list_plans(_tenant(request), after, limit)
+    return _json(_Page(plans, _cursor(last)))
+
+
+async def delete_plan(request: Request) -> Response:
+    require_admin(request)
+    tenant = _tenant(request)
+    plan_id = check_id(request.path_params["plan_id"], PLAN_ID_RE, "plan_id")
+    if not await _catalog(request).delete_plan(tenant, plan_id, _actor(request)):
+        raise NotFound(f"plan {plan_id!r} does not exist", code="plan_not_found")
+    _record(request, "plan.delete", tenant, plan_id)
+    return _json({"deleted": True, "tenant": tenant, "id": plan_id})
+
+
 async def get_plan(request: Request) -> Response:
     require_admin(request)
     plan_id = check_id(request.path_params["plan_id"], PLAN_ID_RE, "plan_id")
@@ -123,6 +172,64 @@ async def get_consumer(request: Request) -> Response:
     if view is None:
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
     return _json(view)
+
+
+async def list_consumers(request: Request) -> Response:
+    require_admin(request)
+    after, limit = _page_request(request)
+    params = request.query_params
+    plan_id = params.get("plan_id")
+    if plan_id is not None:
+        check_id(plan_id, PLAN_ID_RE, "plan_id")
+    status = params.get("status")
+    if status is not None and status not in {s.value for s in ConsumerStatus}:
+        raise InvalidInput(
+            f"status {status!r} is not one of: {', '.join(s.value for s in ConsumerStatus)}", field="status"
+        )
+    views, last = await _store(request).list_consumers(
+        _tenant(request),
+        after,
+        limit,
+        now_ms(),
+        plan_id=plan_id,
+        status=None if status is None else ConsumerStatus(status),
+    )
+    return _json(_Page(views, _cursor(last)))
+
+
+async def delete_consumer(request: Request) -> Response:
+    require_admin(request)
+    tenant = _tenant(request)
+    consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
+    if not await _catalog(request).delete_consumer(tenant, consumer_id, _actor(request)):
+        raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+    authorizer: Authorizer = request.app.state.authorizer
+    authorizer.forget_consumer(tenant, consumer_id)
+    _record(request, "consumer.delete", tenant, consumer_id)
+    return _json({"deleted": True, "tenant": tenant, "id": consumer_id})
+
+
+class _KeyInfo(msgspec.Struct):
+    key_hash: str
+    created_at: str | None  # ISO 8601 UTC; None: registered before the sidecar kept the time
+    last_used_at: None = None  # not tracked: it would cost a write per decision
+
+
+async def list_keys(request: Request) -> Response:
+    require_admin(request)
+    tenant = _tenant(request)
+    consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
+    keys = await _catalog(request).consumer_keys(tenant, consumer_id)
+    if keys is None:
+        raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+    items = [
+        _KeyInfo(
+            k.key_hash,
+            None if k.created_ms is None else datetime.fromtimestamp(k.created_ms / 1000, UTC).isoformat(),
+        )
+        for k in keys
+    ]
+    return _json({"tenant": tenant, "consumer_id": consumer_id, "keys": items})
 
 
 class StatusChange(msgspec.Struct, forbid_unknown_fields=True):
@@ -295,10 +402,15 @@ async def reconciliation(request: Request) -> Response:
 
 ROUTES = [
     Route("/v1/admin/reconciliation", reconciliation, methods=["GET"]),
+    Route("/v1/admin/plans", list_plans, methods=["GET"]),
     Route("/v1/admin/plans/{plan_id}", put_plan, methods=["PUT"]),
     Route("/v1/admin/plans/{plan_id}", get_plan, methods=["GET"]),
+    Route("/v1/admin/plans/{plan_id}", delete_plan, methods=["DELETE"]),
+    Route("/v1/admin/consumers", list_consumers, methods=["GET"]),
     Route("/v1/admin/consumers/{consumer_id}", put_consumer, methods=["PUT"]),
     Route("/v1/admin/consumers/{consumer_id}", get_consumer, methods=["GET"]),
+    Route("/v1/admin/consumers/{consumer_id}", delete_consumer, methods=["DELETE"]),
+    Route("/v1/admin/consumers/{consumer_id}/keys", list_keys, methods=["GET"]),
     Route(
         "/v1/admin/consumers/{consumer_id}/suspend",
         _status_endpoint(ConsumerStatus.SUSPENDED),

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from sidecar import metrics
 from sidecar.catalog import TruthUnavailable
-from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.store.base import StoreUnavailable
 
 log = logging.getLogger("aforo.http")
@@ -84,6 +84,11 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return error_response(404, exc.code, exc.message)
 
 
+async def _conflict(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Conflict)
+    return error_response(409, exc.code, exc.message)
+
+
 async def _unavailable(request: Request, exc: Exception) -> Response:
     # Every HTTP call but a decision (admin, usage, ingestion): decisions count as "decide".
     metrics.STORE_ERRORS.labels("http").inc()
@@ -123,6 +128,7 @@ EXCEPTION_HANDLERS = {
     ApiError: _api_error,
     InvalidInput: _invalid,
     NotFound: _not_found,
+    Conflict: _conflict,
     StoreUnavailable: _unavailable,
     TruthUnavailable: _truth_unavailable,
     HTTPException: _http,

@@ -15,7 +15,7 @@ import asyncpg
 from sidecar.authorizer import now_ms
 from sidecar.catalog import TruthUnavailable
 from sidecar.config import Settings
-from sidecar.core.models import ConsumerSpec, ConsumerStatus, ConsumerView, Plan
+from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.report import Report, reconciliation_report
 from sidecar.reconciler.sync import apply_consumer
@@ -91,11 +91,12 @@ class PostgresCatalog:
             ledger = await self._ledger()
             consumer, plan, created = await ledger.put_consumer(spec, actor)
         await apply_consumer(self.store, consumer, plan)
-        if created:
-            with _truth():
-                ledger = await self._ledger()
-                (wallet,) = await ledger.wallets(spec.tenant, spec.id)
-            await self.store.settle(spec.tenant, spec.id, wallet.balance, wallet.settled, wallet.version)
+        # Created, or restored after a deletion: Redis takes the wallet Postgres has
+        # (version-guarded, so a no-op for a consumer Redis already holds).
+        with _truth():
+            ledger = await self._ledger()
+            (wallet,) = await ledger.wallets(spec.tenant, spec.id)
+        await self.store.settle(spec.tenant, spec.id, wallet.balance, wallet.settled, wallet.version)
         return await self._view(spec.tenant, spec.id), created
 
     async def set_status(
@@ -122,7 +123,7 @@ class PostgresCatalog:
         with _truth():
             ledger = await self._ledger()
             await ledger.add_key(tenant, consumer_id, key_hash, actor)
-        await self.store.add_key(tenant, consumer_id, key_hash)
+        await self.store.add_key(tenant, consumer_id, key_hash, now_ms())
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
         with _truth():
@@ -132,6 +133,27 @@ class PostgresCatalog:
             await self.store.revoke_key(tenant, consumer_id, key_hash)
             await self.store.publish_invalidation(tenant, consumer_id)
         return revoked
+
+    async def delete_plan(self, tenant: str, plan_id: str, actor: str) -> bool:
+        with _truth():
+            ledger = await self._ledger()
+            deleted = await ledger.delete_plan(tenant, plan_id, actor)
+        # Redis follows the truth (force: Postgres has checked no consumer is bound).
+        await self.store.delete_plan(tenant, plan_id, force=True)
+        return deleted
+
+    async def delete_consumer(self, tenant: str, consumer_id: str, actor: str) -> bool:
+        with _truth():
+            ledger = await self._ledger()
+            deleted = await ledger.delete_consumer(tenant, consumer_id, actor)
+        await self.store.delete_consumer(tenant, consumer_id, now_ms())
+        await self.store.publish_invalidation(tenant, consumer_id)
+        return deleted
+
+    async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
+        with _truth():
+            ledger = await self._ledger()
+            return await ledger.consumer_keys(tenant, consumer_id)
 
     async def reconciliation(self) -> Report:
         with _truth():

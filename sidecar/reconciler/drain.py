@@ -37,7 +37,17 @@ async def drain_usage(
             wallet, new = await ledger.settle_usage(
                 tenant, consumer_id, [record for _, record in entries], f"usage:{first}:{last}"
             )
-            await apply_wallet(store, wallet, trim_before=next_stream_id(last))
+            if wallet is None:
+                log.warning(
+                    "usage of %s:%s, a consumer Postgres never had: %d records kept in the "
+                    "ledger, charged to no wallet",
+                    tenant,
+                    consumer_id,
+                    len(entries),
+                )
+                await store.trim_usage(tenant, consumer_id, next_stream_id(last))
+            else:
+                await apply_wallet(store, wallet, trim_before=next_stream_id(last))
             total += new
             if len(entries) < batch:
                 break

@@ -10,8 +10,16 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from sidecar.core.errors import InvalidInput, NotFound
-from sidecar.core.models import ConsumerSpec, ConsumerStatus, Plan, UsageEvent, UsageRecord, WalletMode
+from sidecar.core.errors import Conflict, InvalidInput, NotFound
+from sidecar.core.models import (
+    ConsumerKey,
+    ConsumerSpec,
+    ConsumerStatus,
+    Plan,
+    UsageEvent,
+    UsageRecord,
+    WalletMode,
+)
 from sidecar.core.money import MAX_MICROS
 
 
@@ -102,7 +110,8 @@ class Ledger:
                 f"""INSERT INTO plans (tenant, id, name, windows, price, products)
                     VALUES ($1, $2, $3, $4::jsonb, $5, $6)
                     ON CONFLICT (tenant, id) DO UPDATE SET name = EXCLUDED.name,
-                        windows = EXCLUDED.windows, price = EXCLUDED.price, products = EXCLUDED.products
+                        windows = EXCLUDED.windows, price = EXCLUDED.price, products = EXCLUDED.products,
+                        deleted_at = NULL
                     RETURNING {_PLAN_COLUMNS}, (xmax = 0) AS created""",
                 plan.tenant,
                 plan.id,
@@ -116,7 +125,8 @@ class Ledger:
     async def put_consumer(self, spec: ConsumerSpec, actor: str) -> tuple[ConsumerRow, PlanRow, bool]:
         async with self._change(actor) as conn:
             plan = await conn.fetchrow(
-                f"SELECT {_PLAN_COLUMNS} FROM plans WHERE tenant = $1 AND id = $2 FOR SHARE",
+                f"""SELECT {_PLAN_COLUMNS} FROM plans WHERE tenant = $1 AND id = $2
+                    AND deleted_at IS NULL FOR SHARE""",
                 spec.tenant,
                 spec.plan_id,
             )
@@ -127,7 +137,8 @@ class Ledger:
                    VALUES ($1, $2, $3, coalesce($4, 'active'), coalesce($5, 'prepaid'))
                    ON CONFLICT (tenant, id) DO UPDATE SET plan_id = EXCLUDED.plan_id,
                        status = coalesce($4, consumers.status),
-                       wallet_mode = coalesce($5, consumers.wallet_mode)
+                       wallet_mode = coalesce($5, consumers.wallet_mode),
+                       deleted_at = NULL
                    RETURNING *, (xmax = 0) AS created""",
                 spec.tenant,
                 spec.id,
@@ -142,7 +153,8 @@ class Ledger:
     ) -> tuple[ConsumerRow, PlanRow]:
         async with self._change(actor) as conn:
             row = await conn.fetchrow(
-                "UPDATE consumers SET status = $3 WHERE tenant = $1 AND id = $2 RETURNING *",
+                """UPDATE consumers SET status = $3 WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL
+                   RETURNING *""",
                 tenant,
                 consumer_id,
                 status.value,
@@ -160,7 +172,10 @@ class Ledger:
         """Credit the wallet once per reference; returns the wallet and whether it was applied."""
         async with self._change(actor) as conn:
             wallet = await conn.fetchrow(
-                f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE tenant = $1 AND consumer_id = $2 FOR UPDATE",
+                f"""SELECT {_WALLET_COLUMNS} FROM wallets w WHERE tenant = $1 AND consumer_id = $2
+                    AND EXISTS (SELECT 1 FROM consumers c WHERE c.tenant = w.tenant
+                                AND c.id = w.consumer_id AND c.deleted_at IS NULL)
+                    FOR UPDATE""",
                 tenant,
                 consumer_id,
             )
@@ -192,7 +207,9 @@ class Ledger:
     async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
         async with self._change(actor) as conn:
             exists = await conn.fetchval(
-                "SELECT 1 FROM consumers WHERE tenant = $1 AND id = $2", tenant, consumer_id
+                "SELECT 1 FROM consumers WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL",
+                tenant,
+                consumer_id,
             )
             if exists is None:
                 raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
@@ -215,12 +232,57 @@ class Ledger:
             )
         return revoked is not None
 
-    # --- reads for the sync ----------------------------------------------------------
+    async def delete_consumer(self, tenant: str, consumer_id: str, actor: str) -> bool:
+        """Soft delete: the row, its wallet, transactions and usage stay for billing;
+        its keys are revoked. False if there was no such (undeleted) consumer."""
+        async with self._change(actor) as conn:
+            deleted = await conn.fetchval(
+                """UPDATE consumers SET deleted_at = now()
+                   WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL RETURNING 1""",
+                tenant,
+                consumer_id,
+            )
+            if deleted is None:
+                return False
+            await conn.execute(
+                """UPDATE api_keys SET revoked_at = now()
+                   WHERE tenant = $1 AND consumer_id = $2 AND revoked_at IS NULL""",
+                tenant,
+                consumer_id,
+            )
+        return True
+
+    async def delete_plan(self, tenant: str, plan_id: str, actor: str) -> bool:
+        """Soft delete, refused (Conflict plan_in_use) while undeleted consumers are bound."""
+        async with self._change(actor) as conn:
+            plan = await conn.fetchval(
+                "SELECT 1 FROM plans WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL FOR UPDATE",
+                tenant,
+                plan_id,
+            )
+            if plan is None:
+                return False
+            bound = await conn.fetchval(
+                "SELECT count(*) FROM consumers WHERE tenant = $1 AND plan_id = $2 AND deleted_at IS NULL",
+                tenant,
+                plan_id,
+            )
+            if bound:
+                raise Conflict(
+                    f"plan {plan_id!r} has {bound} consumers bound to it; move or delete them first",
+                    code="plan_in_use",
+                )
+            await conn.execute(
+                "UPDATE plans SET deleted_at = now() WHERE tenant = $1 AND id = $2", tenant, plan_id
+            )
+        return True
+
+    # --- reads for the sync (deleted rows are not the truth of the hot store) --------
 
     async def plans(self, tenant: str | None = None, plan_id: str | None = None) -> list[PlanRow]:
         rows = await self.pool.fetch(
-            f"""SELECT {_PLAN_COLUMNS} FROM plans
-                WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR id = $2)""",
+            f"""SELECT {_PLAN_COLUMNS} FROM plans WHERE deleted_at IS NULL
+                AND ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR id = $2)""",
             tenant,
             plan_id,
         )
@@ -230,7 +292,7 @@ class Ledger:
         self, tenant: str | None = None, consumer_id: str | None = None, plan_id: str | None = None
     ) -> list[ConsumerRow]:
         rows = await self.pool.fetch(
-            """SELECT * FROM consumers WHERE ($1::text IS NULL OR tenant = $1)
+            """SELECT * FROM consumers WHERE deleted_at IS NULL AND ($1::text IS NULL OR tenant = $1)
                    AND ($2::text IS NULL OR id = $2) AND ($3::text IS NULL OR plan_id = $3)""",
             tenant,
             consumer_id,
@@ -242,8 +304,10 @@ class Ledger:
         self, tenant: str | None = None, consumer_id: str | None = None
     ) -> dict[tuple[str, str], set[str]]:
         rows = await self.pool.fetch(
-            """SELECT tenant, consumer_id, key_hash FROM api_keys WHERE revoked_at IS NULL
-                   AND ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR consumer_id = $2)""",
+            """SELECT k.tenant, k.consumer_id, k.key_hash FROM api_keys k
+                   JOIN consumers c ON c.tenant = k.tenant AND c.id = k.consumer_id AND c.deleted_at IS NULL
+                   WHERE k.revoked_at IS NULL
+                   AND ($1::text IS NULL OR k.tenant = $1) AND ($2::text IS NULL OR k.consumer_id = $2)""",
             tenant,
             consumer_id,
         )
@@ -252,10 +316,31 @@ class Ledger:
             keys.setdefault((r["tenant"], r["consumer_id"]), set()).add(r["key_hash"])
         return keys
 
+    async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
+        """The consumer's active keys with their registration time (None: no such
+        consumer, or deleted)."""
+        async with self.pool.acquire() as conn:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM consumers WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL",
+                tenant,
+                consumer_id,
+            )
+            if exists is None:
+                return None
+            rows = await conn.fetch(
+                """SELECT key_hash, created_at FROM api_keys
+                   WHERE tenant = $1 AND consumer_id = $2 AND revoked_at IS NULL ORDER BY key_hash""",
+                tenant,
+                consumer_id,
+            )
+        return [ConsumerKey(r["key_hash"], int(r["created_at"].timestamp() * 1000)) for r in rows]
+
     async def wallets(self, tenant: str | None = None, consumer_id: str | None = None) -> list[WalletRow]:
         rows = await self.pool.fetch(
-            f"""SELECT {_WALLET_COLUMNS} FROM wallets WHERE ($1::text IS NULL OR tenant = $1)
-                   AND ($2::text IS NULL OR consumer_id = $2)""",
+            f"""SELECT {_WALLET_COLUMNS} FROM wallets w WHERE ($1::text IS NULL OR tenant = $1)
+                   AND ($2::text IS NULL OR consumer_id = $2)
+                   AND EXISTS (SELECT 1 FROM consumers c WHERE c.tenant = w.tenant
+                               AND c.id = w.consumer_id AND c.deleted_at IS NULL)""",
             tenant,
             consumer_id,
         )
@@ -265,11 +350,12 @@ class Ledger:
 
     async def settle_usage(
         self, tenant: str, consumer_id: str, records: Sequence[UsageRecord], batch_reference: str
-    ) -> tuple[WalletRow, int]:
+    ) -> tuple[WalletRow | None, int]:
         """Record a batch of one consumer's usage and debit its wallet by the cost of the
         rows that were new, in one transaction. Rows already recorded (a batch resent
         after a crash) are neither recorded nor debited again. Returns the wallet after
-        and the number of new rows."""
+        (None: Postgres has never had this consumer, so no wallet to charge; the rows are
+        recorded all the same) and the number of new rows."""
         async with self.pool.acquire() as conn, conn.transaction():
             # The settlement moves wallets all day; the usage ledger is its audit.
             await conn.execute("SELECT set_config('aforo.origin', 'settlement', true)")
@@ -290,6 +376,11 @@ class Ledger:
                 [r.hits for r in records],
             )
             debit = sum(r["cost"] for r in new)
+            known = await conn.fetchval(
+                "SELECT 1 FROM consumers WHERE tenant = $1 AND id = $2", tenant, consumer_id
+            )
+            if known is None:
+                return None, len(new)
             await conn.execute(
                 "INSERT INTO wallets (tenant, consumer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 tenant,

@@ -9,6 +9,7 @@ from typing import Protocol
 import msgspec
 
 from sidecar.core.models import (
+    ConsumerKey,
     ConsumerSpec,
     ConsumerStatus,
     ConsumerView,
@@ -98,12 +99,45 @@ class Store(Protocol):
         """Credit the wallet; a repeated ``reference`` is applied once. NotFound if unknown."""
         ...
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str) -> None:
-        """Register an API key hash to a consumer; NotFound if unknown."""
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
+        """Register an API key hash to a consumer (``created_ms``: when; 0 unknown);
+        NotFound if unknown."""
         ...
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
         """Unregister a key hash; False if it was not registered to this consumer."""
+        ...
+
+    async def list_plans(self, tenant: str, after: str | None, limit: int) -> tuple[list[Plan], str | None]:
+        """Up to ``limit`` plans of ``tenant`` with ids above ``after``, in id order, and
+        the id to continue after (None: no more)."""
+        ...
+
+    async def list_consumers(
+        self,
+        tenant: str,
+        after: str | None,
+        limit: int,
+        now_ms: int,
+        plan_id: str | None = None,
+        status: ConsumerStatus | None = None,
+    ) -> tuple[list[ConsumerView], str | None]:
+        """Like ``list_plans``, for consumers, filtered by plan and status."""
+        ...
+
+    async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
+        """The consumer's registered API keys (None: no such consumer)."""
+        ...
+
+    async def delete_plan(self, tenant: str, plan_id: str, force: bool = False) -> bool:
+        """Remove a plan; Conflict ``plan_in_use`` while consumers are bound to it
+        (unless ``force``: the truth no longer has it). False if there was none."""
+        ...
+
+    async def delete_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> bool:
+        """Remove a consumer from the hot store: its next decision is
+        ``unknown_consumer``, its keys stop resolving. Usage not yet drained is kept.
+        False if there was none."""
         ...
 
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:

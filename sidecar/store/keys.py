@@ -10,6 +10,8 @@
     <prefix>{t:c}:e:<request id>   gateway event already recorded (deduplication)
     <prefix>plan:{t}:<plan>        plan definition (JSON) and version
     <prefix>plan:{t}:<plan>:m      set of consumer ids bound to the plan
+    <prefix>plans:{t}              sorted set of the tenant's plan ids (listing)
+    <prefix>consumers:{t}          sorted set of the tenant's consumer ids (listing)
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
     <prefix>invalidate             pub/sub channel: "tenant:consumer" changed
     <prefix>dirty                  set of "u|g:tenant:consumer": streams with new entries
@@ -54,6 +56,12 @@ class KeySpace:
 
     def plan_members(self, tenant: str, plan_id: str) -> str:
         return f"{self.plan(tenant, plan_id)}:m"
+
+    def plans_index(self, tenant: str) -> str:
+        return f"{self.prefix}plans:{{{tenant}}}"
+
+    def consumers_index(self, tenant: str) -> str:
+        return f"{self.prefix}consumers:{{{tenant}}}"
 
     def dirty(self) -> str:
         return f"{self.prefix}dirty"

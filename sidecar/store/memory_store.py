@@ -18,8 +18,9 @@ from typing import Generic, TypeVar
 import msgspec
 
 from sidecar.core.decision import evaluate
-from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
+    ConsumerKey,
     ConsumerSpec,
     ConsumerState,
     ConsumerStatus,
@@ -72,7 +73,7 @@ class _Consumer:
     # Debits not yet settled: the embedded store has no Postgres, so nothing settles.
     pending: int = 0
     version: int = 0
-    key_hashes: set[str] = field(default_factory=set)
+    key_hashes: dict[str, int | None] = field(default_factory=dict)  # hash -> registered ms
     # Per window index: (period start ms, count in that period).
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)
 
@@ -129,8 +130,8 @@ class MemoryStore:
             used = self._used(consumer, call.window_starts_ms)
         verdict = evaluate(
             state,
-            key_valid=consumer is not None
-            and (call.key_hash is None or call.key_hash in consumer.key_hashes),
+            key_valid=call.key_hash is None
+            or (consumer is not None and call.key_hash in consumer.key_hashes),
             product=call.product,
             cost=call.cost,
             hits=call.hits,
@@ -260,16 +261,71 @@ class MemoryStore:
         consumer.version += 1
         return TopUpResult(balance=consumer.base - consumer.pending, applied=True)
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str) -> None:
-        self._existing(tenant, consumer_id).key_hashes.add(key_hash)
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
+        keys = self._existing(tenant, consumer_id).key_hashes
+        keys.setdefault(key_hash, created_ms or None)
         self._keys[(tenant, key_hash)] = consumer_id
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
         consumer = self._consumers.get((tenant, consumer_id))
         if consumer is None or key_hash not in consumer.key_hashes:
             return False
-        consumer.key_hashes.discard(key_hash)
+        del consumer.key_hashes[key_hash]
         self._keys.pop((tenant, key_hash), None)
+        return True
+
+    async def list_plans(self, tenant: str, after: str | None, limit: int) -> tuple[list[Plan], str | None]:
+        ids = sorted(p for t, p in self._plans if t == tenant and (after is None or p > after))
+        page = [self._plans[(tenant, p)] for p in ids[:limit]]
+        return page, (ids[limit - 1] if len(ids) > limit else None)
+
+    async def list_consumers(
+        self,
+        tenant: str,
+        after: str | None,
+        limit: int,
+        now_ms: int,
+        plan_id: str | None = None,
+        status: ConsumerStatus | None = None,
+    ) -> tuple[list[ConsumerView], str | None]:
+        ids = sorted(
+            c
+            for (t, c), consumer in self._consumers.items()
+            if t == tenant
+            and (after is None or c > after)
+            and (plan_id is None or consumer.plan_id == plan_id)
+            and (status is None or consumer.status is status)
+        )
+        page = [self._view(tenant, c, now_ms) for c in ids[:limit]]
+        return [v for v in page if v is not None], (ids[limit - 1] if len(ids) > limit else None)
+
+    async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
+        consumer = self._consumers.get((tenant, consumer_id))
+        if consumer is None:
+            return None
+        return [ConsumerKey(h, created) for h, created in sorted(consumer.key_hashes.items())]
+
+    async def delete_plan(self, tenant: str, plan_id: str, force: bool = False) -> bool:
+        if (tenant, plan_id) not in self._plans:
+            return False
+        bound = [
+            c for (t, c), consumer in self._consumers.items() if t == tenant and consumer.plan_id == plan_id
+        ]
+        if bound and not force:
+            raise Conflict(
+                f"plan {plan_id!r} has {len(bound)} consumers bound to it; move or delete them first",
+                code="plan_in_use",
+            )
+        del self._plans[(tenant, plan_id)]
+        return True
+
+    async def delete_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> bool:
+        consumer = self._consumers.pop((tenant, consumer_id), None)
+        if consumer is None:
+            return False
+        for key_hash in consumer.key_hashes:
+            if self._keys.get((tenant, key_hash)) == consumer_id:
+                del self._keys[(tenant, key_hash)]
         return True
 
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:

@@ -21,8 +21,9 @@ import msgspec
 import redis.exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
-from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
+    ConsumerKey,
     ConsumerSpec,
     ConsumerStatus,
     ConsumerView,
@@ -202,6 +203,8 @@ class RedisStore:
         self._event = Script("event.lua")
         self._plan = Script("plan.lua")
         self._settle = Script("settle.lua")
+        self._plan_delete = Script("plan_delete.lua")
+        self._consumer_delete = Script("consumer_delete.lua")
         self.scripts = (
             self._decide,
             self._bind,
@@ -211,6 +214,8 @@ class RedisStore:
             self._event,
             self._plan,
             self._settle,
+            self._plan_delete,
+            self._consumer_delete,
         )
 
     async def open(self) -> Backend:
@@ -399,6 +404,7 @@ class RedisStore:
             return 0
         client = await self._client()
         with _guard():
+            await client.zadd(self.keys.plans_index(plan.tenant), {plan.id: 0})
             members = await client.smembers(self.keys.plan_members(plan.tenant, plan.id))
         if members:
             # Each member is a consumer of its own slot: one bind.lua per member, all of
@@ -456,6 +462,7 @@ class RedisStore:
         with _guard():
             previous = await client.hget(consumer_key, "plan")
             await client.sadd(self.keys.plan_members(t, plan.id), c)
+            await client.zadd(self.keys.consumers_index(t), {c: 0})
         created, _ = await self._run(  # type: ignore[misc]
             self._bind, [consumer_key], ["upsert", now_ms, *_plan_args(plan, plan_version), status, wallet]
         )
@@ -520,12 +527,14 @@ class RedisStore:
             )
         return TopUpResult(balance=balance, applied=code == 1)
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str) -> None:
+    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
         index = self.keys.api_key(tenant, key_hash)
         client = await self._client()
         with _guard():
             await client.set(index, consumer_id)
-        done = await self._run(self._key, [self.keys.consumer(tenant, consumer_id)], ["add", key_hash])
+        done = await self._run(
+            self._key, [self.keys.consumer(tenant, consumer_id)], ["add", key_hash, created_ms or 1]
+        )
         if done == -1:
             with _guard():
                 await client.delete(index)
@@ -541,6 +550,93 @@ class RedisStore:
             if owner is not None and owner.decode() == consumer_id:
                 await client.delete(index)
         return removed == 1
+
+    async def list_plans(self, tenant: str, after: str | None, limit: int) -> tuple[list[Plan], str | None]:
+        client = await self._client()
+        with _guard():
+            ids = await client.zrangebylex(
+                self.keys.plans_index(tenant), f"({after}" if after else "-", "+", 0, limit + 1
+            )
+            found = await asyncio.gather(*(self._read_plan(tenant, i.decode()) for i in ids[:limit]))
+        plans = [plan for plan, _ in filter(None, found)]
+        return plans, (ids[limit - 1].decode() if len(ids) > limit else None)
+
+    async def list_consumers(
+        self,
+        tenant: str,
+        after: str | None,
+        limit: int,
+        now_ms: int,
+        plan_id: str | None = None,
+        status: ConsumerStatus | None = None,
+    ) -> tuple[list[ConsumerView], str | None]:
+        """Pages of the tenant's index, each consumer read from its own slot, filtered
+        here (a filter may read several index pages to fill one)."""
+        client = await self._client()
+        index = self.keys.consumers_index(tenant)
+        views: list[ConsumerView] = []
+        cursor = after
+        while True:
+            with _guard():
+                ids = await client.zrangebylex(index, f"({cursor}" if cursor else "-", "+", 0, limit)
+                found = await asyncio.gather(*(self._view(tenant, i.decode(), now_ms) for i in ids))
+            for consumer_id, view in zip(ids, found, strict=True):
+                cursor = consumer_id.decode()
+                if (
+                    view is None
+                    or (plan_id and view.plan_id != plan_id)
+                    or (status and view.status is not status)
+                ):
+                    continue
+                views.append(view)
+                if len(views) == limit:
+                    return views, cursor
+            if len(ids) < limit:
+                return views, None
+
+    async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
+        client = await self._client()
+        with _guard():
+            fields = await client.hgetall(self.keys.consumer(tenant, consumer_id))
+        if not fields:
+            return None
+        return sorted(
+            ConsumerKey(name.decode()[2:], None if value == b"1" else int(value))
+            for name, value in fields.items()
+            if name.startswith(b"k:")
+        )
+
+    async def delete_plan(self, tenant: str, plan_id: str, force: bool = False) -> bool:
+        keys = [
+            self.keys.plan(tenant, plan_id),
+            self.keys.plan_members(tenant, plan_id),
+            self.keys.plans_index(tenant),
+        ]
+        code, members = await self._run(self._plan_delete, keys, [plan_id, "1" if force else "0"])  # type: ignore[misc]
+        if code == -1:
+            raise Conflict(
+                f"plan {plan_id!r} has {members} consumers bound to it; move or delete them first",
+                code="plan_in_use",
+            )
+        return code == 1
+
+    async def delete_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> bool:
+        consumer_key = self.keys.consumer(tenant, consumer_id)
+        counters = self.keys.counters(tenant, consumer_id, periods(now_ms).starts)
+        removed = await self._run(self._consumer_delete, [consumer_key, *counters], [])
+        client = await self._client()
+        with _guard():
+            await client.zrem(self.keys.consumers_index(tenant), consumer_id)
+            if not removed:
+                return False
+            plan, *key_hashes = (v.decode() for v in removed)  # type: ignore[union-attr]
+            await client.srem(self.keys.plan_members(tenant, plan), consumer_id)
+            for key_hash in key_hashes:
+                index = self.keys.api_key(tenant, key_hash)
+                owner = await client.get(index)
+                if owner is not None and owner.decode() == consumer_id:
+                    await client.delete(index)
+        return True
 
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
         client = await self._client()
@@ -642,18 +738,96 @@ class RedisStore:
             with _guard():
                 await client.sadd(self.keys.dirty(), *(":".join(s) for s in streams))
 
-    async def scan_streams(self, kind: str) -> list[tuple[str, str]]:
-        """(tenant, consumer) of every stream of ``kind`` ("u": usage, "g": events): on a
+    async def _scan(self, pattern: str, kind: str) -> list[str]:
+        """Every key matching ``pattern`` of Redis type ``kind``, prefix removed: on a
         cluster, redis-py's SCAN walks every master in turn."""
-        pattern = f"{self.keys.prefix}{{*}}:{kind}"
+        client = await self._client()
+        start = len(self.keys.prefix)
+        with _guard():
+            return [k.decode()[start:] async for k in client.scan_iter(match=pattern, count=1000, _type=kind)]
+
+    async def _scan_consumers(self, suffix: str, kind: str) -> list[tuple[str, str]]:
+        """(tenant, consumer) of every ``{tenant:consumer}:<suffix>`` key of type ``kind``."""
         found = set()
+        for name in await self._scan(f"{self.keys.prefix}{{*}}:{suffix}", kind):
+            tenant, _, consumer_id = name.split("}", 1)[0][1:].partition(":")  # tenants have no ':'
+            found.add((tenant, consumer_id))
+        return sorted(found)
+
+    async def scan_streams(self, kind: str) -> list[tuple[str, str]]:
+        """(tenant, consumer) of every stream of ``kind`` ("u": usage, "g": events)."""
+        return await self._scan_consumers(kind, "stream")
+
+    async def scan_consumers(self) -> list[tuple[str, str]]:
+        """(tenant, consumer) of every consumer the hot store holds (full sync)."""
+        return await self._scan_consumers("c", "hash")
+
+    async def scan_plans(self) -> list[tuple[str, str]]:
+        """(tenant, plan) of every plan the hot store holds (full sync)."""
+        found = []
+        for name in await self._scan(f"{self.keys.prefix}plan:{{*}}:*", "hash"):
+            tenant, _, plan_id = name[len("plan:{") :].partition("}:")
+            found.append((tenant, plan_id))
+        return sorted(found)
+
+    async def scan_key_index(self) -> list[tuple[str, str, str]]:
+        """(tenant, key hash, owner) of every API key index entry (full sync)."""
+        names = await self._scan(f"{self.keys.prefix}key:*", "string")
+        client = await self._client()
+        entries = []
+        with _guard():
+            owners = await asyncio.gather(*(client.get(self.keys.prefix + n) for n in names))
+        for name, owner in zip(names, owners, strict=True):
+            tenant, _, key_hash = name[len("key:") :].partition(":")
+            if owner is not None:
+                entries.append((tenant, key_hash, owner.decode()))
+        return entries
+
+    async def drop_key_index(self, tenant: str, key_hash: str, owner: str) -> None:
+        """Remove an index entry still naming ``owner`` (a key the truth no longer has)."""
+        index = self.keys.api_key(tenant, key_hash)
         client = await self._client()
         with _guard():
-            async for key in client.scan_iter(match=pattern, count=1000, _type="stream"):
-                tag = key.decode()[len(self.keys.prefix) :].split("}", 1)[0][1:]
-                tenant, _, consumer_id = tag.partition(":")
-                found.add((tenant, consumer_id))
-        return sorted(found)
+            current = await client.get(index)
+            if current is not None and current.decode() == owner:
+                await client.delete(index)
+
+    async def prune(self, tenant: str) -> int:
+        """Drop the tenant's index entries and plan member set entries that no longer
+        match what Redis itself holds: an id without its plan or consumer hash, a member
+        whose consumer is bound to another plan (or gone). Checked against Redis, not a
+        Postgres snapshot, so nothing written meanwhile is dropped. Returns the count."""
+        client = await self._client()
+        removed = 0
+        with _guard():
+            plan_ids = [m.decode() for m in await client.zrange(self.keys.plans_index(tenant), 0, -1)]
+            plan_found = await asyncio.gather(*(client.exists(self.keys.plan(tenant, p)) for p in plan_ids))
+            gone = [p for p, n in zip(plan_ids, plan_found, strict=True) if not n]
+            if gone:
+                removed += await client.zrem(self.keys.plans_index(tenant), *gone)
+            index = self.keys.consumers_index(tenant)
+            consumer_ids = [m.decode() for m in await client.zrange(index, 0, -1)]
+            plan_of = await self._plans_of(tenant, consumer_ids)
+            gone = [c for c in consumer_ids if c not in plan_of]
+            if gone:
+                removed += await client.zrem(index, *gone)
+            for plan_id in plan_ids:
+                key = self.keys.plan_members(tenant, plan_id)
+                members = [m.decode() for m in await client.smembers(key)]
+                # Members missing from the index: ask their consumer hash itself.
+                plan_of.update(await self._plans_of(tenant, [m for m in members if m not in plan_of]))
+                stale = [m for m in members if plan_of.get(m) != plan_id]
+                if stale:
+                    removed += await client.srem(key, *stale)
+        return removed
+
+    async def _plans_of(self, tenant: str, consumer_ids: list[str]) -> dict[str, str]:
+        """The plan each of these consumers is bound to in Redis (absent: no consumer)."""
+        client = await self._client()
+        plans = await asyncio.gather(
+            *(client.hget(self.keys.consumer(tenant, c), "plan") for c in consumer_ids)
+        )
+        return {c: p.decode() for c, p in zip(consumer_ids, plans, strict=True) if p is not None}
 
     async def read_usage(self, tenant: str, consumer_id: str, count: int) -> list[tuple[str, UsageRecord]]:
         """The oldest ``count`` usage records with their stream ids."""
@@ -667,6 +841,12 @@ class RedisStore:
         with _guard():
             entries = await client.xrange(self.keys.events(tenant, consumer_id), count=count)
         return [(entry_id.decode(), _event_decoder.decode(fields[b"e"])) for entry_id, fields in entries]
+
+    async def trim_usage(self, tenant: str, consumer_id: str, before: str) -> None:
+        """Trim a usage stream without touching a wallet (its consumer has none in Postgres)."""
+        client = await self._client()
+        with _guard():
+            await client.xtrim(self.keys.usage(tenant, consumer_id), minid=before, approximate=False)
 
     async def trim_events(self, tenant: str, consumer_id: str, before: str) -> None:
         client = await self._client()

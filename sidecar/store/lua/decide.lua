@@ -55,7 +55,8 @@ local function reply(reason, charged, balance, retry_at)
 end
 
 if not c[1] then
-  return reply('unknown_consumer', 0, false, 0)
+  -- A key naming a consumer that is gone (deleted) is an invalid key.
+  return reply(ARGV[16] ~= '' and 'invalid_key' or 'unknown_consumer', 0, false, 0)
 end
 
 local unsettled_base = tonumber(c[5]) + tonumber(c[7])

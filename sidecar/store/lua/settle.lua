@@ -4,12 +4,21 @@
 -- ARGV: 1 Postgres balance (settled)  2 Postgres cumulative settled debits
 --       3 Postgres wallet version  4 stream id: entries below it are trimmed ('' = none)
 -- Returns {applied, balance}: applied 0 when Redis already has this version or a newer
--- one (the wallet is left alone; trimming still happens), -1 for an unknown consumer.
+-- one (the wallet is left alone; trimming still happens), -1 for an unknown consumer
+-- (deleted: its stream is still trimmed, and removed once empty).
 -- Guarantees: base and settled are replaced together, so base - spent + settled stays
 -- exact whatever debits ran meanwhile (spent only grows here); versions only move
 -- forward, so a slow sync never undoes a newer one. The first sync keeps the debits
 -- Redis made before it (spent becomes settled + what was unsettled).
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- A deleted consumer: what Postgres now holds still leaves the stream, and the
+  -- stream itself once empty.
+  if ARGV[4] ~= '' then
+    redis.call('XTRIM', KEYS[2], 'MINID', ARGV[4])
+    if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+  end
+  return {-1, 0}
+end
 local w = redis.call('HMGET', KEYS[1], 'base', 'spent', 'settled', 'wver')
 local base, spent, settled = tonumber(w[1]), tonumber(w[2]), tonumber(w[3])
 local applied = 0
