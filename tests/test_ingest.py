@@ -20,7 +20,8 @@ import pytest
 from sidecar.http.app import create_app
 from sidecar.store.base import Store
 from sidecar.store.redis_store import RedisStore
-from tests.conftest import make_settings
+from tests.conftest import DEPLOYMENTS, make_settings
+from tests.test_api import redis_keys
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SECRET = "ingest-secret-0123456789"
@@ -270,6 +271,23 @@ async def test_late_apigee_data_up_to_24h_is_accepted_and_older_is_skipped(inges
         "/integrations/apigee/ingest", json=_analytics(hours_ago=25), headers=AUTH
     )
     assert late.json() == {"status": "ok", "recordsProcessed": 0, "recordsSkipped": 2}
+    assert len(await store.events("default", "app-acme-mobile")) == 1
+
+
+@pytest.mark.parametrize("backend", DEPLOYMENTS)
+async def test_an_apigee_bucket_is_remembered_for_its_whole_late_data_window(ingest_client, store):
+    """apigee-pull re-reads the last 24 h: a bucket ingested again hours later (not only
+    within event_dedupe_ttl_seconds, 1 h) is skipped, so it is never recorded twice."""
+    assert isinstance(store, RedisStore)
+    payload = _analytics(hours_ago=2)
+    first = await ingest_client.post("/integrations/apigee/ingest", json=payload, headers=AUTH)
+    assert first.json()["recordsProcessed"] == 2
+    markers = [k for k in await redis_keys(store) if ":e:" in k]
+    assert len(markers) == 2
+    for marker in markers:  # still remembered 24 h from now
+        assert await store.client.pttl(marker) > 24 * 3_600_000
+    again = await ingest_client.post("/integrations/apigee/ingest", json=payload, headers=AUTH)
+    assert again.json() == {"status": "ok", "recordsProcessed": 0, "recordsSkipped": 2}
     assert len(await store.events("default", "app-acme-mobile")) == 1
 
 

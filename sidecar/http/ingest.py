@@ -21,13 +21,15 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sidecar.core.apigee_stats import Analytics, analytics_events
+from sidecar.core.apigee_stats import LATE_LIMIT_MS, Analytics, analytics_events
 from sidecar.core.errors import InvalidInput
 from sidecar.core.kong_log import KongPayload, kong_log_event
 from sidecar.core.models import DEFAULT_TENANT, TENANT_RE, UsageEvent
 from sidecar.http.bodies import decode, invalid_from, read_body
 from sidecar.http.errors import ApiError
 
+# Apigee analytics: a bucket is remembered for the late-data window plus an hour of slack.
+APIGEE_DEDUPE_MS = LATE_LIMIT_MS + 3_600_000
 TENANT_HEADER = "x-aforo-tenant"
 SECRET_HEADER = "x-aforo-ingest-secret"
 _kong_decoder = msgspec.json.Decoder(KongPayload)
@@ -72,12 +74,14 @@ def _tenant(request: Request) -> str:
     return tenant
 
 
-async def _store(request: Request, events: Sequence[UsageEvent]) -> list[bool]:
+async def _store(request: Request, events: Sequence[UsageEvent], dedupe_ttl_ms: int = 0) -> list[bool]:
+    """Record events, each once within ``dedupe_ttl_ms`` (0: event_dedupe_ttl_seconds)."""
     gate: InFlight = request.app.state.ingest_in_flight
     gate.take(len(events))
     try:
         settings = request.app.state.settings
-        return await request.app.state.store.record_events(events, settings.event_dedupe_ttl_seconds * 1000)
+        ttl_ms = max(dedupe_ttl_ms, settings.event_dedupe_ttl_seconds * 1000)
+        return await request.app.state.store.record_events(events, ttl_ms)
     finally:
         gate.give_back(len(events))
 
@@ -121,7 +125,9 @@ async def apigee_ingest(request: Request) -> Response:
             413, "batch_too_large", f"a payload holds at most {settings.ingest_max_events} metrics"
         )
     events, late = analytics_events(payload, tenant=tenant, now_ms=time.time_ns() // 1_000_000)
-    stored = await _store(request, events)
+    # A bucket is accepted again until LATE_LIMIT_MS after its window ended (apigee-pull
+    # re-reads that late-data window): it must be recognised for at least that long.
+    stored = await _store(request, events, APIGEE_DEDUPE_MS)
     answer = {
         "status": "ok",
         "recordsProcessed": sum(stored),
