@@ -15,7 +15,10 @@ import pytest
 from tests.conftest import ADMIN, PrivateRedis
 
 pytestmark = pytest.mark.slow
-BUDGET_S = 0.100  # every request answered within 100 ms while Redis is gone
+# Every request is answered by the 50 ms decision deadline while Redis is gone, not by a
+# socket timeout (seconds). The bound leaves room for a 2-core CI box's scheduling noise
+# (one answer took 132 ms there): it proves the deadline cut in, it does not time speed.
+BUDGET_S = 0.250
 
 
 def _env(server: PrivateRedis, fail_mode: str) -> dict[str, str]:
