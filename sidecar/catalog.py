@@ -11,6 +11,7 @@ from typing import Protocol
 
 from sidecar.authorizer import now_ms
 from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
+from sidecar.core.wallet_rules import Notice
 from sidecar.store.base import Store, TopUpResult
 
 
@@ -53,6 +54,10 @@ class Catalog(Protocol):
 
     async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None: ...
 
+    async def notices(self, tenant: str, consumer_id: str) -> list[Notice] | None:
+        """The consumer's wallet notices, oldest first; None: no such consumer."""
+        ...
+
     async def reconciliation(self) -> object:
         """The reconciliation report; raises NeedsPostgres without Postgres."""
         ...
@@ -94,6 +99,9 @@ class StoreCatalog:
 
     async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
         return await self.store.consumer_keys(tenant, consumer_id)
+
+    async def notices(self, tenant: str, consumer_id: str) -> list[Notice] | None:
+        return await self.store.notices(tenant, consumer_id)
 
     async def reconciliation(self) -> object:
         raise NeedsPostgres("the reconciliation report compares Redis with Postgres: set AFORO_DATABASE_URL")

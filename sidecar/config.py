@@ -75,6 +75,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
     # Which Kong consumer field names the consumer: id, custom_id or username.
     kong_consumer_field: Literal["id", "custom_id", "username"] = "id"
+    # Apigee analytics rows: "rate" counts and charges them (native enforcement: no
+    # shared flow decides); "record" only stores them, for when the aforo-authorize
+    # shared flow decides and charges every call (an aggregated row names no request
+    # a decision could be matched with, so rating it would charge those calls twice).
+    apigee_analytics: Literal["rate", "record"] = "rate"
     # Postgres, the source of truth. Unset: no Postgres (Redis or the embedded store is
     # all there is). Set: admin writes go to Postgres first; needs redis_url.
     database_url: str | None = None

@@ -63,6 +63,9 @@ def evaluate(
         return Verdict(Reason.SUSPENDED, 0, 0)
     if state.status is ConsumerStatus.REVOKED:
         return Verdict(Reason.REVOKED, 0, 0)
+    if state.held:
+        # Held by the wallet rules (wallet_empty) until a top-up: the caller is told to pay.
+        return Verdict(Reason.INSUFFICIENT_BALANCE, 0, 0)
     if state.products and product not in state.products:
         return Verdict(Reason.PRODUCT_NOT_ALLOWED, 0, 0)
     retry_at = 0

@@ -89,6 +89,10 @@ def _int(value: Number, path: str) -> int:
     return number
 
 
+# The aforo-authorize plugin's upstream header (kong_plugin: DECISION_HEADER), as logged.
+DECISION_HEADER = "x-aforo-decision-id"
+
+
 def _header(headers: Headers, name: str) -> str:
     value = headers.get(name)
     if isinstance(value, list):  # repeated headers arrive as lists
@@ -147,5 +151,8 @@ def kong_log_event(
         gateway_latency_ms=_int(latencies.kong, "latencies.kong"),
         request_size=_int(request.size, "request.size"),
         response_size=_int(response.size, "response.size"),
+        # Set upstream by the aforo-authorize plugin and logged with the request: the
+        # call was decided (and charged) by the sidecar, so ingestion does not rate it.
+        decision_id=_header(request.headers, DECISION_HEADER)[:512],
         headers=headers,
     ).validated()

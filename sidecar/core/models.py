@@ -9,6 +9,7 @@ import msgspec
 
 from sidecar.core.errors import InvalidInput
 from sidecar.core.money import MAX_MICROS
+from sidecar.core.wallet_rules import AutoTopup
 from sidecar.core.windows import WINDOWS, parse_window
 
 # Tenants become part of Redis keys and of the cluster hash tag `{tenant:consumer}`:
@@ -104,11 +105,16 @@ class ConsumerSpec(msgspec.Struct, forbid_unknown_fields=True):
     tenant: str = DEFAULT_TENANT
     status: ConsumerStatus | None = None
     wallet_mode: WalletMode | None = None
+    # Hold a prepaid wallet when it runs dry (None keeps; on when first created).
+    suspend_at_zero: bool | None = None
+    auto_topup: AutoTopup | None = None  # None keeps; {"enabled": false} turns it off
 
     def validated(self) -> ConsumerSpec:
         check_id(self.tenant, TENANT_RE, "tenant")
         check_id(self.id, CONSUMER_ID_RE, "id")
         check_id(self.plan_id, PLAN_ID_RE, "plan_id")
+        if self.auto_topup is not None:
+            self.auto_topup.validated()
         return self
 
 
@@ -123,6 +129,7 @@ class ConsumerState(msgspec.Struct):
     wallet_mode: WalletMode
     base: int  # balance as of the last settlement
     pending: int  # debits since the last settlement
+    held: bool = False  # the wallet's own suspension (wallet_empty), apart from status
 
     @property
     def balance(self) -> int:
@@ -141,6 +148,13 @@ class ConsumerView(msgspec.Struct):
     pending: int
     version: int
     windows: dict[str, int]  # used count of each limited window, current period
+    # "manual" (an admin suspended or revoked it) or "wallet_empty" (held by the wallet
+    # rules until a top-up); None while active.
+    status_reason: str | None = None
+    suspended_at: int | None = None  # ms of the last wallet hold
+    resumed_at: int | None = None  # ms the last hold was lifted by a top-up
+    suspend_at_zero: bool = True
+    auto_topup: AutoTopup | None = None
 
 
 class ConsumerKey(msgspec.Struct):

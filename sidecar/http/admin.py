@@ -232,6 +232,17 @@ async def list_keys(request: Request) -> Response:
     return _json({"tenant": tenant, "consumer_id": consumer_id, "keys": items})
 
 
+async def list_notices(request: Request) -> Response:
+    """The consumer's wallet notices: suspended (wallet_empty), resumed, topup_requested."""
+    require_admin(request)
+    tenant = _tenant(request)
+    consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
+    notices = await _catalog(request).notices(tenant, consumer_id)
+    if notices is None:
+        raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
+    return _json({"tenant": tenant, "consumer_id": consumer_id, "items": notices})
+
+
 class StatusChange(msgspec.Struct, forbid_unknown_fields=True):
     consumer_id: str
     tenant: str = DEFAULT_TENANT
@@ -411,6 +422,7 @@ ROUTES = [
     Route("/v1/admin/consumers/{consumer_id}", get_consumer, methods=["GET"]),
     Route("/v1/admin/consumers/{consumer_id}", delete_consumer, methods=["DELETE"]),
     Route("/v1/admin/consumers/{consumer_id}/keys", list_keys, methods=["GET"]),
+    Route("/v1/admin/consumers/{consumer_id}/wallet-notices", list_notices, methods=["GET"]),
     Route(
         "/v1/admin/consumers/{consumer_id}/suspend",
         _status_endpoint(ConsumerStatus.SUSPENDED),

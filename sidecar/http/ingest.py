@@ -74,14 +74,17 @@ def _tenant(request: Request) -> str:
     return tenant
 
 
-async def _store(request: Request, events: Sequence[UsageEvent], dedupe_ttl_ms: int = 0) -> list[bool]:
-    """Record events, each once within ``dedupe_ttl_ms`` (0: event_dedupe_ttl_seconds)."""
+async def _store(
+    request: Request, events: Sequence[UsageEvent], dedupe_ttl_ms: int = 0, rate: bool = True
+) -> list[bool]:
+    """Record events, each once within ``dedupe_ttl_ms`` (0: event_dedupe_ttl_seconds),
+    rated unless ``rate`` is False (Store.record_events)."""
     gate: InFlight = request.app.state.ingest_in_flight
     gate.take(len(events))
     try:
         settings = request.app.state.settings
         ttl_ms = max(dedupe_ttl_ms, settings.event_dedupe_ttl_seconds * 1000)
-        return await request.app.state.store.record_events(events, ttl_ms)
+        return await request.app.state.store.record_events(events, ttl_ms, rate)
     finally:
         gate.give_back(len(events))
 
@@ -127,7 +130,7 @@ async def apigee_ingest(request: Request) -> Response:
     events, late = analytics_events(payload, tenant=tenant, now_ms=time.time_ns() // 1_000_000)
     # A bucket is accepted again until LATE_LIMIT_MS after its window ended (apigee-pull
     # re-reads that late-data window): it must be recognised for at least that long.
-    stored = await _store(request, events, APIGEE_DEDUPE_MS)
+    stored = await _store(request, events, APIGEE_DEDUPE_MS, rate=settings.apigee_analytics == "rate")
     answer = {
         "status": "ok",
         "recordsProcessed": sum(stored),

@@ -16,6 +16,7 @@ from sidecar.authorizer import now_ms
 from sidecar.catalog import TruthUnavailable
 from sidecar.config import Settings
 from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
+from sidecar.core.wallet_rules import Notice
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.report import Report, reconciliation_report
 from sidecar.reconciler.sync import apply_consumer
@@ -154,6 +155,17 @@ class PostgresCatalog:
         with _truth():
             ledger = await self._ledger()
             return await ledger.consumer_keys(tenant, consumer_id)
+
+    async def notices(self, tenant: str, consumer_id: str) -> list[Notice] | None:
+        """What the reconciler has drained to Postgres, then what is still in Redis."""
+        with _truth():
+            ledger = await self._ledger()
+            if not await ledger.consumers(tenant, consumer_id):
+                return None
+            drained = await ledger.notices(tenant, consumer_id)
+        seen = {n.id for n in drained}
+        hot = await self.store.notices(tenant, consumer_id) or []
+        return drained + [n for n in hot if n.id not in seen]
 
     async def reconciliation(self) -> Report:
         with _truth():

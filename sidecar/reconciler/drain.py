@@ -74,3 +74,24 @@ async def drain_events(
     if total:
         log.info("drained %d gateway events", total)
     return total
+
+
+async def drain_notices(
+    ledger: Ledger, store: RedisStore, batch: int = 1000, streams: Iterable[tuple[str, str]] | None = None
+) -> int:
+    """Drain the wallet notices streams of ``streams`` (all when None) into
+    wallet_notices; returns the number of new rows. Recorded by id, then trimmed: a
+    crash in between records nothing twice."""
+    total = 0
+    for tenant, consumer_id in await store.scan_streams("n") if streams is None else streams:
+        while True:
+            entries = await store.read_notices(tenant, consumer_id, batch)
+            if not entries:
+                break
+            total += await ledger.record_notices(tenant, consumer_id, entries)
+            await store.trim_notices(tenant, consumer_id, next_stream_id(entries[-1].id))
+            if len(entries) < batch:
+                break
+    if total:
+        log.info("drained %d wallet notices", total)
+    return total

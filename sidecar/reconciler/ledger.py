@@ -21,6 +21,7 @@ from sidecar.core.models import (
     WalletMode,
 )
 from sidecar.core.money import MAX_MICROS
+from sidecar.core.wallet_rules import AutoTopup, Notice
 
 
 class PlanRow(msgspec.Struct, frozen=True):
@@ -35,6 +36,8 @@ class ConsumerRow(msgspec.Struct, frozen=True):
     status: ConsumerStatus
     wallet_mode: WalletMode
     version: int
+    suspend_at_zero: bool | None = None
+    auto_topup: AutoTopup | None = None
 
     def spec(self) -> ConsumerSpec:
         return ConsumerSpec(
@@ -43,6 +46,8 @@ class ConsumerRow(msgspec.Struct, frozen=True):
             tenant=self.tenant,
             status=self.status,
             wallet_mode=self.wallet_mode,
+            suspend_at_zero=self.suspend_at_zero,
+            auto_topup=self.auto_topup,
         )
 
 
@@ -75,7 +80,12 @@ def _consumer(row: asyncpg.Record) -> ConsumerRow:
         status=ConsumerStatus(row["status"]),
         wallet_mode=WalletMode(row["wallet_mode"]),
         version=row["version"],
+        suspend_at_zero=row["suspend_at_zero"],
+        auto_topup=None if row["auto_topup"] is None else _auto_topup_decoder.decode(row["auto_topup"]),
     )
+
+
+_auto_topup_decoder = msgspec.json.Decoder(AutoTopup)
 
 
 def _wallet(row: asyncpg.Record) -> WalletRow:
@@ -133,11 +143,14 @@ class Ledger:
             if plan is None:
                 raise NotFound(f"plan {spec.plan_id!r} does not exist", code="plan_not_found")
             row = await conn.fetchrow(
-                """INSERT INTO consumers (tenant, id, plan_id, status, wallet_mode)
-                   VALUES ($1, $2, $3, coalesce($4, 'active'), coalesce($5, 'prepaid'))
+                """INSERT INTO consumers
+                       (tenant, id, plan_id, status, wallet_mode, suspend_at_zero, auto_topup)
+                   VALUES ($1, $2, $3, coalesce($4, 'active'), coalesce($5, 'prepaid'), $6, $7::text::jsonb)
                    ON CONFLICT (tenant, id) DO UPDATE SET plan_id = EXCLUDED.plan_id,
                        status = coalesce($4, consumers.status),
                        wallet_mode = coalesce($5, consumers.wallet_mode),
+                       suspend_at_zero = coalesce($6, consumers.suspend_at_zero),
+                       auto_topup = coalesce($7::text::jsonb, consumers.auto_topup),
                        deleted_at = NULL
                    RETURNING *, (xmax = 0) AS created""",
                 spec.tenant,
@@ -145,6 +158,8 @@ class Ledger:
                 spec.plan_id,
                 None if spec.status is None else spec.status.value,
                 None if spec.wallet_mode is None else spec.wallet_mode.value,
+                spec.suspend_at_zero,
+                None if spec.auto_topup is None else msgspec.json.encode(spec.auto_topup).decode(),
             )
         return _consumer(row), _plan(plan), row["created"]
 
@@ -437,6 +452,38 @@ class Ledger:
             headers,
         )
         return len(inserted)
+
+    async def record_notices(self, tenant: str, consumer_id: str, notices: Sequence[Notice]) -> int:
+        """Record wallet notices, each once (by id); returns how many were new."""
+        inserted = await self.pool.fetch(
+            """INSERT INTO wallet_notices
+                   (tenant, consumer_id, id, type, at, balance, threshold, amount, currency)
+               SELECT $1, $2, i, ty, a, b, th, am, cu FROM unnest(
+                   $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bigint[], $8::bigint[],
+                   $9::text[])
+                   AS n(i, ty, a, b, th, am, cu)
+               ON CONFLICT DO NOTHING RETURNING 1""",
+            tenant,
+            consumer_id,
+            [n.id for n in notices],
+            [n.type for n in notices],
+            [_ts(n.at_ms) for n in notices],
+            [n.balance for n in notices],
+            [n.threshold for n in notices],
+            [n.amount for n in notices],
+            [n.currency for n in notices],
+        )
+        return len(inserted)
+
+    async def notices(self, tenant: str, consumer_id: str) -> list[Notice]:
+        rows = await self.pool.fetch(
+            """SELECT id, type, (extract(epoch FROM at) * 1000)::bigint AS at_ms, balance, threshold, amount,
+                      currency
+               FROM wallet_notices WHERE tenant = $1 AND consumer_id = $2 ORDER BY at, id""",
+            tenant,
+            consumer_id,
+        )
+        return [Notice(**dict(r)) for r in rows]
 
     async def usage_hits(self, tenant: str, consumer_id: str, start: datetime, end: datetime) -> int:
         return await self.pool.fetchval(

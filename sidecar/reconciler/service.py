@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 
 from sidecar.config import Settings
-from sidecar.reconciler.drain import drain_events, drain_usage
+from sidecar.reconciler.drain import drain_events, drain_notices, drain_usage
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.migrations import pending
 from sidecar.reconciler.sync import apply_change, full_sync
@@ -79,6 +79,7 @@ class Reconciler:
             counts = await full_sync(ledger, self.store)
             counts["usage"] = await drain_usage(ledger, self.store, self.settings.drain_batch)
             counts["events"] = await drain_events(ledger, self.store, self.settings.drain_batch)
+            counts["notices"] = await drain_notices(ledger, self.store, self.settings.drain_batch)
             return counts
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -150,11 +151,13 @@ class Reconciler:
                 last_scan = time.monotonic()
                 await drain_usage(ledger, self.store, batch)
                 await drain_events(ledger, self.store, batch)
+                await drain_notices(ledger, self.store, batch)
             else:
                 popped = await self.store.take_dirty(DIRTY_BATCH)
                 try:
                     await drain_usage(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "u"])
                     await drain_events(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "g"])
+                    await drain_notices(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "n"])
                 except BaseException:
                     with contextlib.suppress(*RECOVERABLE):
                         await self.store.return_dirty(popped)

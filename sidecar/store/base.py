@@ -18,6 +18,7 @@ from sidecar.core.models import (
     UsageEvent,
     UsageRecord,
 )
+from sidecar.core.wallet_rules import Notice
 
 
 class StoreUnavailable(Exception):
@@ -144,9 +145,19 @@ class Store(Protocol):
         """The consumer's usage records not yet drained to the ledger, oldest first."""
         ...
 
-    async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
+    async def record_events(
+        self, events: Sequence[UsageEvent], dedupe_ttl_ms: int, rate: bool = True
+    ) -> list[bool]:
         """Append validated gateway events; per event, True if stored, False if its
-        request id was already recorded within ``dedupe_ttl_ms``."""
+        request id was already recorded within ``dedupe_ttl_ms``. A stored event that
+        no decision covered is rated: counted in the windows of its time's periods and
+        charged at its plan's price, with a usage record and the wallet rules
+        (core/wallet_rules.py), atomically with its storing; ``rate`` False stores only."""
+        ...
+
+    async def notices(self, tenant: str, consumer_id: str) -> list[Notice] | None:
+        """The consumer's wallet notices (suspended, resumed, topup_requested) still in
+        the hot store, oldest first; None: no such consumer."""
         ...
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:

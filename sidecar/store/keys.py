@@ -8,13 +8,14 @@
     <prefix>{t:c}:t:<reference>    top-up reference already applied
     <prefix>{t:c}:g                gateway usage events (ReportUsage, ingestion)
     <prefix>{t:c}:e:<request id>   gateway event already recorded (deduplication)
+    <prefix>{t:c}:n                wallet notices: suspended, resumed, topup_requested
     <prefix>plan:{t}:<plan>        plan definition (JSON) and version
     <prefix>plan:{t}:<plan>:m      set of consumer ids bound to the plan
     <prefix>plans:{t}              sorted set of the tenant's plan ids (listing)
     <prefix>consumers:{t}          sorted set of the tenant's consumer ids (listing)
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
     <prefix>invalidate             pub/sub channel: "tenant:consumer" changed
-    <prefix>dirty                  set of "u|g:tenant:consumer": streams with new entries
+    <prefix>dirty                  set of "u|g|n:tenant:consumer": streams with new entries
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class KeySpace:
 
     def event_marker(self, tenant: str, consumer_id: str, request_id: str) -> str:
         return f"{self.tag(tenant, consumer_id)}:e:{request_id}"
+
+    def notices(self, tenant: str, consumer_id: str) -> str:
+        return f"{self.tag(tenant, consumer_id)}:n"
 
     def plan(self, tenant: str, plan_id: str) -> str:
         return f"{self.prefix}plan:{{{tenant}}}:{plan_id}"

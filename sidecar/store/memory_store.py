@@ -33,10 +33,21 @@ from sidecar.core.models import (
 )
 from sidecar.core.money import MAX_MICROS
 from sidecar.core.reasons import Reason
+from sidecar.core.wallet_rules import (
+    AutoTopup,
+    Notice,
+    NoticeType,
+    after_debit,
+    event_time,
+    rate_event,
+    resumes,
+    shown_status,
+)
 from sidecar.core.windows import WINDOWS, periods
 from sidecar.store.base import DecisionCall, TopUpResult
 
 K = TypeVar("K")
+NOTICES_KEPT = 10_000  # wallet notices kept per consumer (the Redis stream's cap too)
 V = TypeVar("V")
 
 
@@ -76,6 +87,12 @@ class _Consumer:
     key_hashes: dict[str, int | None] = field(default_factory=dict)  # hash -> registered ms
     # Per window index: (period start ms, count in that period).
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)
+    held_at: int | None = None  # the wallet hold (wallet_empty): since when
+    resumed_at: int | None = None
+    suspend_at_zero: bool = True
+    auto_topup: AutoTopup | None = None
+    notices: collections.deque[Notice] = field(default_factory=lambda: collections.deque(maxlen=NOTICES_KEPT))
+    notice_seq: int = 0
 
 
 class MemoryStore:
@@ -126,6 +143,7 @@ class MemoryStore:
                 wallet_mode=consumer.wallet_mode,
                 base=consumer.base,
                 pending=consumer.pending,
+                held=consumer.held_at is not None,
             )
             used = self._used(consumer, call.window_starts_ms)
         verdict = evaluate(
@@ -145,11 +163,8 @@ class MemoryStore:
                 if limit is not None:
                     used[i] += call.hits
                     consumer.counters[i] = (call.window_starts_ms[i], used[i])
-            consumer.pending += verdict.charged
-            records = self._usage.setdefault(
-                (call.tenant, call.consumer_id), collections.deque(maxlen=self._usage_capacity)
-            )
-            records.append(
+            self._debit(consumer, plan.price, verdict.charged, call.now_ms)
+            self._record(
                 UsageRecord(
                     request_id=call.request_id,
                     decision_id=call.decision_id,
@@ -175,6 +190,59 @@ class MemoryStore:
             self._requests.put(ident, outcome, call.now_ms + call.idempotency_ttl_ms)
         return outcome
 
+    def _record(self, record: UsageRecord) -> None:
+        self._usage.setdefault(
+            (record.tenant, record.consumer_id), collections.deque(maxlen=self._usage_capacity)
+        ).append(record)
+
+    @staticmethod
+    def _notify(consumer: _Consumer, kind: NoticeType, now_ms: int, **details: int | str) -> None:
+        consumer.notice_seq += 1
+        consumer.notices.append(
+            Notice(
+                id=f"{now_ms}-{consumer.notice_seq}",
+                type=kind.value,
+                at_ms=now_ms,
+                balance=consumer.base - consumer.pending,
+                **details,  # type: ignore[arg-type]
+            )
+        )
+
+    def _debit(self, consumer: _Consumer, price: int, cost: int, now_ms: int) -> None:
+        """Debit the wallet and apply the wallet rules to the crossing (wallet_rules)."""
+        before = consumer.base - consumer.pending
+        consumer.pending += cost
+        rules = after_debit(
+            before,
+            before - cost,
+            price=price,
+            prepaid=consumer.wallet_mode is WalletMode.PREPAID,
+            suspend_at_zero=consumer.suspend_at_zero,
+            held=consumer.held_at is not None,
+            topup=consumer.auto_topup,
+        )
+        if rules.hold:
+            consumer.held_at = now_ms
+            self._notify(consumer, NoticeType.SUSPENDED, now_ms)
+        if rules.topup_requested:
+            assert consumer.auto_topup is not None
+            topup = consumer.auto_topup
+            self._notify(
+                consumer,
+                NoticeType.TOPUP_REQUESTED,
+                now_ms,
+                threshold=topup.threshold,
+                amount=topup.amount,
+                currency=topup.currency,
+            )
+
+    def _credited(self, consumer: _Consumer, now_ms: int) -> None:
+        """After a credit: a held wallet now above zero is resumed."""
+        if resumes(consumer.held_at is not None, consumer.base - consumer.pending):
+            consumer.held_at = None
+            consumer.resumed_at = now_ms
+            self._notify(consumer, NoticeType.RESUMED, now_ms)
+
     async def resolve_key(self, tenant: str, key_hash: str) -> str | None:
         return self._keys.get((tenant, key_hash))
 
@@ -186,17 +254,27 @@ class MemoryStore:
     async def get_plan(self, tenant: str, plan_id: str) -> Plan | None:
         return self._plans.get((tenant, plan_id))
 
+    @staticmethod
+    def _shown(consumer: _Consumer) -> tuple[str, str | None]:
+        return shown_status(consumer.status.value, consumer.held_at is not None)
+
     def _view(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
         consumer = self._consumers.get((tenant, consumer_id))
         if consumer is None:
             return None
         limits = self._plans[(tenant, consumer.plan_id)].limits()
         used = self._used(consumer, periods(now_ms).starts)
+        status, reason = self._shown(consumer)
         return ConsumerView(
             tenant=tenant,
             id=consumer_id,
             plan_id=consumer.plan_id,
-            status=consumer.status,
+            status=ConsumerStatus(status),
+            status_reason=reason,
+            suspended_at=consumer.held_at,
+            resumed_at=consumer.resumed_at,
+            suspend_at_zero=consumer.suspend_at_zero,
+            auto_topup=consumer.auto_topup,
             wallet_mode=consumer.wallet_mode,
             balance=consumer.base - consumer.pending,
             pending=consumer.pending,
@@ -221,6 +299,10 @@ class MemoryStore:
             current.status = consumer.status
         if consumer.wallet_mode is not None:
             current.wallet_mode = consumer.wallet_mode
+        if consumer.suspend_at_zero is not None:
+            current.suspend_at_zero = consumer.suspend_at_zero
+        if consumer.auto_topup is not None:
+            current.auto_topup = consumer.auto_topup if consumer.auto_topup.enabled else None
         current.version += 1
         view = self._view(t, c, now_ms)
         assert view is not None
@@ -259,6 +341,7 @@ class MemoryStore:
             self._topups[(tenant, consumer_id, reference)] = amount
         consumer.base += amount
         consumer.version += 1
+        self._credited(consumer, time.time_ns() // 1_000_000)
         return TopUpResult(balance=consumer.base - consumer.pending, applied=True)
 
     async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
@@ -294,7 +377,7 @@ class MemoryStore:
             if t == tenant
             and (after is None or c > after)
             and (plan_id is None or consumer.plan_id == plan_id)
-            and (status is None or consumer.status is status)
+            and (status is None or self._shown(consumer)[0] == status)
         )
         page = [self._view(tenant, c, now_ms) for c in ids[:limit]]
         return [v for v in page if v is not None], (ids[limit - 1] if len(ids) > limit else None)
@@ -331,7 +414,9 @@ class MemoryStore:
     async def usage(self, tenant: str, consumer_id: str) -> list[UsageRecord]:
         return list(self._usage.get((tenant, consumer_id), ()))
 
-    async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
+    async def record_events(
+        self, events: Sequence[UsageEvent], dedupe_ttl_ms: int, rate: bool = True
+    ) -> list[bool]:
         now = time.time_ns() // 1_000_000
         results = []
         for event in events:
@@ -343,8 +428,49 @@ class MemoryStore:
             self._events.setdefault(
                 (event.tenant, event.consumer_id), collections.deque(maxlen=self._usage_capacity)
             ).append(event)
+            if rate:
+                self._rate(event, now)
             results.append(True)
         return results
+
+    def _rate(self, event: UsageEvent, now_ms: int) -> None:
+        """Count and charge an event no decision of this store covered (event.lua)."""
+        consumer = self._consumers.get((event.tenant, event.consumer_id))
+        covered = event.decision_id or self._requests.get(
+            (event.tenant, event.consumer_id, event.request_id), now_ms
+        )
+        if consumer is None or covered:
+            return
+        plan = self._plans[(event.tenant, consumer.plan_id)]
+        rating = rate_event(event.count, plan.price)
+        if rating is None:
+            return
+        at = event_time(event.started_at_ms, now_ms)
+        bounds = periods(at)
+        for i, limit in enumerate(plan.limits()):
+            # Only a period still running is counted: an ended one is gone from Redis too.
+            if limit is not None and bounds.resets[i] > now_ms:
+                period = consumer.counters.get(i)
+                count = period[1] if period is not None and period[0] == bounds.starts[i] else 0
+                consumer.counters[i] = (bounds.starts[i], count + rating.hits)
+        self._debit(consumer, plan.price, rating.cost, now_ms)
+        self._record(
+            UsageRecord(
+                request_id=event.request_id,
+                decision_id=f"ev:{event.request_id}",
+                ts_ms=at,
+                tenant=event.tenant,
+                consumer_id=event.consumer_id,
+                product=event.product,
+                operation=event.route,
+                cost=rating.cost,
+                hits=rating.hits,
+            )
+        )
+
+    async def notices(self, tenant: str, consumer_id: str) -> list[Notice] | None:
+        consumer = self._consumers.get((tenant, consumer_id))
+        return None if consumer is None else list(consumer.notices)
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
         return list(self._events.get((tenant, consumer_id), ()))

@@ -34,6 +34,7 @@ from sidecar.core.models import (
     WalletMode,
 )
 from sidecar.core.money import MAX_MICROS
+from sidecar.core.wallet_rules import AutoTopup, Notice, event_time, shown_status
 from sidecar.core.windows import WINDOWS, periods
 from sidecar.store.base import DecisionCall, StoreDown, StoreUnavailable, TopUpResult
 from sidecar.store.keys import KeySpace
@@ -65,6 +66,8 @@ _PARTS_CACHE = 50_000
 _event_encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(UsageEvent)
 _LIMIT_FIELDS = tuple(f"l_{w.value}" for w in WINDOWS)
+# bind.lua ARGV 12-17 that leave a consumer's own fields as they are.
+_KEEP_CONSUMER = ("", "", "", "", "", "")
 
 
 @contextlib.contextmanager
@@ -79,9 +82,11 @@ def _guard() -> Iterator[None]:
 class Script:
     """A Lua script of store/lua/, run by its SHA1 (EVALSHA) and loaded on NOSCRIPT."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *includes: str) -> None:
+        """``includes``: scripts of shared functions prepended (Redis has no import)."""
         self.name = name
-        self.source = resources.files("sidecar.store").joinpath("lua", name).read_text(encoding="utf-8")
+        lua = resources.files("sidecar.store").joinpath("lua")
+        self.source = "".join(lua.joinpath(n).read_text(encoding="utf-8") for n in (*includes, name))
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         self.load = encode_command(["SCRIPT", "LOAD", self.source])
 
@@ -111,6 +116,25 @@ def _usage_record(f: dict[bytes, bytes]) -> UsageRecord:
         operation=f[b"op"].decode(),
         cost=int(f[b"cost"]),
         hits=int(f[b"hits"]),
+    )
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _notice(entry_id: str, f: dict[bytes, bytes]) -> Notice:
+    def number(name: bytes) -> int | None:
+        return int(f[name]) if name in f else None
+
+    return Notice(
+        id=entry_id,
+        type=f[b"type"].decode(),
+        at_ms=int(f[b"at"]),
+        balance=int(f[b"balance"]),
+        threshold=number(b"threshold"),
+        amount=number(b"amount"),
+        currency=f[b"currency"].decode() if b"currency" in f else None,
     )
 
 
@@ -195,14 +219,14 @@ class RedisStore:
         self._dirty: set[str] = set()
         self.keys = KeySpace(prefix)
         self._topup_ttl_ms = topup_reference_ttl_ms
-        self._decide = Script("decide.lua")
+        self._decide = Script("decide.lua", "wallet_rules.lua")
         self._bind = Script("bind.lua")
         self._status = Script("status.lua")
-        self._topup = Script("topup.lua")
+        self._topup = Script("topup.lua", "wallet_rules.lua")
         self._key = Script("key.lua")
-        self._event = Script("event.lua")
+        self._event = Script("event.lua", "wallet_rules.lua")
         self._plan = Script("plan.lua")
-        self._settle = Script("settle.lua")
+        self._settle = Script("settle.lua", "wallet_rules.lua")
         self._plan_delete = Script("plan_delete.lua")
         self._consumer_delete = Script("consumer_delete.lua")
         self.scripts = (
@@ -291,7 +315,7 @@ class RedisStore:
 
     def _decide_parts(self, call: DecisionCall) -> tuple[bytes, bytes, bytes, int]:
         """The parts of a decide command fixed for a consumer within a minute: the head
-        (EVALSHA, keys 1-7) and ARGV 1-7, the whole prefix up to ARGV 7 for a decision
+        (EVALSHA, keys 1-8) and ARGV 1-7, the whole prefix up to ARGV 7 for a decision
         without a request id (its idempotency key is never read, so one name serves),
         and the cluster slot of the consumer's hash tag. Cached: building them is most
         of the cost of encoding a decision."""
@@ -301,13 +325,14 @@ class RedisStore:
             if len(self._parts) >= _PARTS_CACHE:
                 self._parts.clear()
             tag = self.keys.tag(call.tenant, call.consumer_id)
-            head = b"*28\r\n" + encode_bulks(
+            head = b"*29\r\n" + encode_bulks(
                 [
                     "EVALSHA",
                     self._decide.sha,
-                    8,
+                    9,
                     f"{tag}:c",
                     f"{tag}:u",
+                    f"{tag}:n",
                     *self.keys.counters(call.tenant, call.consumer_id, call.window_starts_ms),
                 ]
             )
@@ -369,6 +394,8 @@ class RedisStore:
     def _outcome(self, reply: list, dirty: str) -> Outcome:
         if reply[1] == b"ok" and reply[0] == 0:
             self._dirty.add(dirty)
+            if reply[16]:  # wallet notices appended: "n:" + "tenant:consumer"
+                self._dirty.add("n" + dirty[1:])
         elif reply[1] == b"expired":
             raise StoreUnavailable("the decision reached Redis after its deadline; nothing was applied")
         return Outcome(
@@ -409,7 +436,7 @@ class RedisStore:
         if members:
             # Each member is a consumer of its own slot: one bind.lua per member, all of
             # them pipelined per node over the hot path's connections.
-            args = ["plan", 0, *_plan_args(plan, stored), "", ""]
+            args = ["plan", 0, *_plan_args(plan, stored), *_KEEP_CONSUMER]
             deadline = time.monotonic() + self._timeouts.socket_s + 0.01 * len(members)
             commands = []
             for member in members:
@@ -458,13 +485,24 @@ class RedisStore:
         consumer_key = self.keys.consumer(t, c)
         status = "" if consumer.status is None else consumer.status.value
         wallet = "" if consumer.wallet_mode is None else consumer.wallet_mode.value
+        saz = "" if consumer.suspend_at_zero is None else "1" if consumer.suspend_at_zero else "0"
+        topup = consumer.auto_topup
+        auto: list[str | int] = (
+            ["", "", ""]
+            if topup is None
+            else [topup.threshold, topup.amount, topup.currency]
+            if topup.enabled
+            else ["-", "", ""]
+        )
         client = await self._client()
         with _guard():
             previous = await client.hget(consumer_key, "plan")
             await client.sadd(self.keys.plan_members(t, plan.id), c)
             await client.zadd(self.keys.consumers_index(t), {c: 0})
         created, _ = await self._run(  # type: ignore[misc]
-            self._bind, [consumer_key], ["upsert", now_ms, *_plan_args(plan, plan_version), status, wallet]
+            self._bind,
+            [consumer_key],
+            ["upsert", now_ms, *_plan_args(plan, plan_version), status, wallet, saz, *auto],
         )
         if previous is not None and previous.decode() != plan.id:
             with _guard():
@@ -481,16 +519,28 @@ class RedisStore:
         counts = await self.client.mget([counters[i] for i in limited]) if limited else []
         pending = int(fields[b"spent"]) - int(fields[b"settled"])
         base = int(fields[b"base"])
+        hold = fields.get(b"hold")
+        status, reason = shown_status(fields[b"status"].decode(), hold is not None)
+        threshold = fields.get(b"at_thr")
         return ConsumerView(
             tenant=tenant,
             id=consumer_id,
             plan_id=fields[b"plan"].decode(),
-            status=ConsumerStatus(fields[b"status"].decode()),
+            status=ConsumerStatus(status),
             wallet_mode=WalletMode(fields[b"wallet"].decode()),
             balance=base - pending,
             pending=pending,
             version=int(fields[b"version"]),
             windows={WINDOWS[i].value: int(count or 0) for i, count in zip(limited, counts, strict=True)},
+            status_reason=reason,
+            suspended_at=None if hold is None else int(hold),
+            resumed_at=int(fields[b"resumed"]) if b"resumed" in fields else None,
+            suspend_at_zero=fields.get(b"saz") != b"0",
+            auto_topup=None
+            if threshold is None
+            else AutoTopup(
+                threshold=int(threshold), amount=int(fields[b"at_amt"]), currency=fields[b"at_cur"].decode()
+            ),
         )
 
     async def get_consumer(self, tenant: str, consumer_id: str, now_ms: int) -> ConsumerView | None:
@@ -516,9 +566,12 @@ class RedisStore:
         keys = [
             self.keys.consumer(tenant, consumer_id),
             self.keys.topup(tenant, consumer_id, reference or ""),
+            self.keys.notices(tenant, consumer_id),
         ]
-        args = [amount, self._topup_ttl_ms, "1" if reference else "0", MAX_MICROS, version or ""]
+        args = [amount, self._topup_ttl_ms, "1" if reference else "0", MAX_MICROS, version or "", _now_ms()]
         code, balance = await self._run(self._topup, keys, args)  # type: ignore[misc]
+        if code == 1:
+            self._dirty.add(f"n:{tenant}:{consumer_id}")  # a 'resumed' notice, maybe
         if code == -1:
             raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
         if code == -2:
@@ -644,32 +697,64 @@ class RedisStore:
             entries = await client.xrange(self.keys.usage(tenant, consumer_id))
         return [_usage_record(fields) for _, fields in entries]
 
-    async def record_events(self, events: Sequence[UsageEvent], dedupe_ttl_ms: int) -> list[bool]:
+    async def record_events(
+        self, events: Sequence[UsageEvent], dedupe_ttl_ms: int, rate: bool = True
+    ) -> list[bool]:
         # Over the pipelined connection: a batch goes out in one write, each event its
         # own atomic script (events of different consumers live in different slots).
-        ks, sha = self.keys, self._event.sha
-        commands = [
-            (
-                encode_command(
-                    [
-                        "EVALSHA",
-                        sha,
-                        2,
-                        ks.event_marker(e.tenant, e.consumer_id, e.request_id),
-                        ks.events(e.tenant, e.consumer_id),
-                        dedupe_ttl_ms,
-                        _event_encoder.encode(e),
-                    ]
-                ),
-                key_slot(ks.tag(e.tenant, e.consumer_id)),
-            )
-            for e in events
-        ]
+        now = _now_ms()
+        commands = [self._event_command(e, dedupe_ttl_ms, now, rate) for e in events]
         replies = await asyncio.gather(*(self._evalsha(self._event, c, slot) for c, slot in commands))
-        for event, reply in zip(events, replies, strict=True):
-            if reply == 1:
+        for event, (stored, rated, notices) in zip(events, replies, strict=True):
+            if stored:
                 self._dirty.add(f"g:{event.tenant}:{event.consumer_id}")
-        return [reply == 1 for reply in replies]
+            if rated:
+                self._dirty.add(f"u:{event.tenant}:{event.consumer_id}")
+            if notices:
+                self._dirty.add(f"n:{event.tenant}:{event.consumer_id}")
+        return [stored == 1 for stored, _, _ in replies]
+
+    def _event_command(self, e: UsageEvent, dedupe_ttl_ms: int, now_ms: int, rate: bool) -> tuple[bytes, int]:
+        """event.lua for one event: the window counters are those of the periods that
+        hold the event's own time."""
+        ks, t, c = self.keys, e.tenant, e.consumer_id
+        at = event_time(e.started_at_ms, now_ms)
+        bounds = periods(at)
+        command = encode_command(
+            [
+                "EVALSHA",
+                self._event.sha,
+                11,
+                ks.event_marker(t, c, e.request_id),
+                ks.events(t, c),
+                ks.consumer(t, c),
+                ks.usage(t, c),
+                ks.notices(t, c),
+                ks.request(t, c, e.request_id),
+                *ks.counters(t, c, bounds.starts),
+                dedupe_ttl_ms,
+                _event_encoder.encode(e),
+                e.request_id,
+                at,
+                t,
+                c,
+                e.product,
+                e.route,
+                e.count,
+                e.decision_id,
+                *bounds.resets,
+                now_ms,
+                "1" if rate else "0",
+            ]
+        )
+        return command, key_slot(ks.tag(t, c))
+
+    async def notices(self, tenant: str, consumer_id: str) -> list[Notice] | None:
+        client = await self._client()
+        with _guard():
+            if not await client.exists(self.keys.consumer(tenant, consumer_id)):
+                return None
+        return await self.read_notices(tenant, consumer_id, None)
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
         client = await self._client()
@@ -704,8 +789,12 @@ class RedisStore:
         ``trim_before``. Returns whether the wallet was applied (False: Redis had it)."""
         applied, _ = await self._run(  # type: ignore[misc]
             self._settle,
-            [self.keys.consumer(tenant, consumer_id), self.keys.usage(tenant, consumer_id)],
-            [balance, settled, version, trim_before or ""],
+            [
+                self.keys.consumer(tenant, consumer_id),
+                self.keys.usage(tenant, consumer_id),
+                self.keys.notices(tenant, consumer_id),
+            ],
+            [balance, settled, version, trim_before or "", _now_ms()],
         )
         return applied == 1
 
@@ -841,6 +930,17 @@ class RedisStore:
         with _guard():
             entries = await client.xrange(self.keys.events(tenant, consumer_id), count=count)
         return [(entry_id.decode(), _event_decoder.decode(fields[b"e"])) for entry_id, fields in entries]
+
+    async def read_notices(self, tenant: str, consumer_id: str, count: int | None) -> list[Notice]:
+        client = await self._client()
+        with _guard():
+            entries = await client.xrange(self.keys.notices(tenant, consumer_id), count=count)
+        return [_notice(entry_id.decode(), fields) for entry_id, fields in entries]
+
+    async def trim_notices(self, tenant: str, consumer_id: str, before: str) -> None:
+        client = await self._client()
+        with _guard():
+            await client.xtrim(self.keys.notices(tenant, consumer_id), minid=before, approximate=False)
 
     async def trim_usage(self, tenant: str, consumer_id: str, before: str) -> None:
         """Trim a usage stream without touching a wallet (its consumer has none in Postgres)."""

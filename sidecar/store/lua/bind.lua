@@ -8,10 +8,12 @@
 --       2 now_ms  3 plan id  4 plan version  5 price  6 products ('' or '|a|b|')
 --       7..11 limits minute..month ('' = unlimited)
 --       12 status ('' = keep; 'active' on create)  13 wallet mode ('' = keep; 'prepaid')
+--       14 suspend at zero ('' = keep, '1', '0'; on when created)
+--       15 auto top-up threshold ('' = keep, '-' = off)  16 its amount  17 its currency
 -- Returns {created, plan_applied}.
 -- Guarantees: a plan version never overwrites a newer version of the same plan, so a
 -- plan edit racing a consumer update cannot leave stale limits behind. Counters,
--- wallet and keys are never touched.
+-- wallet balance, its hold and keys are never touched.
 
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 local bound = redis.call('HMGET', KEYS[1], 'plan', 'pver')
@@ -39,6 +41,12 @@ if ARGV[1] == 'upsert' then
   end
   if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[12]) end
   if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'wallet', ARGV[13]) end
+  if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'saz', ARGV[14]) end
+  if ARGV[15] == '-' then
+    redis.call('HDEL', KEYS[1], 'at_thr', 'at_amt', 'at_cur')
+  elseif ARGV[15] ~= '' then
+    redis.call('HSET', KEYS[1], 'at_thr', ARGV[15], 'at_amt', ARGV[16], 'at_cur', ARGV[17])
+  end
 end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 if exists then return {0, apply and 1 or 0} end

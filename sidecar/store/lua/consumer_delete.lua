@@ -4,7 +4,7 @@
 -- Returns {plan id, key hash...} of the consumer removed, or {} when there was none.
 -- Guarantees: the next decision finds no consumer (unknown_consumer; invalid_key when
 -- named by a key) and a consumer created again under the same id starts with empty
--- windows. The usage and event streams are kept until the reconciler has drained
+-- windows. The usage, event and notices streams are kept until the reconciler has drained
 -- them; request records, top-up references and event markers expire on their own.
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return {} end

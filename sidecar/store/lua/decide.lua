@@ -3,9 +3,9 @@
 -- the same answers.
 --
 -- KEYS (all under the consumer's hash tag {tenant:consumer}, so one cluster slot):
---   1 consumer hash   2 usage stream
---   3..7 window counters, minute hour day week month (key names carry the window start)
---   8 idempotency record (any name in the slot when ARGV 15 is '0': it is not used)
+--   1 consumer hash   2 usage stream   3 wallet notices stream
+--   4..8 window counters, minute hour day week month (key names carry the window start)
+--   9 idempotency record (any name in the slot when ARGV 15 is '0': it is not used)
 -- ARGV (those fixed for a consumer and a minute first, so the caller can reuse them):
 --   1..5 reset ms of each window  6 tenant  7 consumer id
 --   8 now_ms  9 request_id  10 decision_id  11 product  12 operation
@@ -16,23 +16,29 @@
 --      refused with reason 'expired' and changes nothing, since its caller has already
 --      answered from the fail mode and must not be charged behind its back
 -- Returns {replayed, reason, charged, balance|nil, decision_id, retry_at_ms,
---          used1..used5, limit1..limit5}; -1 marks an unlimited window. `used` is the
---          count after the decision (unchanged when denied).
+--          used1..used5, limit1..limit5, notices}; -1 marks an unlimited window. `used`
+--          is the count after the decision (unchanged when denied); `notices` how many
+--          wallet notices this decision appended.
 -- Guarantees: a denied call changes nothing; an allowed call increments every limited
 -- window by `hits`, adds its cost to `spent` and appends one usage record, together;
 -- a request id already allowed returns its first decision and changes nothing.
+-- The wallet rules (sidecar/core/wallet_rules.py) run on the debit: the one debit that
+-- takes a prepaid balance from paying for a call to not paying holds the wallet
+-- (field 'hold' = since when; reason wallet_empty) and the one that takes it below the
+-- auto top-up threshold appends a topup_requested notice, however many race. A held
+-- wallet answers insufficient_balance until a top-up lifts the hold.
 
 if ARGV[17] ~= '0' then
   local t = redis.call('TIME')
   if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[17]) then
-    return {0, 'expired', 0, false, ARGV[10], 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}
+    return {0, 'expired', 0, false, ARGV[10], 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0}
   end
 end
 
 -- Without a request id nobody can retry, so there is no record to look for (the
--- caller then passes one fixed name as KEYS[8]).
+-- caller then passes one fixed name as KEYS[9]).
 if ARGV[15] ~= '0' then
-  local stored = redis.call('GET', KEYS[8])
+  local stored = redis.call('GET', KEYS[9])
   if stored then
     local first = cmsgpack.unpack(stored)
     first[1] = 1
@@ -44,14 +50,14 @@ end
 -- debits made here, settled the cumulative debits Postgres had at that sync; what
 -- Postgres has not settled yet is spent - settled.
 local c = redis.call('HMGET', KEYS[1], 'status', 'products', 'price', 'wallet', 'base', 'spent', 'settled',
-  'l_minute', 'l_hour', 'l_day', 'l_week', 'l_month')
+  'l_minute', 'l_hour', 'l_day', 'l_week', 'l_month', 'hold', 'saz', 'at_thr')
 local used = {-1, -1, -1, -1, -1}
 local limits = {-1, -1, -1, -1, -1}
 
-local function reply(reason, charged, balance, retry_at)
+local function reply(reason, charged, balance, retry_at, notices)
   return {0, reason, charged, balance, ARGV[10], retry_at,
     used[1], used[2], used[3], used[4], used[5],
-    limits[1], limits[2], limits[3], limits[4], limits[5]}
+    limits[1], limits[2], limits[3], limits[4], limits[5], notices or 0}
 end
 
 if not c[1] then
@@ -64,7 +70,7 @@ local balance = unsettled_base - tonumber(c[6])
 for i = 1, 5 do
   if c[7 + i] then
     limits[i] = tonumber(c[7 + i])
-    used[i] = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
+    used[i] = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
   end
 end
 
@@ -73,6 +79,9 @@ if ARGV[16] ~= '' and redis.call('HEXISTS', KEYS[1], 'k:' .. ARGV[16]) == 0 then
 end
 if c[1] ~= 'active' then
   return reply(c[1], 0, balance, 0)
+end
+if c[13] then
+  return reply('insufficient_balance', 0, balance, 0)
 end
 if c[2] ~= '' and not string.find(c[2], '|' .. ARGV[11] .. '|', 1, true) then
   return reply('product_not_allowed', 0, balance, 0)
@@ -100,19 +109,24 @@ end
 
 for i = 1, 5 do
   if limits[i] >= 0 then
-    used[i] = redis.call('INCRBY', KEYS[2 + i], hits)
+    used[i] = redis.call('INCRBY', KEYS[3 + i], hits)
     if used[i] == hits then
       -- Kept 10 minutes past the reset so a late reconciliation can still read it.
-      redis.call('PEXPIREAT', KEYS[2 + i], tonumber(ARGV[i]) + 600000)
+      redis.call('PEXPIREAT', KEYS[3 + i], tonumber(ARGV[i]) + 600000)
     end
   end
 end
-balance = unsettled_base - redis.call('HINCRBY', KEYS[1], 'spent', cost)
+local before = balance
+balance = unsettled_base - redis.call('HINCRBY', KEYS[1], 'spent', cost_text)
 redis.call('XADD', KEYS[2], '*', 'rid', ARGV[9], 'did', ARGV[10], 'ts', ARGV[8], 't', ARGV[6],
   'c', ARGV[7], 'p', ARGV[11], 'op', ARGV[12], 'cost', cost_text, 'hits', ARGV[14])
 
-local out = reply('ok', cost, balance, 0)
+-- The wallet rules on this debit (wallet_rules.lua, prepended at load).
+local notices = after_debit(KEYS[1], KEYS[3], ARGV[8], before, balance, tonumber(c[3]), c[4], c[14], c[13],
+  c[15])
+
+local out = reply('ok', cost, balance, 0, notices)
 if ARGV[15] ~= '0' then
-  redis.call('SET', KEYS[8], cmsgpack.pack(out), 'PX', ARGV[15])
+  redis.call('SET', KEYS[9], cmsgpack.pack(out), 'PX', ARGV[15])
 end
 return out
