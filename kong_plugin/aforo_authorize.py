@@ -12,7 +12,8 @@ needs, in this order:
 3. then, after the sidecar call, either ``kong.response.exit(...)`` (denied: status, JSON
    body, Retry-After and X-RateLimit headers in the one call) or, when allowed, one
    ``kong.response.set_headers`` and, if enabled, one ``kong.service.request.set_headers``
-   and (api_key identity with usage on) one ``kong.ctx.shared.set``.
+   and (usage on, unless the upstream headers carry the decision id into the log and the
+   identity is not an API key) one ``kong.ctx.shared.set``, read back in the log phase.
 
 A PDK call comes first on purpose: kong-pdk's server holds a global lock from
 ``plugin.HandleEvent`` until the handler's first PDK call or return, so a sidecar call
@@ -125,6 +126,11 @@ class Plugin:
             if name is not None
         )
         self.allowed_usage_headers = tuple(h for h in cfg.usage_headers if h not in SECRET_HEADERS)
+        # Whether the access phase hands the decision to the log phase (kong.ctx.shared):
+        # needed for an API key's consumer, and for the decision id unless the upstream
+        # headers already carry it into the log. An event without a decision id is rated
+        # by the sidecar (a call the fail mode let through), so it must not lack one.
+        self._hands_over = cfg.consumer_identity == "api_key" or not cfg.upstream_headers
 
     # --- access ----------------------------------------------------------------------
 
@@ -212,8 +218,10 @@ class Plugin:
             kong.service.request.set_headers(
                 {DECISION_HEADER: verdict.decision_id, CONSUMER_HEADER: resolved}
             )
-        if self.batcher is not None and identity == "api_key":
-            # The log phase cannot see who an API key belongs to: hand it over.
+        if self.batcher is not None and self._hands_over:
+            # Hand the decision to the log phase: its usage event names the decision, so
+            # the sidecar knows the call is charged already and does not rate it again;
+            # and the log phase cannot see who an API key belongs to.
             kong.ctx.shared.set(CTX_KEY, {"consumer_id": resolved, "decision_id": verdict.decision_id})
 
     def _client_headers(self, verdict: Verdict) -> dict[str, str]:
@@ -276,7 +284,7 @@ class Plugin:
         if data.get("source") == "exit":
             # Answered by a plugin (ours denying, or another), not proxied: no usage.
             return
-        shared = kong.ctx.shared.get(CTX_KEY) if self.cfg.consumer_identity == "api_key" else None
+        shared = kong.ctx.shared.get(CTX_KEY) if self._hands_over else None
         event = self.event(data, shared if isinstance(shared, dict) else None)
         if event is None:
             logger.debug("proxied request without an identifiable consumer: no usage event")
@@ -294,6 +302,8 @@ class Plugin:
         consumer_id: Any = None
         decision_id: Any = None
         if shared is not None:
+            # Set by the access phase when the sidecar allowed the call (none when it was
+            # let through by the fail mode: the sidecar then rates the event).
             consumer_id = shared.get("consumer_id")
             decision_id = shared.get("decision_id")
         elif identity == "credential":

@@ -56,8 +56,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # that late. One delayed by less than the margin may still apply.
     late_apply_margin_ms: int = 1_000
     idempotency_ttl_seconds: int = 86_400
-    # Gateway usage events resent within this time are recognised as duplicates.
-    event_dedupe_ttl_seconds: int = 3_600
+    # Gateway usage events resent within this time are recognised as duplicates (and so
+    # never rated twice): a day by default, the late-data window gateways re-send in.
+    event_dedupe_ttl_seconds: int = 86_400
     deny_ttl_seconds: int = 5
     quota_ttl_cap_seconds: int = 60
     # Usage ingestion (Kong HTTP Log, Apigee analytics): a shared secret per tenant

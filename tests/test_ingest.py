@@ -277,7 +277,7 @@ async def test_late_apigee_data_up_to_24h_is_accepted_and_older_is_skipped(inges
 @pytest.mark.parametrize("backend", DEPLOYMENTS)
 async def test_an_apigee_bucket_is_remembered_for_its_whole_late_data_window(ingest_client, store):
     """apigee-pull re-reads the last 24 h: a bucket ingested again hours later (not only
-    within event_dedupe_ttl_seconds, 1 h) is skipped, so it is never recorded twice."""
+    within event_dedupe_ttl_seconds when shorter) is skipped, so it is never recorded twice."""
     assert isinstance(store, RedisStore)
     payload = _analytics(hours_ago=2)
     first = await ingest_client.post("/integrations/apigee/ingest", json=payload, headers=AUTH)

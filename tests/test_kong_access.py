@@ -22,7 +22,13 @@ from tests.kong.harness import (
     unique,
 )
 
-DEFAULT_ACCESS_CALLS = ["kong.client.get_consumer", "kong.router.get_service", "kong.response.set_headers"]
+# The last hands the decision id to the log phase for its usage event (usage is on).
+DEFAULT_ACCESS_CALLS = [
+    "kong.client.get_consumer",
+    "kong.router.get_service",
+    "kong.response.set_headers",
+    "kong.ctx.shared.set",
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def test_five_per_minute_then_429_with_retry_after_and_rate_limit_headers(server
         assert e.status == 200
         assert e.access.methods == DEFAULT_ACCESS_CALLS
         # HandleEvent plus one step per PDK call.
-        assert e.access.rpcs == 4
+        assert e.access.rpcs == 5
         assert 0 <= int(e.header("X-RateLimit-Reset-Minute")) <= 60
     for e in denied:
         assert e.status == 429
@@ -152,7 +158,7 @@ def test_consumer_identity_options(server, sidecar, admin, identity):
     exchanges = [server.kong.play(instance, request) for _ in range(3)]
     assert [e.status for e in exchanges] == [200, 200, 429]
     expected_read = "kong.client.get_credential" if identity == "credential" else "kong.client.get_consumer"
-    assert exchanges[0].access.methods == [expected_read, "kong.response.set_headers"]
+    assert exchanges[0].access.methods == [expected_read, "kong.response.set_headers", "kong.ctx.shared.set"]
     assert admin.view(sidecar_id)["windows"]["day"] == 2
 
 
@@ -200,7 +206,11 @@ def test_product_from_service_route_or_config(server, sidecar, admin):
     assert server.kong.play(by_service, unnamed_service).proxied  # an unnamed service is named by its id
     fixed = server.kong.play(configured, KongRequest(consumer=consumer(cid), service=None, route=None))
     assert fixed.proxied
-    assert fixed.access.methods == ["kong.client.get_consumer", "kong.response.set_headers"]
+    assert fixed.access.methods == [
+        "kong.client.get_consumer",
+        "kong.response.set_headers",
+        "kong.ctx.shared.set",
+    ]
 
 
 def test_cost_fixed_or_from_a_header(server, sidecar, admin):
@@ -251,8 +261,16 @@ def test_upstream_headers_and_the_fewest_calls(server, sidecar, admin):
     assert exchange.upstream_headers["X-Aforo-Consumer-Id"] == cid
     assert len(exchange.upstream_headers["X-Aforo-Decision-Id"]) > 10
     assert exchange.header("X-RateLimit-Limit-Day") is None
+    # The upstream headers carry the decision id into the log: no hand-over needed.
+    assert exchange.access.methods == [
+        "kong.client.get_consumer",
+        "kong.response.set_headers",
+        "kong.service.request.set_headers",
+    ]
     lean = server.kong.start_instance(
-        sidecar_config(sidecar, product="catalog", rate_limit_headers=False, balance_header=False)
+        sidecar_config(
+            sidecar, product="catalog", rate_limit_headers=False, balance_header=False, usage=False
+        )
     )
     minimal = server.kong.play(lean, KongRequest(consumer=consumer(cid)))
     assert minimal.proxied

@@ -54,6 +54,7 @@ def test_n_proxied_requests_make_exactly_n_usage_events(sidecar, redis_url, pref
         denied = [server.kong.play(instance, KongRequest(consumer=kong_consumer())) for _ in range(2)]
         assert all(e.proxied for e in proxied)
         assert [e.status for e in denied] == [429, 429]
+        # The upstream headers carry the decision id into the log: no hand-over to read.
         assert all(e.log.methods == ["kong.log.serialize"] for e in proxied + denied)
 
         events = wait_for_events(redis_url, prefix, "c1", len(statuses))
@@ -68,6 +69,8 @@ def test_n_proxied_requests_make_exactly_n_usage_events(sidecar, redis_url, pref
         event = by_id[exchange.request.request_id]
         logged = exchange.serialized
         assert event.consumer_id == "c1"
+        # Named, so the sidecar knows the call was charged by its decision (not rated).
+        assert event.decision_id == exchange.upstream_headers["X-Aforo-Decision-Id"]
         assert (event.route, event.service, event.product) == ("catalog-route", "catalog", "catalog")
         assert event.method == exchange.request.method
         assert event.status == exchange.status
@@ -199,3 +202,21 @@ def test_unsent_events_at_shutdown_are_counted_as_lost(redis_url, prefix, tmp_pa
         stats = server.final_stats()
     assert (stats["enqueued"], stats["accepted"], stats["lost"], stats["dropped"]) == (4, 0, 4, 0)
     assert stats["failures"] >= 1
+
+
+def test_events_of_calls_the_plugin_decided_are_not_rated_again(sidecar, redis_url, prefix):
+    """The sidecar rates an event no decision covered: the plugin's events must name the
+    decision that charged the call, or every call would count and cost twice."""
+    admin = sidecar.admin()
+    admin.plan("priced", {"day": 100}, price=10_000)
+    admin.consumer("c-rated", "priced", balance=1_000_000)
+    with plugin_server() as server:
+        instance = server.kong.start_instance(sidecar_config(sidecar, product="catalog"))
+        exchanges = [server.kong.play(instance, KongRequest(consumer={"id": "c-rated"})) for _ in range(5)]
+        assert all(e.proxied for e in exchanges)
+        events = wait_for_events(redis_url, prefix, "c-rated", 5)
+        assert server.stop() == 0
+    decided = {e.ctx_shared["aforo"]["decision_id"] for e in exchanges}
+    assert {e.decision_id for e in events} == decided and len(decided) == 5
+    view = admin.view("c-rated")
+    assert (view["windows"]["day"], view["balance"]) == (5, 1_000_000 - 5 * 10_000)

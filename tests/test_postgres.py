@@ -105,8 +105,9 @@ def test_migrate_command_is_idempotent(migrated_database):
     assert again.returncode == 0 and "nothing to apply" in again.stdout
 
 
-def test_the_reconciler_refuses_an_unmigrated_database(database_url, redis_url, prefix):
-    result = _cli(
+def reconcile_once(database_url: str, redis_url: str, prefix: str) -> subprocess.CompletedProcess[str]:
+    """``aforo-sidecar reconcile --once``: one full sync and a complete drain."""
+    return _cli(
         "reconcile",
         "--once",
         "--database-url",
@@ -116,6 +117,10 @@ def test_the_reconciler_refuses_an_unmigrated_database(database_url, redis_url, 
         "--key-prefix",
         prefix,
     )
+
+
+def test_the_reconciler_refuses_an_unmigrated_database(database_url, redis_url, prefix):
+    result = reconcile_once(database_url, redis_url, prefix)
     assert result.returncode == 2 and "aforo-sidecar migrate" in result.stderr
 
 

@@ -6,14 +6,13 @@ on Redis in each topology with a real reconciler process."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import msgspec
 import pytest
 
 from tests.conftest import ADMIN, seed, until
 from tests.test_ingest import _analytics
-from tests.test_postgres import _cli, stack
+from tests.test_postgres import reconcile_once, stack
 from tests.test_wallet_rules import AUTH, CENT, SECRET, kong_log, notices, top_up, view
 
 pytestmark = pytest.mark.slow
@@ -58,7 +57,7 @@ async def test_ingested_usage_is_settled_once_and_the_hold_survives_a_full_sync(
 
         # A full sync writes the consumer from Postgres again: the hold is the wallet's own
         # state in Redis, apart from the admin status, so it stays.
-        result = await asyncio.to_thread(_reconcile_once, migrated_database, deployment_url, prefix)
+        result = await asyncio.to_thread(reconcile_once, migrated_database, deployment_url, prefix)
         assert result.returncode == 0, result.stderr
         consumer = await view(s.http, "app-1")
         assert (consumer["status"], consumer["status_reason"]) == ("suspended", "wallet_empty")
@@ -78,19 +77,6 @@ async def test_ingested_usage_is_settled_once_and_the_hold_survives_a_full_sync(
         await until(resumed, 5, "the hold lifted by a credit made in Postgres")
         assert (await view(s.http, "app-1"))["balance"] == 50 * CENT
         assert (await s.decide("app-1"))["allow"]
-
-
-def _reconcile_once(database_url: str, redis_url: str, prefix: str) -> subprocess.CompletedProcess[str]:
-    return _cli(
-        "reconcile",
-        "--once",
-        "--database-url",
-        database_url,
-        "--redis-url",
-        redis_url,
-        "--key-prefix",
-        prefix,
-    )
 
 
 async def test_an_apigee_bucket_ingested_again_hours_later_is_charged_once(
@@ -147,7 +133,7 @@ async def test_wallet_rules_are_kept_in_postgres_and_restored_by_a_full_sync(
         assert msgspec.json.decode(row["auto_topup"]) == {"enabled": True, **rules["auto_topup"]}
         # Redis loses the consumer; the full sync brings it back with its rules.
         await s.store.client.delete(f"{prefix}{{default:app-1}}:c")
-        result = await asyncio.to_thread(_reconcile_once, migrated_database, deployment_url, prefix)
+        result = await asyncio.to_thread(reconcile_once, migrated_database, deployment_url, prefix)
         assert result.returncode == 0, result.stderr
         consumer = await view(s.http, "app-1")
         assert consumer["suspend_at_zero"] is False

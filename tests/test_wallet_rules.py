@@ -22,6 +22,7 @@ from sidecar.core.wallet_rules import AutoTopup, after_debit, covers, rate_event
 from sidecar.http.app import create_app
 from sidecar.store.base import Store
 from tests.conftest import ADMIN, seed
+from tests.test_ingest import _analytics
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SECRET = "ingest-secret-0123456789"
@@ -340,3 +341,33 @@ async def test_auto_topup_can_be_turned_off(http):
 async def test_wallet_notices_of_an_unknown_consumer_are_a_404(http):
     response = await http.get("/v1/admin/consumers/nobody/wallet-notices", headers=ADMIN)
     assert (response.status_code, response.json()["error"]["code"]) == (404, "consumer_not_found")
+
+
+async def test_an_apigee_bucket_ingested_again_is_neither_stored_nor_charged_twice(http, store):
+    """Without Postgres: the hot store alone remembers the bucket (25 h on Redis, see
+    tests/test_ingest.py for the marker's lifetime)."""
+    await seed(http, plan_id="premium", windows={"month": 1000}, price=CENT, consumer_id="app-acme-mobile")
+    await top_up(http, "app-acme-mobile", 1000 * CENT)
+    payload = _analytics(hours_ago=2)
+    for expected in (2, 0):
+        response = await http.post("/integrations/apigee/ingest", json=payload, headers=AUTH)
+        assert response.json()["recordsProcessed"] == expected
+    consumer = await view(http, "app-acme-mobile")
+    assert (consumer["windows"]["month"], consumer["balance"]) == (120, 1000 * CENT - 120 * CENT)
+    assert len(await store.events("default", "app-acme-mobile")) == 1
+    assert [(r.hits, r.cost) for r in await store.usage("default", "app-acme-mobile")] == [(120, 120 * CENT)]
+
+
+async def test_apigee_rows_are_only_recorded_when_the_shared_flow_charges_the_calls(wallet_settings, store):
+    settings = msgspec.structs.replace(wallet_settings, apigee_analytics="record")
+    app = create_app(settings, store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sidecar") as http:
+        await seed(
+            http, plan_id="premium", windows={"month": 1000}, price=CENT, consumer_id="app-acme-mobile"
+        )
+        response = await http.post("/integrations/apigee/ingest", json=_analytics(), headers=AUTH)
+        assert response.json()["recordsProcessed"] == 2
+        consumer = await view(http, "app-acme-mobile")
+        assert (consumer["windows"]["month"], consumer["balance"]) == (0, 0)
+        assert len(await store.events("default", "app-acme-mobile")) == 1
+        assert await store.usage("default", "app-acme-mobile") == []

@@ -13,13 +13,16 @@ pass re-reads the batch, inserts nothing, debits nothing, and completes step 3.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
+from sidecar.core.models import UsageEvent
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.sync import apply_wallet
 from sidecar.store.redis_store import RedisStore, next_stream_id
 
 log = logging.getLogger("aforo.reconciler")
+T = TypeVar("T")
 
 
 async def drain_usage(
@@ -56,21 +59,47 @@ async def drain_usage(
     return total
 
 
+async def _copy_out(
+    streams: Iterable[tuple[str, str]],
+    read: Callable[[str, str, int], Awaitable[list[T]]],
+    record: Callable[[str, str, list[T]], Awaitable[int]],
+    trim: Callable[[str, str, str], Awaitable[None]],
+    entry_id: Callable[[T], str],
+    batch: int,
+) -> int:
+    """Copy each consumer's stream into Postgres a batch at a time, then trim what
+    Postgres holds: ``record`` is idempotent (by key), so a crash between the two copies
+    nothing twice. Returns the number of new rows."""
+    total = 0
+    for tenant, consumer_id in streams:
+        while True:
+            entries = await read(tenant, consumer_id, batch)
+            if not entries:
+                break
+            total += await record(tenant, consumer_id, entries)
+            await trim(tenant, consumer_id, next_stream_id(entry_id(entries[-1])))
+            if len(entries) < batch:
+                break
+    return total
+
+
 async def drain_events(
     ledger: Ledger, store: RedisStore, batch: int = 1000, streams: Iterable[tuple[str, str]] | None = None
 ) -> int:
     """Drain the gateway event streams of ``streams`` (all when None); returns the
     number of new event rows."""
-    total = 0
-    for tenant, consumer_id in await store.scan_streams("g") if streams is None else streams:
-        while True:
-            entries = await store.read_events(tenant, consumer_id, batch)
-            if not entries:
-                break
-            total += await ledger.record_events([event for _, event in entries])
-            await store.trim_events(tenant, consumer_id, next_stream_id(entries[-1][0]))
-            if len(entries) < batch:
-                break
+
+    async def record(tenant: str, consumer_id: str, entries: list[tuple[str, UsageEvent]]) -> int:
+        return await ledger.record_events([event for _, event in entries])
+
+    total = await _copy_out(
+        await store.scan_streams("g") if streams is None else streams,
+        store.read_events,
+        record,
+        store.trim_events,
+        lambda entry: entry[0],
+        batch,
+    )
     if total:
         log.info("drained %d gateway events", total)
     return total
@@ -80,18 +109,15 @@ async def drain_notices(
     ledger: Ledger, store: RedisStore, batch: int = 1000, streams: Iterable[tuple[str, str]] | None = None
 ) -> int:
     """Drain the wallet notices streams of ``streams`` (all when None) into
-    wallet_notices; returns the number of new rows. Recorded by id, then trimmed: a
-    crash in between records nothing twice."""
-    total = 0
-    for tenant, consumer_id in await store.scan_streams("n") if streams is None else streams:
-        while True:
-            entries = await store.read_notices(tenant, consumer_id, batch)
-            if not entries:
-                break
-            total += await ledger.record_notices(tenant, consumer_id, entries)
-            await store.trim_notices(tenant, consumer_id, next_stream_id(entries[-1].id))
-            if len(entries) < batch:
-                break
+    wallet_notices; returns the number of new rows."""
+    total = await _copy_out(
+        await store.scan_streams("n") if streams is None else streams,
+        store.read_notices,
+        ledger.record_notices,
+        store.trim_notices,
+        lambda notice: notice.id,
+        batch,
+    )
     if total:
         log.info("drained %d wallet notices", total)
     return total

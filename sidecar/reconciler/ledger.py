@@ -453,7 +453,7 @@ class Ledger:
         )
         return len(inserted)
 
-    async def record_notices(self, tenant: str, consumer_id: str, notices: Sequence[Notice]) -> int:
+    async def record_notices(self, tenant: str, consumer_id: str, notices: list[Notice]) -> int:
         """Record wallet notices, each once (by id); returns how many were new."""
         inserted = await self.pool.fetch(
             """INSERT INTO wallet_notices
