@@ -123,3 +123,22 @@ async def test_a_lost_connection_fails_in_flight_and_held_commands_once(private_
         assert not connection.send(encode_command(["PING"]), lambda reply: None)
     finally:
         connection.close()
+
+
+async def test_a_failing_reply_callback_neither_drops_the_connection_nor_the_replies_after_it(
+    redis_url, caplog
+):
+    connection = await _connected(redis_url)
+    try:
+
+        def broken(reply: object) -> None:
+            raise ValueError("a bug in a callback")
+
+        assert connection.send(encode_command(["ECHO", "first"]), broken)
+        after = [_echo(connection, f"after-{i}") for i in range(3)]
+        async with asyncio.timeout(5):
+            assert await asyncio.gather(*after) == [b"after-0", b"after-1", b"after-2"]
+        assert await connection.execute(encode_command(["PING"])) == b"PONG"
+        assert "a reply callback failed" in caplog.text
+    finally:
+        connection.close()

@@ -189,7 +189,7 @@ class _DecideReply:
             return
         try:
             future.set_result(self.store._outcome(reply, self.dirty))  # type: ignore[arg-type]
-        except StoreUnavailable as exc:
+        except Exception as exc:  # StoreUnavailable; anything else is a bug, answered as one
             future.set_exception(exc)
 
 

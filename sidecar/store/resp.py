@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ class RedisReplyError(Exception):
 # caller gets StoreUnavailable, i.e. its fail mode, never a 500. READONLY also drops
 # the connection: it reached a replica (a Sentinel failover demoted its primary), and
 # the next connection looks the primary up again.
+log = logging.getLogger("aforo.store")
 TRANSIENT_ERRORS = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "BUSY")
 # Consecutive missed deadlines, with nothing heard from the node for MISSED_QUIET_S,
 # that open the breaker (a refused or lost connection opens it at once). Deadlines
@@ -176,7 +178,12 @@ class _Protocol(asyncio.Protocol):
             on_reply = waiting.popleft()[0]
             # None: the deadline answered already; the late reply is dropped.
             if on_reply is not None:
-                on_reply(reply)
+                try:
+                    on_reply(reply)
+                except Exception:
+                    # A bug in one callback must not take the connection (and every
+                    # command queued on it) down, nor leave the rest of this read unread.
+                    log.exception("redis %s: a reply callback failed", self._node.name)
 
     def _classify(self, reply: RedisReplyError) -> Exception:
         text = str(reply)

@@ -1,0 +1,1 @@
+"""Kong: the Admin API (and Konnect) client, the catalog mapping, the import routes."""

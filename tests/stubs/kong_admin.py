@@ -1,0 +1,183 @@
+"""A stub of Kong's Admin API, run as a real process on loopback: what the sidecar's
+Kong import reads and writes, with the shapes of the Kong Gateway Admin API reference
+(https://developer.konghq.com/api/gateway/admin-ee/, entities Consumer, Consumer Group,
+Plugin, Key Auth, Service):
+
+- list endpoints answer ``{"data": [...], "next": "<path>?offset=<token>&size=<n>" | null,
+  "offset": "<token>"}`` (``next`` is absent on the last page as ``null``), ``size``
+  1-1000, default 100 ("Pagination" in the reference);
+- ``GET /consumer_groups/{id}/consumers`` lists a group's consumers (same paging);
+- ``POST /consumer_groups/{id}/plugins`` creates a plugin scoped to the group and
+  ``PATCH /consumer_groups/{id}/plugins/{plugin id}`` updates its ``config``;
+- with a token configured, ``Kong-Admin-Token`` must carry it (RBAC), else 401
+  ``{"message": "Invalid credentials. Token or User credentials required"}``;
+- a workspace, when given, prefixes every path (``/{workspace}/consumers``).
+
+Test control, not part of Kong: ``PUT /_stub/state`` (the catalog), ``PUT /_stub/faults``
+(``{"token", "page_size_max", "faults": [{"path", "page", "status", "times",
+"retry_after"}]}``: the page-th page of ``path`` answers ``status`` the next ``times``
+times), ``GET /_stub/calls`` (every Admin API request: method, path, query, body).
+
+    python -m tests.stubs.kong_admin --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import uuid
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+LISTS = {
+    "consumers": "consumers",
+    "consumer_groups": "groups",
+    "plugins": "plugins",
+    "key-auths": "key_auths",
+    "services": "services",
+    "routes": "routes",
+}
+
+
+class Stub:
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {name: [] for name in LISTS.values()} | {"members": {}}
+        self.token: str | None = None
+        self.workspace: str | None = None
+        self.faults: list[dict[str, Any]] = []
+        self.calls: list[dict[str, Any]] = []
+
+
+stub = Stub()
+
+
+def _offset(index: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([index]).encode()).decode().rstrip("=")
+
+
+def _index(token: str) -> int:
+    return json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))[0]
+
+
+def _page(request: Request, path: str, items: list[dict[str, Any]]) -> Response:
+    try:
+        size = int(request.query_params.get("size", "100"))
+        start = _index(request.query_params["offset"]) if "offset" in request.query_params else 0
+    except (ValueError, KeyError, json.JSONDecodeError):
+        return JSONResponse({"message": "invalid offset or size"}, 400)
+    if not 1 <= size <= 1000:
+        return JSONResponse({"message": "size must be an integer between 1 and 1000"}, 400)
+    page_number = start // size + 1
+    for fault in stub.faults:
+        if fault["path"] == path and fault.get("page", 1) == page_number and fault.get("times", 1) > 0:
+            fault["times"] = fault.get("times", 1) - 1
+            headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
+            return JSONResponse({"message": "injected"}, fault["status"], headers=headers)
+    end = start + size
+    more = end < len(items)
+    prefix = f"/{stub.workspace}" if stub.workspace else ""
+    body: dict[str, Any] = {
+        "data": items[start:end],
+        "next": f"{prefix}{path}?offset={_offset(end)}&size={size}" if more else None,
+    }
+    if more:
+        body["offset"] = _offset(end)
+    return JSONResponse(body)
+
+
+async def admin_api(request: Request) -> Response:
+    path = "/" + request.path_params["path"]
+    if stub.workspace:
+        if not path.startswith(f"/{stub.workspace}/"):
+            return JSONResponse({"message": "Not found"}, 404)
+        path = path[len(stub.workspace) + 1 :]
+    body = await request.body()
+    stub.calls.append(
+        {
+            "method": request.method,
+            "path": path,
+            "query": dict(request.query_params),
+            "body": json.loads(body) if body else None,
+        }
+    )
+    if stub.token is not None and request.headers.get("kong-admin-token") != stub.token:
+        return JSONResponse({"message": "Invalid credentials. Token or User credentials required"}, 401)
+    parts = path.strip("/").split("/")
+    if request.method == "GET" and len(parts) == 1 and parts[0] in LISTS:
+        return _page(request, path, stub.state[LISTS[parts[0]]])
+    if len(parts) >= 2 and parts[0] == "consumer_groups":
+        group = next((g for g in stub.state["groups"] if parts[1] in (g["id"], g["name"])), None)
+        if group is None:
+            return JSONResponse({"message": "Not found"}, 404)
+        if request.method == "GET" and parts[2:] == ["consumers"]:
+            ids = set(stub.state["members"].get(group["id"], []))
+            return _page(request, path, [c for c in stub.state["consumers"] if c["id"] in ids])
+        if parts[2:] == ["plugins"] and request.method == "POST":
+            plugin = {
+                "id": str(uuid.uuid4()),
+                "enabled": True,
+                **json.loads(body),
+                "consumer_group": {"id": group["id"]},
+            }
+            stub.state["plugins"].append(plugin)
+            return JSONResponse(plugin, 201)
+        if len(parts) == 4 and parts[2] == "plugins" and request.method == "PATCH":
+            plugin = next((p for p in stub.state["plugins"] if p["id"] == parts[3]), None)
+            if plugin is None:
+                return JSONResponse({"message": "Not found"}, 404)
+            change = json.loads(body)
+            plugin["config"] = {**plugin.get("config", {}), **change.get("config", {})}
+            return JSONResponse(plugin)
+    return JSONResponse({"message": "Not found"}, 404)
+
+
+async def put_state(request: Request) -> Response:
+    given = await request.json()
+    stub.state = {name: given.get(name, []) for name in LISTS.values()} | {
+        "members": given.get("members", {})
+    }
+    return JSONResponse({"ok": True})
+
+
+async def put_faults(request: Request) -> Response:
+    given = await request.json()
+    stub.token = given.get("token")
+    stub.workspace = given.get("workspace")
+    stub.faults = given.get("faults", [])
+    return JSONResponse({"ok": True})
+
+
+async def get_calls(request: Request) -> Response:
+    return JSONResponse(stub.calls)
+
+
+async def get_state(request: Request) -> Response:
+    return JSONResponse(stub.state)
+
+
+app = Starlette(
+    routes=[
+        Route("/_stub/state", put_state, methods=["PUT"]),
+        Route("/_stub/state", get_state, methods=["GET"]),
+        Route("/_stub/faults", put_faults, methods=["PUT"]),
+        Route("/_stub/calls", get_calls, methods=["GET"]),
+        Route("/{path:path}", admin_api, methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
+    ]
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
