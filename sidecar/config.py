@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import msgspec
 
 from sidecar.core.models import TENANT_RE
+from sidecar.integrations.secret_box import SecretBox, SecretBoxError
 from sidecar.store.target import RedisTarget, RedisTargetError, Topology, parse_redis_target
 
 ENV_PREFIX = "AFORO_"
@@ -90,6 +91,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Between these scans the reconciler drains only the streams sidecars marked dirty.
     stream_scan_interval_seconds: int = 60
     drift_threshold_pct: float = 2.0
+    # Keys that seal gateway connection secrets at rest (AES-256-GCM): "id=<base64 of
+    # 32 random bytes>,...". The first seals; all open (put a new key first to rotate).
+    secret_keys: dict[str, str] = {}
     # Admin API: bearer token; unset disables every admin endpoint (401).
     admin_token: str | None = None
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -171,6 +175,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise SettingsError(f"ingest_secrets names an invalid tenant {tenant!r}")
             if len(secret) < 16:
                 raise SettingsError(f"the ingest secret of tenant {tenant!r} must be at least 16 characters")
+        if self.secret_keys:
+            try:
+                SecretBox(self.secret_keys)
+            except SecretBoxError as exc:
+                raise SettingsError(f"secret_keys: {exc}") from None
         if "{" in self.key_prefix or "}" in self.key_prefix:
             raise SettingsError("key_prefix must not contain braces (they delimit hash tags)")
         if self.admin_token is not None and len(self.admin_token) < 16:
@@ -227,7 +236,7 @@ def load_settings(
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
-    for name in ("tenant_fail_modes", "ingest_secrets"):
+    for name in ("tenant_fail_modes", "ingest_secrets", "secret_keys"):
         if isinstance(raw.get(name), str):
             raw[name] = _parse_mapping(name, raw[name])
     if isinstance(raw.get("ingest_header_allowlist"), str):

@@ -315,14 +315,36 @@ async def top_up(request: Request) -> Response:
 
 
 class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Without ``key_hash`` or ``api_key`` a key is generated; with one of them an
+    existing key is registered (a migration from a gateway needs no key rotation)."""
+
     consumer_id: str
     tenant: str = DEFAULT_TENANT
+    key_hash: str | None = None
+    api_key: str | None = None
+
+
+def _key_hash(value: str) -> str:
+    key_hash = value.lower()
+    if len(key_hash) != _KEY_HASH_LEN or any(ch not in "0123456789abcdef" for ch in key_hash):
+        raise InvalidInput("key_hash must be 64 hex digits (SHA-256)", field="key_hash")
+    return key_hash
 
 
 async def create_key(request: Request) -> Response:
     body = await _admin_body(request)
     ask = decode_into(body, KeyRequest, consumer_id=request.path_params["consumer_id"])
     _check_target(ask.tenant, ask.consumer_id)
+    if ask.key_hash is not None and ask.api_key is not None:
+        raise InvalidInput("give key_hash or api_key, not both", field="api_key")
+    if ask.api_key is not None and not 8 <= len(ask.api_key) <= 512:
+        raise InvalidInput("api_key must be 8 to 512 characters", code="invalid_key", field="api_key")
+    if ask.key_hash is not None or ask.api_key is not None:
+        key_hash = _key_hash(ask.key_hash) if ask.key_hash is not None else hash_api_key(ask.api_key or "")
+        await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, _actor(request))
+        _record(request, "key.import", ask.tenant, ask.consumer_id, key_hash=key_hash)
+        body = {"key_hash": key_hash, "consumer_id": ask.consumer_id, "tenant": ask.tenant, "imported": True}
+        return _json(body, 201)
     raw = generate_api_key()
     key_hash = hash_api_key(raw)
     await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, _actor(request))
@@ -343,9 +365,7 @@ async def revoke_key(request: Request) -> Response:
     require_admin(request)
     tenant = _tenant(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
-    key_hash = request.path_params["key_hash"].lower()
-    if len(key_hash) != _KEY_HASH_LEN or any(ch not in "0123456789abcdef" for ch in key_hash):
-        raise InvalidInput("key_hash must be 64 hex digits (SHA-256)", field="key_hash")
+    key_hash = _key_hash(request.path_params["key_hash"])
     removed = await _catalog(request).revoke_key(tenant, consumer_id, key_hash, _actor(request))
     if not removed:
         raise NotFound("no such key on this consumer", code="key_not_found")

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
-from sidecar.http import admin, decisions, ingest, probes, usage
+from sidecar.http import admin, connections, decisions, ingest, probes, usage
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import build_store
@@ -63,6 +63,7 @@ def create_app(
         Route("/integrations/kong/ingest", ingest.kong_ingest, methods=["POST"]),
         Route("/integrations/apigee/ingest", ingest.apigee_ingest, methods=["POST"]),
         *admin.ROUTES,
+        *connections.ROUTES,
         Route("/healthz", probes.healthz, methods=["GET"]),
         Route("/readyz", probes.readyz, methods=["GET"]),
         Route("/metrics", probes.metrics_endpoint, methods=["GET"]),

@@ -23,6 +23,7 @@ ConnectionType = Literal["kong", "konnect", "apigee"]
 # walk; Apigee's Management API is polled every 5 minutes (its webhooks are the push).
 DEFAULT_INTERVALS = {"kong": 60, "konnect": 60, "apigee": 300}
 SECRET_FIELDS = ("token", "password")
+REDACTED = "<redacted>"  # what a view shows for a secret that is set
 
 
 class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -59,8 +60,8 @@ class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
             )
         for name in SECRET_FIELDS:
             value = getattr(self, name)
-            if value is not None and not 1 <= len(value) <= 4096:
-                raise InvalidInput(f"{name} must be 1 to 4096 characters", field=name)
+            if value is not None and len(value) > 4096:
+                raise InvalidInput(f"{name} must be up to 4096 characters (empty: remove it)", field=name)
         self.kong_mapping()  # refuses a bad mapping now, not at the first sync
         return self
 
@@ -68,7 +69,9 @@ class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
         return self.sync_interval_seconds or DEFAULT_INTERVALS[self.type]
 
     def secrets(self) -> dict[str, str]:
-        return {name: getattr(self, name) for name in SECRET_FIELDS if getattr(self, name) is not None}
+        """The secrets this write gives ("" removes one; a view's REDACTED keeps it)."""
+        given = {name: getattr(self, name) for name in SECRET_FIELDS}
+        return {name: value for name, value in given.items() if value is not None and value != REDACTED}
 
     def kong_mapping(self) -> KongMapping:
         if self.type not in ("kong", "konnect"):
@@ -108,6 +111,3 @@ class ConnectionView(msgspec.Struct):
     created_at: str
     updated_at: str
     last_sync: SyncResult | None = None
-
-
-REDACTED = "<redacted>"

@@ -64,6 +64,11 @@ class PostgresCatalog:
         if self._pool is not None:
             await self._pool.close()
 
+    async def ledger(self) -> Ledger:
+        """The ledger over this catalog's pool (TruthUnavailable when Postgres is away)."""
+        with _truth():
+            return await self._ledger()
+
     async def _ledger(self) -> Ledger:
         async with self._opening:
             if self._pool is None:

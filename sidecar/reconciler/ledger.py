@@ -228,12 +228,19 @@ class Ledger:
             )
             if exists is None:
                 raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
-            await conn.execute(
-                "INSERT INTO api_keys (tenant, key_hash, consumer_id) VALUES ($1, $2, $3)",
+            # Registered again to its own consumer: kept (and restored if it was revoked,
+            # an imported key back in the gateway); another consumer's: refused.
+            owner = await conn.fetchval(
+                """INSERT INTO api_keys (tenant, key_hash, consumer_id) VALUES ($1, $2, $3)
+                   ON CONFLICT (tenant, key_hash) DO UPDATE SET revoked_at = NULL
+                   WHERE api_keys.consumer_id = EXCLUDED.consumer_id
+                   RETURNING consumer_id""",
                 tenant,
                 key_hash,
                 consumer_id,
             )
+            if owner is None:
+                raise Conflict("this key is registered to another consumer", code="key_in_use")
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
         async with self._change(actor) as conn:

@@ -102,7 +102,7 @@ class Store(Protocol):
 
     async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
         """Register an API key hash to a consumer (``created_ms``: when; 0 unknown);
-        NotFound if unknown."""
+        NotFound if unknown; Conflict ``key_in_use`` if another consumer holds it."""
         ...
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:

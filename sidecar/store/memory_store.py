@@ -346,6 +346,9 @@ class MemoryStore:
 
     async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
         keys = self._existing(tenant, consumer_id).key_hashes
+        owner = self._keys.get((tenant, key_hash))
+        if owner is not None and owner != consumer_id:
+            raise Conflict("this key is registered to another consumer", code="key_in_use")
         keys.setdefault(key_hash, created_ms or None)
         self._keys[(tenant, key_hash)] = consumer_id
 

@@ -584,7 +584,13 @@ class RedisStore:
         index = self.keys.api_key(tenant, key_hash)
         client = await self._client()
         with _guard():
-            await client.set(index, consumer_id)
+            previous = await client.set(index, consumer_id, nx=True, get=True)
+            if previous is not None and previous.decode() != consumer_id:
+                # Another consumer's, unless that entry is stale (its consumer no longer
+                # holds the key): the consumer hash is the authority, as for decisions.
+                if await client.hexists(self.keys.consumer(tenant, previous.decode()), f"k:{key_hash}"):
+                    raise Conflict("this key is registered to another consumer", code="key_in_use")
+                await client.set(index, consumer_id)
         done = await self._run(
             self._key, [self.keys.consumer(tenant, consumer_id)], ["add", key_hash, created_ms or 1]
         )

@@ -1,0 +1,271 @@
+"""Gateway connections and the Kong catalog import, end to end: a sidecar backed by real
+Postgres and Redis, a stub of Kong's Admin API as a real process (tests/stubs/), secrets
+sealed at rest, preview and apply, revocation of what left the gateway, and a walk that
+fails part way applying nothing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from sidecar.core.api_keys import hash_api_key
+from sidecar.integrations.secret_box import new_key
+from tests.conftest import ADMIN, seed
+from tests.kong.harness import fresh_minute
+from tests.stubs import StubServer
+from tests.test_kong_import import kong_catalog
+from tests.test_postgres import stack
+
+pytestmark = pytest.mark.slow
+KEYS = {"k1": new_key()}
+TOKEN = "kong-admin-token-0123456789"
+
+
+@pytest.fixture
+def kong() -> Iterator[StubServer]:
+    server = StubServer("kong_admin")
+    server.faults(token=TOKEN)
+    yield server
+    server.stop()
+
+
+async def _put(http: httpx.AsyncClient, kong: StubServer, **fields) -> httpx.Response:
+    body = {"type": "kong", "base_url": kong.url, "token": TOKEN, **fields}
+    return await http.put("/v1/admin/connections/kong-prod", json=body, headers=ADMIN)
+
+
+async def _preview(http: httpx.AsyncClient) -> dict:
+    response = await http.post("/v1/admin/connections/kong-prod/preview", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def _apply(http: httpx.AsyncClient, token: str) -> httpx.Response:
+    return await http.post("/v1/admin/connections/kong-prod/apply", json={"token": token}, headers=ADMIN)
+
+
+async def test_a_connection_never_shows_stores_or_logs_its_secret_in_plain_text(
+    migrated_database, redis_url, prefix, kong, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        created = await _put(s.http, kong, workspace=None)
+        assert created.status_code == 201, created.text
+        view = created.json()
+        assert (view["token"], view["secret_key_id"], view["sync_interval_seconds"]) == (
+            "<redacted>",
+            "k1",
+            60,
+        )
+        fetched = await s.http.get("/v1/admin/connections/kong-prod", headers=ADMIN)
+        listed = await s.http.get("/v1/admin/connections", headers=ADMIN)
+        assert fetched.json() == view and listed.json()["items"] == [view]
+        stored = await s.db.fetch("SELECT row_to_json(t)::text AS row FROM connections t")
+        sealed = await s.db.fetch("SELECT row_to_json(t)::text AS row FROM connection_secrets t")
+        audit = await s.db.fetch("SELECT row_to_json(t)::text AS row FROM audit_log t")
+        everything = [r["row"] for r in stored + sealed + audit] + [fetched.text, listed.text, caplog.text]
+        assert not any(TOKEN in text for text in everything)
+        assert sealed[0]["row"].count("v1.k1.") == 1
+        # A write without the secret keeps it (the connection still reads Kong).
+        assert (await _put(s.http, kong, token=None, sync_interval_seconds=120)).status_code == 200
+        test = await s.http.post("/v1/admin/connections/kong-prod/test", headers=ADMIN)
+        assert test.json()["ok"] is True
+        # An empty secret removes it: Kong now refuses the connection.
+        removed = await _put(s.http, kong, token="")
+        assert removed.json()["token"] is None
+        test = await s.http.post("/v1/admin/connections/kong-prod/test", headers=ADMIN)
+        assert (test.json()["ok"], test.json()["error"]) == (False, "unauthorized")
+        deleted = await s.http.delete("/v1/admin/connections/kong-prod", headers=ADMIN)
+        assert deleted.json()["deleted"] is True
+        assert await s.db.fetchval("SELECT count(*) FROM connection_secrets") == 0
+        gone = await s.http.get("/v1/admin/connections/kong-prod", headers=ADMIN)
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "connection_not_found")
+
+
+async def test_a_secret_without_secret_keys_is_refused_and_nothing_is_stored(
+    migrated_database, redis_url, prefix, kong
+):
+    async with stack(migrated_database, redis_url, prefix) as s:
+        response = await _put(s.http, kong)
+        assert (response.status_code, response.json()["error"]["code"]) == (501, "secret_keys_required")
+        assert await s.db.fetchval("SELECT count(*) FROM connections") == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"type": "kong", "base_url": "ftp://kong"}, "base_url"),
+        ({"type": "gloo", "base_url": "http://kong"}, "type"),
+        ({"type": "konnect", "base_url": "https://us.api.konghq.com"}, "control_plane_id"),
+        ({"type": "apigee", "base_url": "https://apigee.googleapis.com"}, "organization"),
+        ({"type": "kong", "base_url": "http://kong", "mapping": {"consumer_field": "email"}}, "mapping"),
+        ({"type": "kong", "base_url": "http://kong", "sync_interval_seconds": 1}, "sync_interval_seconds"),
+        ({"type": "kong", "base_url": "http://kong", "password_hint": "x"}, None),
+    ],
+)
+async def test_a_bad_connection_is_a_400_naming_its_field(migrated_database, redis_url, prefix, body, field):
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        response = await s.http.put("/v1/admin/connections/c1", json=body, headers=ADMIN)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"].get("field") == field or field is None
+        assert await s.db.fetchval("SELECT count(*) FROM connections") == 0
+
+
+async def test_connection_test_counts_kong_or_names_the_failure(migrated_database, redis_url, prefix, kong):
+    kong.state(**kong_catalog())
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong)
+        ok = await s.http.post("/v1/admin/connections/kong-prod/test", headers=ADMIN)
+        assert ok.json() == {"ok": True, "counts": {"consumers": 250, "consumer_groups": 3, "services": 1}}
+        await _put(s.http, kong, token="not-the-token")
+        refused = await s.http.post("/v1/admin/connections/kong-prod/test", headers=ADMIN)
+        assert (refused.json()["ok"], refused.json()["error"]) == (False, "unauthorized")
+        await _put(s.http, kong, base_url="http://127.0.0.1:9")
+        down = await s.http.post("/v1/admin/connections/kong-prod/test", headers=ADMIN)
+        assert (down.json()["ok"], down.json()["error"]) == (False, "unreachable")
+
+
+async def test_kong_is_imported_as_previewed_then_a_second_apply_changes_nothing(
+    migrated_database, redis_url, prefix, kong
+):
+    kong.state(**kong_catalog())
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong)
+        preview = await _preview(s.http)
+        assert preview["counts"] == {"plan.add": 3, "consumer.add": 250, "key.add": 250}
+        applied = await _apply(s.http, preview["token"])
+        assert applied.status_code == 200, applied.text
+        assert applied.json()["counts"] == preview["counts"]
+        assert await s.db.fetchval("SELECT count(*) FROM consumers") == 250
+        actors = {r["actor"] for r in await s.db.fetch("SELECT DISTINCT actor FROM audit_log")}
+        assert "connection:kong-prod" in actors
+
+        # c-0000 is in gold: rate-limiting-advanced 100 per 60 s, so its 101st call is a 429.
+        for consumer_id in ("c-0000", "c-0001"):  # prepaid, priced by the group's tag
+            topup = {"amount": 1_000_000}
+            await s.http.post(f"/v1/admin/consumers/{consumer_id}/topup", json=topup, headers=ADMIN)
+        fresh_minute()
+        reasons = [(await s.decide("c-0000"))["reason"] for _ in range(101)]
+        assert reasons.count("ok") == 100 and reasons[-1] == "quota_exceeded"
+        # Its Kong key works as it is: no rotation.
+        by_key = await s.http.post("/v1/authorize", json={"api_key": "key-0001-secret", "product": "api"})
+        assert (by_key.json()["allow"], by_key.json()["consumer_id"]) == (True, "c-0001")
+
+        again = await _preview(s.http)
+        assert again["counts"] == {} and again["changes"] == []
+        assert (await _apply(s.http, again["token"])).json()["counts"] == {}
+        view = (await s.http.get("/v1/admin/connections/kong-prod", headers=ADMIN)).json()
+        assert view["last_sync"]["ok"] is True
+
+
+async def test_what_leaves_kong_is_revoked_and_its_billing_history_stays(
+    migrated_database, redis_url, prefix, kong
+):
+    catalog = kong_catalog(6)
+    kong.state(**catalog)
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await seed(s.http, plan_id="by-hand", consumer_id="hand-made")  # never Kong's
+        await _put(s.http, kong)
+        assert (await _apply(s.http, (await _preview(s.http))["token"])).status_code == 200
+        await s.http.post("/v1/admin/consumers/c-0003/topup", json={"amount": 5_000_000}, headers=ADMIN)
+        assert (await s.decide("c-0003"))["allow"]
+
+        catalog["consumers"] = [c for c in catalog["consumers"] if c["id"] != "c-0003"]
+        catalog["key_auths"] = [k for k in catalog["key_auths"] if k["consumer"]["id"] != "c-0003"]
+        catalog["key_auths"].append({"id": "k-new", "key": "key-0002-rotated", "consumer": {"id": "c-0002"}})
+        kong.state(**catalog)
+        preview = await _preview(s.http)
+        assert preview["counts"] == {"consumer.revoke": 1, "key.add": 1}
+        assert (await _apply(s.http, preview["token"])).status_code == 200
+        assert (await s.decide("c-0003"))["reason"] == "revoked"
+        assert (await s.decide("hand-made"))["allow"]
+        wallet = await s.db.fetchval("SELECT balance FROM wallets WHERE consumer_id = 'c-0003'")
+        assert wallet == 5_000_000
+        assert await s.db.fetchval("SELECT count(*) FROM consumers WHERE id = 'c-0003'") == 1
+        rotated = await s.http.post("/v1/authorize", json={"api_key": "key-0002-rotated", "product": "api"})
+        assert rotated.json()["consumer_id"] == "c-0002"
+
+
+async def test_a_walk_that_fails_part_way_applies_nothing_and_shows_in_last_sync(
+    migrated_database, redis_url, prefix, kong
+):
+    kong.state(**kong_catalog(1200))  # two pages of consumers at Kong's 1000
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong)
+        preview = await _preview(s.http)
+        kong.faults(token=TOKEN, faults=[{"path": "/consumers", "page": 2, "status": 500, "times": 1000}])
+        failed = await _apply(s.http, preview["token"])
+        assert (failed.status_code, failed.json()["error"]["code"]) == (502, "gateway_gateway_error")
+        assert await s.db.fetchval("SELECT count(*) FROM consumers") == 0
+        assert await s.db.fetchval("SELECT count(*) FROM plans") == 0
+        view = (await s.http.get("/v1/admin/connections/kong-prod", headers=ADMIN)).json()
+        assert (view["last_sync"]["ok"], view["last_sync"]["error"]) == (False, "gateway_error")
+
+
+async def test_an_apply_after_the_gateway_moved_is_a_409_and_changes_nothing(
+    migrated_database, redis_url, prefix, kong
+):
+    catalog = kong_catalog(3)
+    kong.state(**catalog)
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong)
+        preview = await _preview(s.http)
+        catalog["plugins"][1]["config"]["minute"] = 75
+        kong.state(**catalog)
+        stale = await _apply(s.http, preview["token"])
+        assert (stale.status_code, stale.json()["error"]["code"]) == (409, "catalog_changed")
+        assert await s.db.fetchval("SELECT count(*) FROM plans") == 0
+
+
+async def test_connections_need_postgres(client):
+    response = await client.get("/v1/admin/connections", headers=ADMIN)
+    assert (response.status_code, response.json()["error"]["code"]) == (501, "postgres_required")
+
+
+# --- registering an existing key ---------------------------------------------------------
+
+
+async def test_an_existing_key_is_registered_by_hash_or_raw_and_never_moved(client):
+    await seed(client, plan_id="p", consumer_id="a")
+    await seed(client, plan_id="p", consumer_id="b")
+    raw = "legacy-key-0123456789"
+    by_raw = await client.post("/v1/admin/consumers/a/keys", json={"api_key": raw}, headers=ADMIN)
+    assert by_raw.status_code == 201, by_raw.text
+    assert by_raw.json() == {
+        "key_hash": hash_api_key(raw),
+        "consumer_id": "a",
+        "tenant": "default",
+        "imported": True,
+    }
+    assert raw not in by_raw.text
+    decision = await client.post("/v1/authorize", json={"api_key": raw, "product": "api"})
+    assert (decision.json()["allow"], decision.json()["consumer_id"]) == (True, "a")
+    other = hash_api_key("another-legacy-key")
+    by_hash = await client.post("/v1/admin/consumers/b/keys", json={"key_hash": other.upper()}, headers=ADMIN)
+    assert by_hash.json()["key_hash"] == other
+    again = await client.post("/v1/admin/consumers/a/keys", json={"api_key": raw}, headers=ADMIN)
+    assert again.status_code == 201  # its own key again: kept
+    taken = await client.post("/v1/admin/consumers/b/keys", json={"api_key": raw}, headers=ADMIN)
+    assert (taken.status_code, taken.json()["error"]["code"]) == (409, "key_in_use")
+    still = await client.post("/v1/authorize", json={"api_key": raw, "product": "api"})
+    assert still.json()["consumer_id"] == "a"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"key_hash": "abc"}, "key_hash"),
+        ({"key_hash": "g" * 64}, "key_hash"),
+        ({"api_key": "short"}, "api_key"),
+        ({"api_key": "long-enough-key", "key_hash": "a" * 64}, "api_key"),
+    ],
+)
+async def test_a_bad_key_to_register_is_a_400(client, body, field):
+    await seed(client, plan_id="p", consumer_id="a")
+    response = await client.post("/v1/admin/consumers/a/keys", json=body, headers=ADMIN)
+    assert (response.status_code, response.json()["error"]["field"]) == (400, field)
+    keys = await client.get("/v1/admin/consumers/a/keys", headers=ADMIN)
+    assert keys.json()["keys"] == []
