@@ -12,8 +12,10 @@ import httpx
 import pytest
 
 from sidecar.core.api_keys import hash_api_key
-from sidecar.integrations.secret_box import new_key
-from tests.conftest import ADMIN, seed
+from sidecar.integrations import sync_loop
+from sidecar.integrations.connection_store import ConnectionStore
+from sidecar.integrations.secret_box import SecretBox, new_key
+from tests.conftest import ADMIN, seed, until
 from tests.kong.harness import fresh_minute
 from tests.stubs import StubServer
 from tests.test_kong_import import kong_catalog
@@ -269,3 +271,104 @@ async def test_a_bad_key_to_register_is_a_400(client, body, field):
     assert (response.status_code, response.json()["error"]["field"]) == (400, field)
     keys = await client.get("/v1/admin/consumers/a/keys", headers=ADMIN)
     assert keys.json()["keys"] == []
+
+
+# --- periodic sync and native enforcement ---------------------------------------------
+
+
+async def test_the_periodic_sync_applies_what_changed_in_kong_once_imported(
+    migrated_database, redis_url, prefix, kong
+):
+    catalog = kong_catalog(6)
+    kong.state(**catalog)
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong, sync_interval_seconds=10)
+        catalog_of = s.http._transport.app.state.catalog  # type: ignore[attr-defined]
+        ledger = await catalog_of.ledger()
+        store = ConnectionStore(ledger.pool, SecretBox(KEYS))
+        assert await sync_loop.sync_due(store, ledger, catalog_of) == 0  # never applied: waits for a preview
+        assert (await _apply(s.http, (await _preview(s.http))["token"])).status_code == 200
+        assert await sync_loop.sync_due(store, ledger, catalog_of) == 0  # not due yet
+
+        catalog["consumers"] = [c for c in catalog["consumers"] if c["id"] != "c-0005"]
+        catalog["plugins"][1]["config"]["minute"] = 75  # silver
+        kong.state(**catalog)
+        await s.db.execute(
+            "UPDATE connections SET last_sync = jsonb_set(last_sync, '{at}', to_jsonb($1::text))",
+            "2026-01-01T00:00:00+00:00",
+        )
+        assert await sync_loop.sync_due(store, ledger, catalog_of) == 1
+        assert (await s.decide("c-0005"))["reason"] == "revoked"
+        plan = (await s.http.get("/v1/admin/plans/silver", headers=ADMIN)).json()
+        assert plan["windows"] == {"minute": 75}
+
+        # A failing walk applies nothing and is recorded; the next round tries again.
+        kong.faults(token=TOKEN, faults=[{"path": "/consumers", "page": 1, "status": 503, "times": 1000}])
+        await s.db.execute(
+            "UPDATE connections SET last_sync = jsonb_set(last_sync, '{at}', to_jsonb($1::text))",
+            "2026-01-01T00:00:00+00:00",
+        )
+        assert await sync_loop.sync_due(store, ledger, catalog_of) == 1
+        view = (await s.http.get("/v1/admin/connections/kong-prod", headers=ADMIN)).json()
+        assert (view["last_sync"]["ok"], view["last_sync"]["error"]) == (False, "gateway_error")
+
+
+async def test_the_reconciler_runs_the_periodic_sync(migrated_database, redis_url, prefix, kong, reconciler):
+    catalog = kong_catalog(3)
+    kong.state(**catalog)
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong, sync_interval_seconds=10)
+        assert (await _apply(s.http, (await _preview(s.http))["token"])).status_code == 200
+        catalog["consumers"] = catalog["consumers"][:2]
+        kong.state(**catalog)
+        reconciler(
+            migrated_database,
+            redis_url,
+            prefix,
+            AFORO_SECRET_KEYS=",".join(f"{k}={v}" for k, v in KEYS.items()),
+        )
+
+        async def revoked() -> bool:
+            return (await s.decide("c-0002"))["reason"] == "revoked"
+
+        await until(revoked, 30, "the periodic sync to revoke what left Kong")
+
+
+async def test_enforce_groups_pushes_a_plan_s_limits_once(migrated_database, redis_url, prefix, kong):
+    kong.state(**kong_catalog(3))
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong)
+        await s.http.put("/v1/admin/plans/pro", json={"windows": {"minute": 30, "day": 1000}}, headers=ADMIN)
+        body = {"connection_id": "kong-prod", "group": "silver", "plan_id": "pro"}
+        first = await s.http.post("/integrations/kong/enforce/groups", json=body, headers=ADMIN)
+        assert first.status_code == 200, first.text
+        assert first.json() == {"group": "silver", "config": {"day": 1000, "minute": 30}, "result": "updated"}
+        again = await s.http.post("/integrations/kong/enforce/groups", json=body, headers=ADMIN)
+        assert again.json()["result"] == "unchanged"
+        fresh = {"connection_id": "kong-prod", "group": "g-gold", "limits": {"hour": 500}}
+        created = await s.http.post("/integrations/kong/enforce/groups", json=fresh, headers=ADMIN)
+        assert created.json()["result"] == "created"  # gold had only rate-limiting-advanced
+        writes = [(c["method"], c["path"], c["body"]) for c in kong.calls() if c["method"] != "GET"]
+        assert writes == [
+            (
+                "PATCH",
+                "/consumer_groups/g-silver/plugins/p-silver",
+                {"config": {"minute": 30, "hour": None, "day": 1000, "month": None}},
+            ),
+            (
+                "POST",
+                "/consumer_groups/g-gold/plugins",
+                {
+                    "name": "rate-limiting",
+                    "config": {"minute": None, "hour": 500, "day": None, "month": None},
+                },
+            ),
+        ]
+        pushes = await s.db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'kong.enforce_group'")
+        assert pushes == 2
+        week = {"connection_id": "kong-prod", "group": "silver", "limits": {"week": 5}}
+        refused = await s.http.post("/integrations/kong/enforce/groups", json=week, headers=ADMIN)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "unknown_window")
+        missing = {"connection_id": "kong-prod", "group": "platinum", "limits": {"day": 5}}
+        absent = await s.http.post("/integrations/kong/enforce/groups", json=missing, headers=ADMIN)
+        assert (absent.status_code, absent.json()["error"]["code"]) == (502, "gateway_not_found")

@@ -32,7 +32,7 @@ class ApplyRequest(msgspec.Struct, forbid_unknown_fields=True):
     tenant: str | None = None
 
 
-async def _postgres(request: Request) -> tuple[PostgresCatalog, ConnectionStore]:
+async def postgres(request: Request) -> tuple[PostgresCatalog, ConnectionStore]:
     catalog = request.app.state.catalog
     if not isinstance(catalog, PostgresCatalog):
         raise ApiError(501, "postgres_required", "connections are kept in Postgres: set AFORO_DATABASE_URL")
@@ -46,7 +46,7 @@ def _connection_id(request: Request) -> str:
     return check_id(request.path_params["connection_id"], CONNECTION_ID_RE, "connection_id")
 
 
-async def _guarded(work: Any) -> Any:
+async def guarded(work: Any) -> Any:
     """The errors of connection work, as API errors."""
     try:
         return await work
@@ -64,8 +64,8 @@ async def put_connection(request: Request) -> Response:
     body = await _admin_body(request)
     connection_id = _connection_id(request)
     spec = decode_into(body, ConnectionSpec).validated()
-    _, store = await _postgres(request)
-    view, created = await _guarded(store.put(connection_id, spec, _actor(request)))
+    _, store = await postgres(request)
+    view, created = await guarded(store.put(connection_id, spec, _actor(request)))
     _record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
     return _json(view, 201 if created else 200)
 
@@ -73,7 +73,7 @@ async def put_connection(request: Request) -> Response:
 async def get_connection(request: Request) -> Response:
     require_admin(request)
     connection_id = _connection_id(request)
-    _, store = await _postgres(request)
+    _, store = await postgres(request)
     view = await store.get(_tenant(request), connection_id)
     if view is None:
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
@@ -82,14 +82,14 @@ async def get_connection(request: Request) -> Response:
 
 async def list_connections(request: Request) -> Response:
     require_admin(request)
-    _, store = await _postgres(request)
+    _, store = await postgres(request)
     return _json({"items": await store.list(_tenant(request))})
 
 
 async def delete_connection(request: Request) -> Response:
     require_admin(request)
     tenant, connection_id = _tenant(request), _connection_id(request)
-    _, store = await _postgres(request)
+    _, store = await postgres(request)
     if not await store.delete(tenant, connection_id, _actor(request)):
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
     _record(request, "connection.delete", tenant, connection_id)
@@ -99,10 +99,10 @@ async def delete_connection(request: Request) -> Response:
 async def check_connection(request: Request) -> Response:
     require_admin(request)
     tenant, connection_id = _tenant(request), _connection_id(request)
-    _, store = await _postgres(request)
+    _, store = await postgres(request)
     try:
         async with asyncio.timeout(TEST_BUDGET_S):
-            answer = await _guarded(catalog_import.check_connection(store, tenant, connection_id))
+            answer = await guarded(catalog_import.check_connection(store, tenant, connection_id))
     except TimeoutError:
         answer = {"ok": False, "error": "timeout", "message": f"no answer within {TEST_BUDGET_S:g} s"}
     return _json(answer)
@@ -111,9 +111,9 @@ async def check_connection(request: Request) -> Response:
 async def preview_import(request: Request) -> Response:
     require_admin(request)
     tenant, connection_id = _tenant(request), _connection_id(request)
-    catalog, store = await _postgres(request)
+    catalog, store = await postgres(request)
     ledger = await catalog.ledger()
-    return _json(await _guarded(catalog_import.preview(store, ledger, tenant, connection_id)))
+    return _json(await guarded(catalog_import.preview(store, ledger, tenant, connection_id)))
 
 
 async def apply_import(request: Request) -> Response:
@@ -123,9 +123,9 @@ async def apply_import(request: Request) -> Response:
     connection_id = _connection_id(request)
     if not ask.token:
         raise InvalidInput("token is required: the token of the preview to apply", field="token")
-    catalog, store = await _postgres(request)
+    catalog, store = await postgres(request)
     ledger = await catalog.ledger()
-    applied = await _guarded(catalog_import.apply(store, ledger, catalog, tenant, connection_id, ask.token))
+    applied = await guarded(catalog_import.apply(store, ledger, catalog, tenant, connection_id, ask.token))
     _record(request, "connection.apply", tenant, connection_id, **applied.counts)
     return _json(applied)
 

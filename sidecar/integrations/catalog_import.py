@@ -34,16 +34,9 @@ class NotSupported(Exception):
     """The connection's gateway type has no importer yet."""
 
 
-class Preview(msgspec.Struct):
-    connection_id: str
-    tenant: str
-    token: str
-    counts: dict[str, int]
-    changes: list[Change]
-    skipped: list[Skipped]
+class ImportResult(msgspec.Struct):
+    """A preview (what an apply with ``token`` will write) or an apply (what it wrote)."""
 
-
-class Applied(msgspec.Struct):
     connection_id: str
     tenant: str
     token: str
@@ -82,10 +75,10 @@ async def _plan(
     return spec, mapped, diff(mapped.catalog, await current_catalog(ledger, tenant), owned, spec.removal)
 
 
-async def preview(store: ConnectionStore, ledger: Ledger, tenant: str, connection_id: str) -> Preview:
+async def preview(store: ConnectionStore, ledger: Ledger, tenant: str, connection_id: str) -> ImportResult:
     _, mapped, planned = await _plan(store, ledger, tenant, connection_id)
     changes = list(planned.changes)
-    return Preview(connection_id, tenant, planned.token, planned.counts(), changes, mapped.skipped)
+    return ImportResult(connection_id, tenant, planned.token, planned.counts(), changes, mapped.skipped)
 
 
 async def apply(
@@ -95,7 +88,7 @@ async def apply(
     tenant: str,
     connection_id: str,
     token: str | None,
-) -> Applied:
+) -> ImportResult:
     """Apply the previewed diff (``token``; None applies whatever the diff is now: the
     periodic sync). The actor of every write is the connection."""
     try:
@@ -120,7 +113,7 @@ async def apply(
     await store.own(tenant, connection_id, "plan", set(desired.plans))
     counts = planned.counts()
     await store.record_sync(tenant, connection_id, _result(True, counts, None))
-    return Applied(connection_id, tenant, planned.token, counts, list(planned.changes), skipped)
+    return ImportResult(connection_id, tenant, planned.token, counts, list(planned.changes), skipped)
 
 
 async def _write(catalog: PostgresCatalog, desired: Catalog, tenant: str, change: Change, actor: str) -> None:

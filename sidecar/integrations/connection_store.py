@@ -200,6 +200,15 @@ class ConnectionStore:
             await self._audit(conn, actor, "connections.delete", tenant, connection_id, before, None)
         return True
 
+    async def audit_push(
+        self, tenant: str, connection_id: str, actor: str, action: str, detail: object
+    ) -> None:
+        """An audit row for a change pushed to the gateway through this connection."""
+        async with self.pool.acquire() as conn:
+            await self._audit(
+                conn, actor, action, tenant, connection_id, None, msgspec.json.encode(detail).decode()
+            )
+
     async def record_sync(self, tenant: str, connection_id: str, result: SyncResult) -> None:
         await self.pool.execute(
             "UPDATE connections SET last_sync = $3::jsonb WHERE tenant = $1 AND id = $2",

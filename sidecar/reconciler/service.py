@@ -15,6 +15,10 @@ import asyncpg
 import msgspec
 
 from sidecar.config import Settings
+from sidecar.integrations import sync_loop
+from sidecar.integrations.connection_store import ConnectionStore
+from sidecar.integrations.secret_box import SecretBox
+from sidecar.reconciler.catalog import PostgresCatalog
 from sidecar.reconciler.drain import drain_events, drain_notices, drain_usage
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.migrations import pending
@@ -106,6 +110,9 @@ class Reconciler:
             ledger = await self._ledger(pool)
             changes: asyncio.Queue[Change] = asyncio.Queue()
             listener = await asyncpg.connect(self.settings.database_url)
+            catalog = PostgresCatalog(self.settings, self.store)
+            box = SecretBox(self.settings.secret_keys) if self.settings.secret_keys else None
+            connections = ConnectionStore(pool, box)
             try:
                 # Listen before the full sync: a change made during it is applied after.
                 await listener.add_listener(CHANNEL, lambda *args: self._notified(changes, args[3]))
@@ -116,7 +123,10 @@ class Reconciler:
                     tasks.create_task(self._apply_changes(ledger, changes, stop))
                     tasks.create_task(self._drain(ledger, stop))
                     tasks.create_task(self._resync(ledger, listener, stop))
+                    # Imports write through the admin write path, as the API does.
+                    tasks.create_task(sync_loop.run(connections, ledger, catalog, stop))
             finally:
+                await catalog.close()
                 with contextlib.suppress(Exception):
                     await listener.close(timeout=2)
 

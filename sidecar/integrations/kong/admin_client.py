@@ -33,14 +33,14 @@ class KongAdminClient:
         self._page_size = page_size
         if token:
             headers["Kong-Admin-Token"] = token
-        self._prefix = f"/{workspace}" if workspace else ""
+        self.prefix = f"/{workspace}" if workspace else ""
         self.http = GatewayHttp(base_url.rstrip("/"), headers, **http)
 
     async def walk(self, path: str) -> list[dict[str, Any]]:
         """Every object of a list endpoint, page after page to the end; a page that fails
         fails the whole walk (GatewayError), so a partial list is never returned."""
         items: list[dict[str, Any]] = []
-        url: str | None = f"{self._prefix}{path}"
+        url: str | None = f"{self.prefix}{path}"
         params: dict[str, Any] | None = {"size": self._page_size}
         for _ in range(MAX_PAGES):
             if url is None:
@@ -81,3 +81,28 @@ class KongAdminClient:
 
     async def close(self) -> None:
         await self.http.close()
+
+
+async def enforce_group(client: KongAdminClient, group: str, config: dict[str, int]) -> str:
+    """Make the consumer group's ``rate-limiting`` plugin limit exactly ``config``:
+    "created", "updated" or "unchanged" (no write at all: a repeated push is a no-op)."""
+    groups = await client.walk("/consumer_groups")
+    found = next((g for g in groups if group in (g.get("id"), g.get("name"))), None)
+    if found is None:
+        raise GatewayError("not_found", f"consumer group {group!r} is not in Kong", 404)
+    plugins = [
+        p
+        for p in await client.walk("/plugins")
+        if p.get("name") == "rate-limiting" and (p.get("consumer_group") or {}).get("id") == found["id"]
+    ]
+    path = f"{client.prefix}/consumer_groups/{found['id']}/plugins"
+    # Every window is set: one the plan does not limit is cleared (null).
+    wanted = {window: config.get(window) for window in ("minute", "hour", "day", "month")}
+    if not plugins:
+        await client.http.request("POST", path, json={"name": "rate-limiting", "config": wanted})
+        return "created"
+    current = plugins[0].get("config") or {}
+    if all(current.get(window) == limit for window, limit in wanted.items()):
+        return "unchanged"
+    await client.http.request("PATCH", f"{path}/{plugins[0]['id']}", json={"config": wanted})
+    return "updated"

@@ -206,3 +206,18 @@ def map_catalog(snapshot: KongSnapshot, mapping: KongMapping, tenant: str) -> Ma
         Catalog(plans=plans, consumers=consumers, keys={c: frozenset(k) for c, k in keys.items()}),
         skipped,
     )
+
+
+class UnsupportedWindow(ValueError):
+    """A window Kong's rate-limiting plugin has no field for."""
+
+
+def rate_limiting_config(windows: dict[str, int]) -> dict[str, int]:
+    """A plan's windows as the config of Kong's ``rate-limiting`` plugin (the inverse of
+    the import; ``week`` has no field there)."""
+    config = {}
+    for window, limit in sorted(windows.items()):
+        if window not in _RATE_LIMITING_WINDOWS:
+            raise UnsupportedWindow(f"Kong's rate-limiting plugin has no {window!r} window")
+        config[window] = limit
+    return config
