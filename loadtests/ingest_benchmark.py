@@ -89,12 +89,33 @@ async def admin(sql: str) -> None:
         await conn.close()
 
 
+ADMIN_TOKEN = "ingest-benchmark-admin-token"
+PRICE = 10_000  # micros a call: 0.01
+
+
+def catalog(base_url: str, consumers: int) -> None:
+    """A plan and the benchmark's consumers (postpaid: charged, never refused)."""
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=base_url, headers=auth, timeout=30) as http:
+        http.put(
+            "/v1/admin/plans/metered", json={"windows": {"day": 10**9}, "price": PRICE}
+        ).raise_for_status()
+        for i in range(consumers):
+            body = {"plan_id": "metered", "wallet_mode": "postpaid"}
+            http.put(f"/v1/admin/consumers/consumer-{i}", json=body).raise_for_status()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--consumers", type=int, default=500)
+    parser.add_argument(
+        "--rated",
+        action="store_true",
+        help="create the consumers first (postpaid, 0.01 a call), so every event is counted and charged",
+    )
     args = parser.parse_args()
 
     database = f"aforo_ingest_bench_{uuid.uuid4().hex[:8]}"
@@ -112,6 +133,7 @@ def main() -> int:
             "AFORO_GRPC_PORT": "0",
             "AFORO_DECISION_PORT": "0",
             "AFORO_LOG_LEVEL": "warning",
+            "AFORO_ADMIN_TOKEN": ADMIN_TOKEN,
         }
     )
     cli = [sys.executable, "-m", "sidecar.cli"]
@@ -125,6 +147,8 @@ def main() -> int:
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
+        if args.rated:
+            catalog(f"http://127.0.0.1:{port}", args.consumers)
         bodies = batches(args.events, args.batch, args.consumers)
         url = f"http://127.0.0.1:{port}/integrations/kong/ingest"
         elapsed, accepted, retried = asyncio.run(post_all(url, bodies, args.clients))
@@ -134,8 +158,11 @@ def main() -> int:
         print(f"ingested {accepted} events in {elapsed:.2f}s: {accepted / elapsed:,.0f} events/s ({setup})")
         started = time.perf_counter()
         drained = subprocess.run(
-            [*cli, "reconcile", "--once"], env=env, check=True, capture_output=True, text=True
+            [*cli, "reconcile", "--once"], env=env, check=False, capture_output=True, text=True
         )
+        if drained.returncode != 0:
+            print(f"reconcile --once failed ({drained.returncode}):\n{drained.stderr}", file=sys.stderr)
+            return 1
         print(f"reconciler drained in {time.perf_counter() - started:.1f}s: {drained.stdout.strip()}")
 
         async def count() -> int:
@@ -148,6 +175,26 @@ def main() -> int:
         rows = asyncio.run(count())
         verdict = "zero loss" if rows == args.events == accepted else "MISMATCH"
         print(f"postgres gateway_events rows: {rows} of {args.events} sent: {verdict}")
+        if args.rated:
+
+            async def charged() -> tuple[int, int, int]:
+                conn = await asyncpg.connect(database_url)
+                try:
+                    usage = await conn.fetchrow(
+                        "SELECT count(*) AS n, coalesce(sum(cost), 0)::bigint AS cost FROM usage_records"
+                    )
+                    balance = await conn.fetchval("SELECT coalesce(sum(balance), 0)::bigint FROM wallets")
+                    return usage["n"], usage["cost"], balance
+                finally:
+                    await conn.close()
+
+            records, cost, balance = asyncio.run(charged())
+            exact = records == args.events and cost == -balance == args.events * PRICE
+            verdict = verdict if exact else "MISMATCH"
+            print(
+                f"rated: {records} usage records, {cost} micros charged, wallets {balance}: "
+                f"{'exact' if exact else 'MISMATCH'}"
+            )
         return 0 if verdict == "zero loss" else 1
     finally:
         if sidecar is not None:

@@ -13,6 +13,7 @@ import pytest
 
 from sidecar.authorizer import now_ms
 from sidecar.store.base import Store
+from sidecar.store.redis_store import RedisStore
 from tests.conftest import ADMIN, seed
 from tests.test_api import assert_error, assert_no_consumer, redis_keys
 
@@ -177,3 +178,23 @@ async def test_a_plan_is_deleted_only_once_no_consumer_is_bound(
     response = await client.put("/v1/admin/consumers/c2", json={"plan_id": "gold"}, headers=ADMIN)
     assert_error(response, 404, "plan_not_found")
     await assert_no_consumer(store, "c2")
+
+
+async def test_a_tenant_larger_than_the_connection_pool_is_listed_and_pruned(client, store):
+    """Listing and pruning read one key per consumer: never one pooled connection each
+    (redis-py refuses past its cap of 256 instead of waiting)."""
+    await _put(client, "/v1/admin/plans/p", {"windows": {"day": 10}})
+    gate = asyncio.Semaphore(32)
+
+    async def put(i: int) -> None:
+        async with gate:
+            await _put(client, f"/v1/admin/consumers/c{i:03d}", {"plan_id": "p"})
+
+    await asyncio.gather(*(put(i) for i in range(300)))
+    items = await _all_pages(client, "/v1/admin/consumers", limit=1000)
+    assert len(items) == 300
+    plans = await _all_pages(client, "/v1/admin/plans", limit=1000)
+    assert [p["id"] for p in plans] == ["p"]
+    if isinstance(store, RedisStore):
+        assert await store.prune("default") == 0
+        assert len(await store.scan_key_index()) == 0

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from importlib import resources
+from typing import TypeVar
 
 import msgspec
 import redis.exceptions as redis_errors
@@ -66,6 +67,9 @@ _PARTS_CACHE = 50_000
 _event_encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(UsageEvent)
 _LIMIT_FIELDS = tuple(f"l_{w.value}" for w in WINDOWS)
+_PIPELINE_BATCH = 1_000  # commands per pipeline when reading many keys at once
+_POOL_SHARE = 32  # pooled connections one listing may hold at once
+T = TypeVar("T")
 # bind.lua ARGV 12-17 that leave a consumer's own fields as they are.
 _KEEP_CONSUMER = ("", "", "", "", "", "")
 
@@ -117,6 +121,18 @@ def _usage_record(f: dict[bytes, bytes]) -> UsageRecord:
         cost=int(f[b"cost"]),
         hits=int(f[b"hits"]),
     )
+
+
+async def _bounded_gather(work: list[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather`` with at most _POOL_SHARE in flight: each takes a pooled
+    connection, and redis-py refuses past the pool's cap instead of waiting."""
+    gate = asyncio.Semaphore(_POOL_SHARE)
+
+    async def one(step: Awaitable[T]) -> T:
+        async with gate:
+            return await step
+
+    return await asyncio.gather(*(one(step) for step in work))
 
 
 def _now_ms() -> int:
@@ -616,7 +632,7 @@ class RedisStore:
             ids = await client.zrangebylex(
                 self.keys.plans_index(tenant), f"({after}" if after else "-", "+", 0, limit + 1
             )
-            found = await asyncio.gather(*(self._read_plan(tenant, i.decode()) for i in ids[:limit]))
+            found = await _bounded_gather([self._read_plan(tenant, i.decode()) for i in ids[:limit]])
         plans = [plan for plan, _ in filter(None, found)]
         return plans, (ids[limit - 1].decode() if len(ids) > limit else None)
 
@@ -638,7 +654,7 @@ class RedisStore:
         while True:
             with _guard():
                 ids = await client.zrangebylex(index, f"({cursor}" if cursor else "-", "+", 0, limit)
-                found = await asyncio.gather(*(self._view(tenant, i.decode(), now_ms) for i in ids))
+                found = await _bounded_gather([self._view(tenant, i.decode(), now_ms) for i in ids])
             for consumer_id, view in zip(ids, found, strict=True):
                 cursor = consumer_id.decode()
                 if (
@@ -868,10 +884,9 @@ class RedisStore:
     async def scan_key_index(self) -> list[tuple[str, str, str]]:
         """(tenant, key hash, owner) of every API key index entry (full sync)."""
         names = await self._scan(f"{self.keys.prefix}key:*", "string")
-        client = await self._client()
         entries = []
         with _guard():
-            owners = await asyncio.gather(*(client.get(self.keys.prefix + n) for n in names))
+            owners = await self._pipelined("GET", [self.keys.prefix + n for n in names])
         for name, owner in zip(names, owners, strict=True):
             tenant, _, key_hash = name[len("key:") :].partition(":")
             if owner is not None:
@@ -896,7 +911,7 @@ class RedisStore:
         removed = 0
         with _guard():
             plan_ids = [m.decode() for m in await client.zrange(self.keys.plans_index(tenant), 0, -1)]
-            plan_found = await asyncio.gather(*(client.exists(self.keys.plan(tenant, p)) for p in plan_ids))
+            plan_found = await self._pipelined("EXISTS", [self.keys.plan(tenant, p) for p in plan_ids])
             gone = [p for p, n in zip(plan_ids, plan_found, strict=True) if not n]
             if gone:
                 removed += await client.zrem(self.keys.plans_index(tenant), *gone)
@@ -918,11 +933,21 @@ class RedisStore:
 
     async def _plans_of(self, tenant: str, consumer_ids: list[str]) -> dict[str, str]:
         """The plan each of these consumers is bound to in Redis (absent: no consumer)."""
-        client = await self._client()
-        plans = await asyncio.gather(
-            *(client.hget(self.keys.consumer(tenant, c), "plan") for c in consumer_ids)
-        )
+        plans = await self._pipelined("HGET", [self.keys.consumer(tenant, c) for c in consumer_ids], "plan")
         return {c: p.decode() for c, p in zip(consumer_ids, plans, strict=True) if p is not None}
+
+    async def _pipelined(self, command: str, keys: list[str], *args: str) -> list[object]:
+        """``command key *args`` for each key, in pipelines of _PIPELINE_BATCH: a tenant
+        of any size costs a few round trips and never more pool connections than one
+        (a gather of single commands would take a connection each, past the pool's cap)."""
+        client = await self._client()
+        replies: list[object] = []
+        for start in range(0, len(keys), _PIPELINE_BATCH):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[start : start + _PIPELINE_BATCH]:
+                pipe.execute_command(command, key, *args)
+            replies += await pipe.execute()
+        return replies
 
     async def read_usage(self, tenant: str, consumer_id: str, count: int) -> list[tuple[str, UsageRecord]]:
         """The oldest ``count`` usage records with their stream ids."""
