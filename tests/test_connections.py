@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -372,3 +373,39 @@ async def test_enforce_groups_pushes_a_plan_s_limits_once(migrated_database, red
         missing = {"connection_id": "kong-prod", "group": "platinum", "limits": {"day": 5}}
         absent = await s.http.post("/integrations/kong/enforce/groups", json=missing, headers=ADMIN)
         assert (absent.status_code, absent.json()["error"]["code"]) == (502, "gateway_not_found")
+
+
+async def test_kong_health_shows_reachability_syncs_the_reconciler_and_the_backlog(
+    migrated_database, redis_url, prefix, kong, reconciler
+):
+    kong.state(**kong_catalog(3))
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong, sync_interval_seconds=60)
+        before = (await s.http.get("/integrations/kong/health", headers=ADMIN)).json()
+        assert before["reconciler_alive"] is False and before["reconciler_last_seen"] is None
+        (connection,) = before["connections"]
+        assert (connection["reachable"], connection["database_reachable"]) == (True, True)
+        assert connection["last_sync"] is None and connection["next_sync_at"] is None
+
+        assert (await _apply(s.http, (await _preview(s.http))["token"])).status_code == 200
+        await s.http.post("/v1/usage", json={"consumer_id": "c-0000", "request_id": "r-1"})
+        await s.store.flush_dirty()
+        waiting = (await s.http.get("/integrations/kong/health", headers=ADMIN)).json()
+        assert waiting["streams_waiting"] >= 1
+        (connection,) = waiting["connections"]
+        last = datetime.fromisoformat(connection["last_sync"]["at"])
+        assert datetime.fromisoformat(connection["next_sync_at"]) == last + timedelta(seconds=60)
+
+        reconciler(migrated_database, redis_url, prefix)
+
+        async def alive() -> bool:
+            health = (await s.http.get("/integrations/kong/health", headers=ADMIN)).json()
+            return health["reconciler_alive"] and health["streams_waiting"] == 0
+
+        await until(alive, 10, "the reconciler's heartbeat and an empty backlog")
+        kong.faults(token="another-token")
+        refused = (await s.http.get("/integrations/kong/health", headers=ADMIN)).json()
+        assert (refused["connections"][0]["reachable"], refused["connections"][0]["error"]) == (
+            False,
+            "unauthorized",
+        )

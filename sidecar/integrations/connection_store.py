@@ -227,6 +227,14 @@ class ConnectionStore:
         )
         return frozenset(r["object_id"] for r in rows)
 
+    async def imported(self, tenant: str, connection_id: str) -> bool:
+        """Whether an import of this connection has been applied (so it syncs on its own)."""
+        return await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM connection_objects WHERE tenant = $1 AND connection_id = $2)",
+            tenant,
+            connection_id,
+        )
+
     async def own(self, tenant: str, connection_id: str, kind: str, object_ids: set[str]) -> None:
         """Record that the connection's import brought these objects in (added to what it
         had: a revoked consumer stays the connection's)."""

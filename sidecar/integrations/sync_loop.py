@@ -32,10 +32,7 @@ async def sync_due(store: ConnectionStore, ledger: Ledger, catalog: PostgresCata
     for view in await store.list():
         if view.type not in catalog_import.READERS:
             continue
-        imported = await store.owned(view.tenant, view.id, "plan") or await store.owned(
-            view.tenant, view.id, "consumer"
-        )
-        if not imported:
+        if not await store.imported(view.tenant, view.id):
             continue  # never applied: the first import waits for an operator's preview
         if not _due(view.last_sync.at if view.last_sync else None, view.sync_interval_seconds, now):
             continue

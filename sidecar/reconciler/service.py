@@ -157,6 +157,7 @@ class Reconciler:
         batch = self.settings.drain_batch
         last_scan = float("-inf")
         while not stop.is_set():
+            await self.store.beat()  # the health endpoints read it
             if time.monotonic() - last_scan >= self.settings.stream_scan_interval_seconds:
                 last_scan = time.monotonic()
                 await drain_usage(ledger, self.store, batch)

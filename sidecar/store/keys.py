@@ -16,6 +16,7 @@
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
     <prefix>invalidate             pub/sub channel: "tenant:consumer" changed
     <prefix>dirty                  set of "u|g|n:tenant:consumer": streams with new entries
+    <prefix>reconciler             the reconciler's heartbeat (ms of its last drain pass)
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class KeySpace:
 
     def dirty(self) -> str:
         return f"{self.prefix}dirty"
+
+    def heartbeat(self) -> str:
+        return f"{self.prefix}reconciler"
 
     def invalidations(self) -> str:
         return f"{self.prefix}invalidate"

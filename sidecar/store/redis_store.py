@@ -820,6 +820,20 @@ class RedisStore:
         )
         return applied == 1
 
+    async def beat(self) -> None:
+        """The reconciler's heartbeat: when it last drained (kept a minute)."""
+        client = await self._client()
+        with _guard():
+            await client.set(self.keys.heartbeat(), _now_ms(), px=60_000)
+
+    async def health(self) -> tuple[int | None, int]:
+        """(the reconciler's last heartbeat in ms, or None; streams waiting to be drained)."""
+        client = await self._client()
+        with _guard():
+            beat = await client.get(self.keys.heartbeat())
+            waiting = await client.scard(self.keys.dirty())
+        return (None if beat is None else int(beat)), waiting
+
     async def flush_dirty(self) -> int:
         """Publish the streams appended to since the last flush to the shared dirty set
         (one SADD, off the decision path). Kept for the next flush if Redis is away."""

@@ -7,6 +7,7 @@ Plugin, Key Auth, Service):
   "offset": "<token>"}`` (``next`` is absent on the last page as ``null``), ``size``
   1-1000, default 100 ("Pagination" in the reference);
 - ``GET /consumer_groups/{id}/consumers`` lists a group's consumers (same paging);
+- ``GET /status``: the node's status (``database.reachable``, ``server``);
 - ``POST /consumer_groups/{id}/plugins`` creates a plugin scoped to the group and
   ``PATCH /consumer_groups/{id}/plugins/{plugin id}`` updates its ``config``;
 - with a token configured, ``Kong-Admin-Token`` must carry it (RBAC), else 401
@@ -109,6 +110,8 @@ async def admin_api(request: Request) -> Response:
     if stub.token is not None and request.headers.get("kong-admin-token") != stub.token:
         return JSONResponse({"message": "Invalid credentials. Token or User credentials required"}, 401)
     parts = path.strip("/").split("/")
+    if request.method == "GET" and parts == ["status"]:
+        return JSONResponse({"database": {"reachable": True}, "server": {"connections_active": 1}})
     if request.method == "GET" and len(parts) == 1 and parts[0] in LISTS:
         return _page(request, path, stub.state[LISTS[parts[0]]])
     if len(parts) >= 2 and parts[0] == "consumer_groups":

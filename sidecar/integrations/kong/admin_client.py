@@ -79,6 +79,13 @@ class KongAdminClient:
             "services": len(await self.walk("/services")),
         }
 
+    async def status(self) -> dict[str, Any]:
+        """The node's status (``GET /status``): reachable, and whether its database is."""
+        answer = await self.http.request("GET", f"{self.prefix}/status")
+        if not isinstance(answer, dict):
+            raise GatewayError("bad_response", "GET /status: not an object")
+        return answer
+
     async def close(self) -> None:
         await self.http.close()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -10,12 +13,14 @@ from starlette.routing import Route
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, check_id
 from sidecar.core.windows import parse_window
-from sidecar.http.admin import _actor, _admin_body, _json, _record
+from sidecar.http.admin import _actor, _admin_body, _json, _record, _tenant, require_admin
 from sidecar.http.bodies import decode_into
 from sidecar.http.connections import guarded, postgres
-from sidecar.integrations.connections import CONNECTION_ID_RE
+from sidecar.integrations.connection_store import ConnectionStore
+from sidecar.integrations.connections import CONNECTION_ID_RE, ConnectionSpec, SyncResult
+from sidecar.integrations.gateway_http import GatewayError
 from sidecar.integrations.kong.admin_client import enforce_group
-from sidecar.integrations.kong.importer import client_for
+from sidecar.integrations.kong.importer import TEST_TIMEOUT_S, client_for
 from sidecar.integrations.kong.mapping import UnsupportedWindow, rate_limiting_config
 
 
@@ -71,4 +76,73 @@ async def enforce_groups(request: Request) -> Response:
     return _json(detail)
 
 
-ROUTES = [Route("/integrations/kong/enforce/groups", enforce_groups, methods=["POST"])]
+class ConnectionHealth(msgspec.Struct):
+    id: str
+    reachable: bool
+    error: str | None  # the gateway error code when not reachable
+    database_reachable: bool | None  # Kong's own database, from GET /status
+    last_sync: SyncResult | None
+    next_sync_at: str | None  # None: never imported, so not synced periodically
+
+
+class Health(msgspec.Struct):
+    tenant: str
+    connections: list[ConnectionHealth]
+    reconciler_alive: bool  # its heartbeat is younger than HEARTBEAT_STALE_S
+    reconciler_last_seen: str | None
+    streams_waiting: int  # usage, event and notice streams marked for the next drain
+
+
+HEARTBEAT_STALE_S = 15.0
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
+
+
+# Reachable, the error code if not, and whether Kong's own database is (from /status).
+Reach = tuple[bool, str | None, bool | None]
+
+
+async def _reach(spec: ConnectionSpec) -> Reach:
+    client = client_for(spec, timeout_s=TEST_TIMEOUT_S, attempts=1)
+    try:
+        status = await client.status()
+    except GatewayError as exc:
+        return False, exc.code, None
+    finally:
+        await client.close()
+    database = status.get("database")
+    return True, None, database.get("reachable") if isinstance(database, dict) else None
+
+
+async def health(request: Request) -> Response:
+    """Each Kong connection of the tenant: reachable now, its last and next sync; and
+    the reconciler's heartbeat and the drain backlog."""
+    require_admin(request)
+    tenant = _tenant(request)
+    _, store = await postgres(request)
+    views = [v for v in await store.list(tenant) if v.type == "kong"]
+    checks = await asyncio.gather(*(_reach_by_id(store, tenant, v.id) for v in views))
+    connections = []
+    for view, (reachable, error, database) in zip(views, checks, strict=True):
+        next_at = None
+        if view.last_sync is not None and await store.imported(tenant, view.id):
+            last = datetime.fromisoformat(view.last_sync.at)
+            next_at = (last + timedelta(seconds=view.sync_interval_seconds)).isoformat()
+        connections.append(ConnectionHealth(view.id, reachable, error, database, view.last_sync, next_at))
+    beat, waiting = await request.app.state.store.health()
+    now = datetime.now(tz=UTC).timestamp() * 1000
+    alive = beat is not None and now - beat < HEARTBEAT_STALE_S * 1000
+    return _json(Health(tenant, connections, alive, None if beat is None else _iso_ms(beat), waiting))
+
+
+async def _reach_by_id(store: ConnectionStore, tenant: str, connection_id: str) -> Reach:
+    spec = await guarded(store.load(tenant, connection_id))
+    return await _reach(spec) if spec is not None else (False, "not_found", None)
+
+
+ROUTES = [
+    Route("/integrations/kong/enforce/groups", enforce_groups, methods=["POST"]),
+    Route("/integrations/kong/health", health, methods=["GET"]),
+]
