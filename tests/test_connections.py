@@ -15,6 +15,7 @@ import pytest
 from sidecar.core.api_keys import hash_api_key
 from sidecar.integrations import sync_loop
 from sidecar.integrations.connection_store import ConnectionStore
+from sidecar.integrations.kong.admin_client import KongAdminClient
 from sidecar.integrations.secret_box import SecretBox, new_key
 from tests.conftest import ADMIN, seed, until
 from tests.kong.harness import fresh_minute
@@ -409,3 +410,58 @@ async def test_kong_health_shows_reachability_syncs_the_reconciler_and_the_backl
             False,
             "unauthorized",
         )
+
+
+# --- Konnect (a control plane's core entities) and the seed's alias paths ------------------
+
+
+async def test_konnect_is_imported_through_the_seed_paths(migrated_database, redis_url, prefix, kong):
+    kong.state(**kong_catalog(120))
+    kong.faults(token="kpat_konnect_token_0123", konnect="cp-1")
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        body = {"base_url": kong.url, "token": "kpat_konnect_token_0123", "control_plane_id": "cp-1"}
+        created = await s.http.post("/integrations/konnect/connection", json=body, headers=ADMIN)
+        assert created.status_code == 201, created.text
+        assert (created.json()["id"], created.json()["type"], created.json()["token"]) == (
+            "konnect",
+            "konnect",
+            "<redacted>",
+        )
+        test = await s.http.get("/integrations/konnect/connection/test", headers=ADMIN)
+        assert test.json() == {
+            "ok": True,
+            "counts": {"control_planes": 1, "consumers": 120, "consumer_groups": 3, "services": 1},
+        }
+        consumers = await s.http.get("/integrations/konnect/consumers", headers=ADMIN)
+        assert len(consumers.json()["data"]) == 120
+        groups = await s.http.get("/integrations/konnect/consumer-groups", headers=ADMIN)
+        assert sorted(g["name"] for g in groups.json()["data"]) == ["bronze", "gold", "silver"]
+        unknown = await s.http.get("/integrations/konnect/widgets", headers=ADMIN)
+        assert unknown.status_code == 404
+        preview = await s.http.post("/integrations/konnect/runtime/preview", headers=ADMIN)
+        assert preview.json()["counts"] == {"plan.add": 3, "consumer.add": 120, "key.add": 120}
+        applied = await s.http.post(
+            "/integrations/konnect/runtime/apply", json={"token": preview.json()["token"]}, headers=ADMIN
+        )
+        assert applied.status_code == 200, applied.text
+        assert await s.db.fetchval("SELECT count(*) FROM consumers") == 120
+        paths = {c["raw"] for c in kong.calls()}
+        assert "/v2/control-planes/cp-1/core-entities/consumers" in paths  # Konnect's own paths
+        # Konnect pages by offset alone: the walk followed it to the end (120 on 1 page of 1000).
+        kong.faults(token="kpat_other", konnect="cp-1")
+        refused = await s.http.get("/integrations/konnect/connection/test", headers=ADMIN)
+        assert (refused.json()["ok"], refused.json()["error"]) == (False, "unauthorized")
+
+
+async def test_a_konnect_walk_follows_offsets_page_after_page(kong):
+    kong.state(**kong_catalog(250))
+    kong.faults(token="kpat_t", konnect="cp-9")
+    client = KongAdminClient(kong.url, token="kpat_t", control_plane_id="cp-9", page_size=100)
+    try:
+        assert len(await client.walk("/consumers")) == 250
+    finally:
+        await client.close()
+    offsets = [
+        c["query"].get("offset") for c in kong.calls() if c["raw"].endswith("/core-entities/consumers")
+    ]
+    assert len(offsets) == 3 and offsets[0] is None and all(offsets[1:])

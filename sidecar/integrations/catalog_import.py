@@ -25,9 +25,15 @@ from sidecar.integrations.kong.mapping import Mapped, Skipped
 from sidecar.reconciler.catalog import PostgresCatalog
 from sidecar.reconciler.ledger import Ledger
 
-# What each connection type can do so far (Konnect and Apigee: issue 16, to come).
-READERS: dict[str, Callable[[ConnectionSpec], Awaitable[Mapped]]] = {"kong": kong_importer.read_catalog}
-COUNTERS: dict[str, Callable[[ConnectionSpec], Awaitable[dict[str, int]]]] = {"kong": kong_importer.counts}
+# What each connection type can do so far (Apigee: issue 16, to come).
+READERS: dict[str, Callable[[ConnectionSpec], Awaitable[Mapped]]] = {
+    "kong": kong_importer.read_catalog,
+    "konnect": kong_importer.read_catalog,
+}
+COUNTERS: dict[str, Callable[[ConnectionSpec], Awaitable[dict[str, int]]]] = {
+    "kong": kong_importer.counts,
+    "konnect": kong_importer.counts,
+}
 
 
 class NotSupported(Exception):
@@ -62,7 +68,7 @@ async def _connection(store: ConnectionStore, tenant: str, connection_id: str) -
     if spec is None:
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
     if spec.type not in READERS:
-        raise NotSupported(f"importing from {spec.type} is not built yet (only kong)")
+        raise NotSupported(f"importing from {spec.type} is not built yet (kong and konnect are)")
     return spec
 
 
@@ -149,7 +155,7 @@ async def check_connection(store: ConnectionStore, tenant: str, connection_id: s
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
     counter = COUNTERS.get(spec.type)
     if counter is None:
-        raise NotSupported(f"testing a {spec.type} connection is not built yet (only kong)")
+        raise NotSupported(f"testing a {spec.type} connection is not built yet (kong and konnect are)")
     try:
         return {"ok": True, "counts": await counter(spec)}
     except GatewayError as exc:

@@ -14,10 +14,16 @@ Plugin, Key Auth, Service):
   ``{"message": "Invalid credentials. Token or User credentials required"}``;
 - a workspace, when given, prefixes every path (``/{workspace}/consumers``).
 
+Konnect mode (``"konnect": "<control plane id>"`` in the faults): the same entities under
+``/v2/control-planes/{id}/core-entities`` of Konnect's Control Planes Config API
+(https://developer.konghq.com/api/konnect/control-planes-config/), authenticated with
+``Authorization: Bearer <token>``, paged by ``offset`` alone (no ``next``), and
+``GET /v2/control-planes/{id}`` answering the control plane.
+
 Test control, not part of Kong: ``PUT /_stub/state`` (the catalog), ``PUT /_stub/faults``
-(``{"token", "page_size_max", "faults": [{"path", "page", "status", "times",
+(``{"token", "workspace", "konnect", "faults": [{"path", "page", "status", "times",
 "retry_after"}]}``: the page-th page of ``path`` answers ``status`` the next ``times``
-times), ``GET /_stub/calls`` (every Admin API request: method, path, query, body).
+times), ``GET /_stub/calls`` (every Admin API request: method, path, raw path, query, body).
 
     python -m tests.stubs.kong_admin --port 8001
 """
@@ -51,6 +57,7 @@ class Stub:
         self.state: dict[str, Any] = {name: [] for name in LISTS.values()} | {"members": {}}
         self.token: str | None = None
         self.workspace: str | None = None
+        self.konnect: str | None = None  # a control plane id: Konnect mode
         self.faults: list[dict[str, Any]] = []
         self.calls: list[dict[str, Any]] = []
 
@@ -89,12 +96,25 @@ def _page(request: Request, path: str, items: list[dict[str, Any]]) -> Response:
     }
     if more:
         body["offset"] = _offset(end)
+    if stub.konnect is not None:
+        del body["next"]  # Konnect pages by offset alone
     return JSONResponse(body)
 
 
 async def admin_api(request: Request) -> Response:
-    path = "/" + request.path_params["path"]
-    if stub.workspace:
+    path = raw = "/" + request.path_params["path"]
+    if stub.konnect is not None:
+        plane = f"/v2/control-planes/{stub.konnect}"
+        if request.headers.get("authorization") != f"Bearer {stub.token}":
+            return JSONResponse({"status": 401, "title": "Unauthorized"}, 401)
+        if path == plane and request.method == "GET":
+            return JSONResponse(
+                {"id": stub.konnect, "name": "default", "config": {"control_plane_endpoint": ""}}
+            )
+        if not path.startswith(f"{plane}/core-entities/"):
+            return JSONResponse({"status": 404, "title": "Not Found"}, 404)
+        path = path[len(f"{plane}/core-entities") :]
+    elif stub.workspace:
         if not path.startswith(f"/{stub.workspace}/"):
             return JSONResponse({"message": "Not found"}, 404)
         path = path[len(stub.workspace) + 1 :]
@@ -102,12 +122,17 @@ async def admin_api(request: Request) -> Response:
     stub.calls.append(
         {
             "method": request.method,
-            "path": path,
+            "path": path,  # without the workspace or Konnect prefix
+            "raw": raw,
             "query": dict(request.query_params),
             "body": json.loads(body) if body else None,
         }
     )
-    if stub.token is not None and request.headers.get("kong-admin-token") != stub.token:
+    if (
+        stub.konnect is None
+        and stub.token is not None
+        and request.headers.get("kong-admin-token") != stub.token
+    ):
         return JSONResponse({"message": "Invalid credentials. Token or User credentials required"}, 401)
     parts = path.strip("/").split("/")
     if request.method == "GET" and parts == ["status"]:
@@ -152,6 +177,7 @@ async def put_faults(request: Request) -> Response:
     given = await request.json()
     stub.token = given.get("token")
     stub.workspace = given.get("workspace")
+    stub.konnect = given.get("konnect")
     stub.faults = given.get("faults", [])
     return JSONResponse({"ok": True})
 

@@ -27,13 +27,22 @@ class KongAdminClient:
         token: str | None = None,
         workspace: str | None = None,
         page_size: int = PAGE_SIZE,
+        control_plane_id: str | None = None,
         **http: Any,
     ) -> None:
+        """Kong's Admin API, or with ``control_plane_id`` a Konnect control plane's
+        (``{region}/v2/control-planes/{id}/core-entities``, a Bearer access token)."""
         headers = {"Accept": "application/json"}
         self._page_size = page_size
-        if token:
-            headers["Kong-Admin-Token"] = token
-        self.prefix = f"/{workspace}" if workspace else ""
+        self.control_plane = None if control_plane_id is None else f"/v2/control-planes/{control_plane_id}"
+        if self.control_plane is not None:
+            self.prefix = f"{self.control_plane}/core-entities"
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+        else:
+            self.prefix = f"/{workspace}" if workspace else ""
+            if token:
+                headers["Kong-Admin-Token"] = token
         self.http = GatewayHttp(base_url.rstrip("/"), headers, **http)
 
     async def walk(self, path: str) -> list[dict[str, Any]]:
@@ -49,7 +58,12 @@ class KongAdminClient:
             if not isinstance(page, dict) or not isinstance(page.get("data"), list):
                 raise GatewayError("bad_response", f"GET {url}: no data list")
             items += page["data"]
-            url, params = page.get("next"), None  # `next` carries size and offset
+            if page.get("next"):
+                url, params = page["next"], None  # Kong: `next` carries size and offset
+            elif page.get("offset"):
+                params = {"size": self._page_size, "offset": page["offset"]}  # Konnect: offset only
+            else:
+                url = None
         raise GatewayError("bad_response", f"GET {path}: more than {MAX_PAGES} pages")
 
     async def snapshot(self) -> KongSnapshot:
@@ -72,8 +86,14 @@ class KongAdminClient:
             ) from None
 
     async def counts(self) -> dict[str, int]:
-        """What a connection test reports."""
-        return {
+        """What a connection test reports (for Konnect, the control plane first)."""
+        found = {}
+        if self.control_plane is not None:
+            plane = await self.http.request("GET", self.control_plane)
+            if not isinstance(plane, dict) or "id" not in plane:
+                raise GatewayError("bad_response", f"GET {self.control_plane}: not a control plane")
+            found["control_planes"] = 1
+        return found | {
             "consumers": len(await self.walk("/consumers")),
             "consumer_groups": len(await self.walk("/consumer_groups")),
             "services": len(await self.walk("/services")),

@@ -1,4 +1,5 @@
-"""Read a Kong connection's catalog: one complete walk of the Admin API, mapped."""
+"""Read a Kong or Konnect connection's catalog: one complete walk of its Admin API
+(Konnect: the control plane's core entities, the same objects), mapped."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ TEST_TIMEOUT_S = 5.0
 
 
 def client_for(spec: ConnectionSpec, **http: Any) -> KongAdminClient:
-    return KongAdminClient(spec.base_url, token=spec.token, workspace=spec.workspace, **http)
+    """A Kong Admin API client, or a Konnect control plane's (type ``konnect``)."""
+    return KongAdminClient(
+        spec.base_url,
+        token=spec.token,
+        workspace=spec.workspace,
+        control_plane_id=spec.control_plane_id if spec.type == "konnect" else None,
+        **http,
+    )
 
 
 async def read_catalog(spec: ConnectionSpec) -> Mapped:

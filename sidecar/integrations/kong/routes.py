@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -13,8 +14,9 @@ from starlette.routing import Route
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, check_id
 from sidecar.core.windows import parse_window
+from sidecar.http import connections
 from sidecar.http.admin import _actor, _admin_body, _json, _record, _tenant, require_admin
-from sidecar.http.bodies import decode_into
+from sidecar.http.bodies import decode, decode_into, invalid_from
 from sidecar.http.connections import guarded, postgres
 from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.connections import CONNECTION_ID_RE, ConnectionSpec, SyncResult
@@ -62,7 +64,7 @@ async def enforce_groups(request: Request) -> Response:
     except UnsupportedWindow as exc:
         raise InvalidInput(str(exc), code="unknown_window", field="limits") from None
     spec = await guarded(store.load(ask.tenant, ask.connection_id))
-    if spec is None or spec.type != "kong":
+    if spec is None or spec.type not in ("kong", "konnect"):
         raise NotFound(f"kong connection {ask.connection_id!r} does not exist", code="connection_not_found")
     client = client_for(spec)
     try:
@@ -142,7 +144,82 @@ async def _reach_by_id(store: ConnectionStore, tenant: str, connection_id: str) 
     return await _reach(spec) if spec is not None else (False, "not_found", None)
 
 
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+# --- the seed's Konnect paths: thin aliases over the connection endpoints -----------
+
+KONNECT_DEFAULT_ID = "konnect"
+_KONNECT_LISTS = {
+    "services": "/services",
+    "routes": "/routes",
+    "consumers": "/consumers",
+    "consumer-groups": "/consumer_groups",
+}
+
+
+def _konnect(handler: Any) -> Any:
+    """``handler`` of /v1/admin/connections/{connection_id}/..., for the connection named
+    by ``?connection_id=`` (default "konnect")."""
+
+    async def alias(request: Request) -> Response:
+        request.scope["path_params"] = {
+            "connection_id": request.query_params.get("connection_id", KONNECT_DEFAULT_ID)
+        }
+        return await handler(request)
+
+    return alias
+
+
+async def konnect_connection(request: Request) -> Response:
+    """The seed's ``POST /integrations/konnect/connection``: a ``konnect`` connection,
+    ``connection_id`` in the body (default "konnect"), the rest as for PUT."""
+    raw = decode(await _admin_body(request), _object_decoder)
+    connection_id = check_id(raw.pop("connection_id", KONNECT_DEFAULT_ID), CONNECTION_ID_RE, "connection_id")
+    if raw.get("type", "konnect") != "konnect":
+        raise InvalidInput("this path creates konnect connections", field="type")
+    try:
+        spec = msgspec.convert({**raw, "type": "konnect"}, ConnectionSpec).validated()
+    except msgspec.ValidationError as exc:
+        raise invalid_from(exc) from None
+    _, store = await postgres(request)
+    view, created = await guarded(store.put(connection_id, spec, _actor(request)))
+    _record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
+    return _json(view, 201 if created else 200)
+
+
+async def konnect_list(request: Request) -> Response:
+    """``GET /integrations/konnect/{services,routes,consumers,consumer-groups}``: the
+    control plane's objects, every page."""
+    require_admin(request)
+    kind = request.path_params["kind"]
+    if kind not in _KONNECT_LISTS:
+        raise NotFound(f"no such list {kind!r} (one of {', '.join(_KONNECT_LISTS)})", code="not_found")
+    tenant = _tenant(request)
+    connection_id = check_id(
+        request.query_params.get("connection_id", KONNECT_DEFAULT_ID), CONNECTION_ID_RE, "connection_id"
+    )
+    _, store = await postgres(request)
+    spec = await guarded(store.load(tenant, connection_id))
+    if spec is None or spec.type != "konnect":
+        raise NotFound(f"konnect connection {connection_id!r} does not exist", code="connection_not_found")
+    client = client_for(spec)
+    try:
+        items = await guarded(client.walk(_KONNECT_LISTS[kind]))
+    finally:
+        await client.close()
+    return _json({"data": items})
+
+
 ROUTES = [
     Route("/integrations/kong/enforce/groups", enforce_groups, methods=["POST"]),
     Route("/integrations/kong/health", health, methods=["GET"]),
+    Route("/integrations/konnect/connection", konnect_connection, methods=["POST"]),
+    Route("/integrations/konnect/connection/test", _konnect(connections.check_connection), methods=["GET"]),
+    Route(
+        "/integrations/konnect/{kind:str}",
+        konnect_list,
+        methods=["GET"],
+    ),
+    Route("/integrations/konnect/runtime/preview", _konnect(connections.preview_import), methods=["POST"]),
+    Route("/integrations/konnect/runtime/apply", _konnect(connections.apply_import), methods=["POST"]),
 ]
