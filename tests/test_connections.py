@@ -18,7 +18,8 @@ from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.kong.admin_client import KongAdminClient
 from sidecar.integrations.secret_box import SecretBox, new_key
 from tests.conftest import ADMIN, seed, until
-from tests.kong.harness import fresh_minute
+from tests.kong.emulator import KongRequest
+from tests.kong.harness import Sidecar, fresh_minute, plugin_server, sidecar_config
 from tests.stubs import StubServer
 from tests.test_kong_import import kong_catalog
 from tests.test_postgres import stack
@@ -465,3 +466,36 @@ async def test_a_konnect_walk_follows_offsets_page_after_page(kong):
         c["query"].get("offset") for c in kong.calls() if c["raw"].endswith("/core-entities/consumers")
     ]
     assert len(offsets) == 3 and offsets[0] is None and all(offsets[1:])
+
+
+def test_an_imported_kong_group_is_enforced_through_the_real_plugin(
+    migrated_database, redis_url, prefix, kong, tmp_path
+):
+    """Acceptance 1 end to end: Kong's catalog imported through a sidecar process, then
+    the Kong emulator with the real aforo-authorize plugin enforces the group's limit."""
+    kong.state(**kong_catalog(250))
+    env = {
+        "AFORO_REDIS_URL": redis_url,
+        "AFORO_KEY_PREFIX": prefix,
+        "AFORO_DATABASE_URL": migrated_database,
+        "AFORO_SECRET_KEYS": ",".join(f"{k}={v}" for k, v in KEYS.items()),
+    }
+    sidecar = Sidecar(str(tmp_path), env).start()
+    try:
+        with httpx.Client(base_url=sidecar.url, headers=ADMIN, timeout=30) as http:
+            body = {"type": "kong", "base_url": kong.url, "token": TOKEN}
+            assert http.put("/v1/admin/connections/kong-prod", json=body).status_code == 201
+            preview = http.post("/v1/admin/connections/kong-prod/preview").json()
+            applied = http.post("/v1/admin/connections/kong-prod/apply", json={"token": preview["token"]})
+            assert applied.json()["counts"] == {"plan.add": 3, "consumer.add": 250, "key.add": 250}
+            http.post("/v1/admin/consumers/c-0000/topup", json={"amount": 1_000_000}).raise_for_status()
+        with plugin_server() as server:
+            instance = server.kong.start_instance(sidecar_config(sidecar, product="catalog"))
+            fresh_minute()
+            plays = [server.kong.play(instance, KongRequest(consumer={"id": "c-0000"})) for _ in range(101)]
+            assert [p.status for p in plays].count(200) == 100
+            assert (plays[-1].status, plays[-1].exit.body["reason"]) == (429, "quota_exceeded")
+            assert plays[-1].header("X-RateLimit-Limit-Minute") == "100"
+            assert server.stop() == 0
+    finally:
+        sidecar.stop()
