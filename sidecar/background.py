@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
+log = logging.getLogger("aforo.background")
+# How long the end of the block waits for the cancelled work to finish. A library that
+# does not honour cancellation promptly (redis-py's pub/sub close has been seen to hang
+# for minutes) must not hold a shutdown hostage.
+STOP_GRACE_S = 2.0
+
 
 @contextlib.asynccontextmanager
-async def in_background(work: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.Task[None]]:
+async def in_background(
+    work: Coroutine[Any, Any, None], grace_s: float = STOP_GRACE_S
+) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(work)
     try:
         yield task
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        done, _ = await asyncio.wait({task}, timeout=grace_s)
+        if not done:
+            log.warning(
+                "%s did not stop within %.1f s of its cancellation; left behind", task.get_name(), grace_s
+            )
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("%s ended with %r", task.get_name(), task.exception())
