@@ -10,6 +10,7 @@ Retry-After; ingestion deduplicates, so a pull repeated over the same range is s
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ import msgspec
 
 from sidecar.core.apigee_stats import from_stats_response
 from sidecar.http.ingest import SECRET_HEADER, TENANT_HEADER
+from sidecar.integrations.gateway_http import retry_after_seconds
 
 TIME_UNITS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 SELECT = "sum(message_count),sum(total_response_time),sum(response_size),sum(is_error)"
@@ -38,8 +40,8 @@ def _get_with_backoff(
         response = client.get(url, params=params)
         if response.status_code not in RETRYABLE or attempt == attempts:
             return response
-        retry_after = response.headers.get("retry-after", "")
-        wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else delay
+        # apigee-pull runs unattended: it waits as long as Apigee asks.
+        wait = retry_after_seconds(response.headers.get("retry-after"), delay, cap=math.inf)
         print(f"apigee answered {response.status_code}; retrying in {wait:g}s", file=sys.stderr)
         time.sleep(wait)
         delay = min(delay * 2, 60)

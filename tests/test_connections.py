@@ -6,6 +6,7 @@ fails part way applying nothing."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -13,10 +14,12 @@ import httpx
 import pytest
 
 from sidecar.core.api_keys import hash_api_key
+from sidecar.core.models import UsageEvent
 from sidecar.integrations import sync_loop
 from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.kong.admin_client import KongAdminClient
 from sidecar.integrations.secret_box import SecretBox, new_key
+from sidecar.store.redis_store import RedisStore
 from tests.conftest import ADMIN, seed, until
 from tests.kong.emulator import KongRequest
 from tests.kong.harness import Sidecar, fresh_minute, plugin_server, sidecar_config
@@ -499,3 +502,36 @@ def test_an_imported_kong_group_is_enforced_through_the_real_plugin(
             assert server.stop() == 0
     finally:
         sidecar.stop()
+
+
+async def test_a_secret_sealed_under_a_key_since_removed_is_a_503_and_apigee_is_not_built(
+    migrated_database, redis_url, prefix, kong
+):
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        assert (await _put(s.http, kong)).status_code == 201
+        apigee = {"type": "apigee", "base_url": "https://apigee.googleapis.com", "organization": "acme"}
+        assert (await s.http.put("/v1/admin/connections/ag", json=apigee, headers=ADMIN)).status_code == 201
+        for action in ("test", "preview"):
+            response = await s.http.post(f"/v1/admin/connections/ag/{action}", headers=ADMIN)
+            assert (response.status_code, response.json()["error"]["code"]) == (501, "not_implemented")
+    async with stack(migrated_database, redis_url, prefix, secret_keys={"k2": new_key()}) as s:
+        response = await s.http.post("/v1/admin/connections/kong-prod/test", headers=ADMIN)
+        assert (response.status_code, response.json()["error"]["code"]) == (503, "secret_unavailable")
+        assert TOKEN not in response.text
+    async with stack(migrated_database, redis_url, prefix) as s:  # no keys at all
+        response = await s.http.post("/v1/admin/connections/kong-prod/preview", headers=ADMIN)
+        assert (response.status_code, response.json()["error"]["code"]) == (501, "secret_keys_required")
+
+
+async def test_the_reconciler_heartbeat_and_the_backlog_read_on_every_deployment(deployment_url, prefix):
+    store = RedisStore(deployment_url, prefix=prefix)
+    try:
+        assert await store.health() == (None, 0)
+        await store.beat()
+        await store.record_events([UsageEvent(consumer_id="c1", request_id="r1")], 60_000)
+        await store.flush_dirty()
+        beat, waiting = await store.health()
+        assert beat is not None and abs(beat - time.time() * 1000) < 60_000
+        assert waiting == 1  # the event stream of c1
+    finally:
+        await store.close()

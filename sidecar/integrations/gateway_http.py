@@ -30,12 +30,12 @@ class GatewayError(Exception):
         self.status = status
 
 
-def retry_after_seconds(value: str | None, default: float) -> float:
+def retry_after_seconds(value: str | None, default: float, cap: float = MAX_WAIT_S) -> float:
     """A Retry-After header's delay in seconds (its HTTP-date form is not used by the
-    gateways here: ``default`` then), capped at MAX_WAIT_S."""
+    gateways here: ``default`` then), capped at ``cap``."""
     text = (value or "").strip()
     seconds = float(text) if text.replace(".", "", 1).isdigit() else default
-    return min(seconds, MAX_WAIT_S)
+    return min(seconds, cap)
 
 
 class GatewayHttp:

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Iterable
 
 from sidecar.authorizer import now_ms
+from sidecar.background import gather_bounded
 from sidecar.reconciler.ledger import ConsumerRow, Ledger, PlanRow, WalletRow
 from sidecar.store.redis_store import RedisStore
 
 log = logging.getLogger("aforo.reconciler")
 # Consumers synced at once during a full sync (each is a few Redis round trips).
 _PARALLEL = 32
-
-
-async def _bounded(tasks: Iterable[Awaitable[object]]) -> None:
-    gate = asyncio.Semaphore(_PARALLEL)
-
-    async def run(task: Awaitable[object]) -> None:
-        async with gate:
-            await task
-
-    await asyncio.gather(*(run(task) for task in tasks))
 
 
 async def apply_consumer(store: RedisStore, consumer: ConsumerRow, plan: PlanRow) -> None:
@@ -47,9 +36,13 @@ async def full_sync(ledger: Ledger, store: RedisStore) -> dict[str, int]:
     wallets = await ledger.wallets()
     for plan in plans.values():
         await store.apply_plan(plan.plan, plan.version)
-    await _bounded(apply_consumer(store, c, plans[(c.tenant, c.plan_id)]) for c in consumers)
-    await _bounded(store.apply_keys(c.tenant, c.id, keys.get((c.tenant, c.id), set())) for c in consumers)
-    await _bounded(apply_wallet(store, w) for w in wallets)
+    await gather_bounded(
+        (apply_consumer(store, c, plans[(c.tenant, c.plan_id)]) for c in consumers), _PARALLEL
+    )
+    await gather_bounded(
+        (store.apply_keys(c.tenant, c.id, keys.get((c.tenant, c.id), set())) for c in consumers), _PARALLEL
+    )
+    await gather_bounded((apply_wallet(store, w) for w in wallets), _PARALLEL)
     counts = {"plans": len(plans), "consumers": len(consumers), "wallets": len(wallets)}
     counts["removed"] = await remove_stale(ledger, store, plans, consumers, keys)
     log.info("full sync: %s", counts)

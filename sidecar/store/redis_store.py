@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
-from typing import TypeVar
 
 import msgspec
 import redis.exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
+from sidecar.background import gather_bounded
 from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
     ConsumerKey,
@@ -69,7 +69,6 @@ _event_decoder = msgspec.json.Decoder(UsageEvent)
 _LIMIT_FIELDS = tuple(f"l_{w.value}" for w in WINDOWS)
 _PIPELINE_BATCH = 1_000  # commands per pipeline when reading many keys at once
 _POOL_SHARE = 32  # pooled connections one listing may hold at once
-T = TypeVar("T")
 # bind.lua ARGV 12-17 that leave a consumer's own fields as they are.
 _KEEP_CONSUMER = ("", "", "", "", "", "")
 
@@ -121,18 +120,6 @@ def _usage_record(f: dict[bytes, bytes]) -> UsageRecord:
         cost=int(f[b"cost"]),
         hits=int(f[b"hits"]),
     )
-
-
-async def _bounded_gather(work: list[Awaitable[T]]) -> list[T]:
-    """``asyncio.gather`` with at most _POOL_SHARE in flight: each takes a pooled
-    connection, and redis-py refuses past the pool's cap instead of waiting."""
-    gate = asyncio.Semaphore(_POOL_SHARE)
-
-    async def one(step: Awaitable[T]) -> T:
-        async with gate:
-            return await step
-
-    return await asyncio.gather(*(one(step) for step in work))
 
 
 def _now_ms() -> int:
@@ -632,7 +619,9 @@ class RedisStore:
             ids = await client.zrangebylex(
                 self.keys.plans_index(tenant), f"({after}" if after else "-", "+", 0, limit + 1
             )
-            found = await _bounded_gather([self._read_plan(tenant, i.decode()) for i in ids[:limit]])
+            found = await gather_bounded(
+                (self._read_plan(tenant, i.decode()) for i in ids[:limit]), _POOL_SHARE
+            )
         plans = [plan for plan, _ in filter(None, found)]
         return plans, (ids[limit - 1].decode() if len(ids) > limit else None)
 
@@ -654,7 +643,9 @@ class RedisStore:
         while True:
             with _guard():
                 ids = await client.zrangebylex(index, f"({cursor}" if cursor else "-", "+", 0, limit)
-                found = await _bounded_gather([self._view(tenant, i.decode(), now_ms) for i in ids])
+                found = await gather_bounded(
+                    (self._view(tenant, i.decode(), now_ms) for i in ids), _POOL_SHARE
+                )
             for consumer_id, view in zip(ids, found, strict=True):
                 cursor = consumer_id.decode()
                 if (
