@@ -389,7 +389,7 @@ async def test_kong_health_shows_reachability_syncs_the_reconciler_and_the_backl
         before = (await s.http.get("/integrations/kong/health", headers=ADMIN)).json()
         assert before["reconciler_alive"] is False and before["reconciler_last_seen"] is None
         (connection,) = before["connections"]
-        assert (connection["reachable"], connection["database_reachable"]) == (True, True)
+        assert (connection["reachable"], connection["gateway"]) == (True, {"database_reachable": True})
         assert connection["last_sync"] is None and connection["next_sync_at"] is None
 
         assert (await _apply(s.http, (await _preview(s.http))["token"])).status_code == 200
@@ -452,9 +452,22 @@ async def test_konnect_is_imported_through_the_seed_paths(migrated_database, red
         paths = {c["raw"] for c in kong.calls()}
         assert "/v2/control-planes/cp-1/core-entities/consumers" in paths  # Konnect's own paths
         # Konnect pages by offset alone: the walk followed it to the end (120 on 1 page of 1000).
+        health = (await s.http.get("/integrations/konnect/health", headers=ADMIN)).json()
+        (connection,) = health["connections"]
+        assert (connection["type"], connection["reachable"], connection["gateway"]) == (
+            "konnect",
+            True,
+            {"control_plane": "default"},
+        )
+        assert connection["last_sync"]["counts"] == preview.json()["counts"]
         kong.faults(token="kpat_other", konnect="cp-1")
         refused = await s.http.get("/integrations/konnect/connection/test", headers=ADMIN)
         assert (refused.json()["ok"], refused.json()["error"]) == (False, "unauthorized")
+        health = (await s.http.get("/integrations/konnect/health", headers=ADMIN)).json()
+        assert (health["connections"][0]["reachable"], health["connections"][0]["error"]) == (
+            False,
+            "unauthorized",
+        )
 
 
 async def test_a_konnect_walk_follows_offsets_page_after_page(kong):
@@ -464,7 +477,7 @@ async def test_a_konnect_walk_follows_offsets_page_after_page(kong):
     try:
         assert len(await client.walk("/consumers")) == 250
     finally:
-        await client.close()
+        await client.aclose()
     offsets = [
         c["query"].get("offset") for c in kong.calls() if c["raw"].endswith("/core-entities/consumers")
     ]
@@ -504,16 +517,9 @@ def test_an_imported_kong_group_is_enforced_through_the_real_plugin(
         sidecar.stop()
 
 
-async def test_a_secret_sealed_under_a_key_since_removed_is_a_503_and_apigee_is_not_built(
-    migrated_database, redis_url, prefix, kong
-):
+async def test_a_secret_sealed_under_a_key_since_removed_is_a_503(migrated_database, redis_url, prefix, kong):
     async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
         assert (await _put(s.http, kong)).status_code == 201
-        apigee = {"type": "apigee", "base_url": "https://apigee.googleapis.com", "organization": "acme"}
-        assert (await s.http.put("/v1/admin/connections/ag", json=apigee, headers=ADMIN)).status_code == 201
-        for action in ("test", "preview"):
-            response = await s.http.post(f"/v1/admin/connections/ag/{action}", headers=ADMIN)
-            assert (response.status_code, response.json()["error"]["code"]) == (501, "not_implemented")
     async with stack(migrated_database, redis_url, prefix, secret_keys={"k2": new_key()}) as s:
         response = await s.http.post("/v1/admin/connections/kong-prod/test", headers=ADMIN)
         assert (response.status_code, response.json()["error"]["code"]) == (503, "secret_unavailable")

@@ -91,7 +91,7 @@ async def _snapshot(kong: StubServer, **options: Any) -> KongSnapshot:
     try:
         return await client.snapshot()
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def test_a_walk_follows_next_to_the_end_of_every_list(kong):
@@ -149,7 +149,7 @@ async def test_an_unreachable_admin_api_is_named_so():
     client = KongAdminClient("http://127.0.0.1:9", first_delay_s=0.01)
     with pytest.raises(GatewayError) as failed:
         await client.snapshot()
-    await client.close()
+    await client.aclose()
     assert failed.value.code == "unreachable"
 
 

@@ -32,6 +32,21 @@ class Catalog(msgspec.Struct, frozen=True):
     keys: dict[str, frozenset[str]] = {}
 
 
+class Skipped(msgspec.Struct, frozen=True):
+    """An object of the gateway the mapping left out, and why."""
+
+    kind: str
+    id: str
+    reason: str
+
+
+class Mapped(msgspec.Struct, frozen=True):
+    """A gateway's catalog as the sidecar's, and what did not map."""
+
+    catalog: Catalog
+    skipped: list[Skipped]
+
+
 class Change(msgspec.Struct, frozen=True, omit_defaults=True):
     """One object added, changed (``fields``: the names that differ) or revoked."""
 
@@ -65,6 +80,15 @@ def _differing(desired: msgspec.Struct, held: msgspec.Struct, fields: tuple[str,
     )
 
 
+def _consumer_fields(desired: ConsumerSpec, held: ConsumerSpec) -> tuple[str, ...]:
+    """What differs; a gateway that says "active" never ends a suspension the sidecar made
+    (an admin's, or a wallet's): only a revocation or its end is the gateway's to say."""
+    fields = _differing(desired, held, _CONSUMER_FIELDS)
+    if desired.status is ConsumerStatus.ACTIVE and held.status is ConsumerStatus.SUSPENDED:
+        fields = tuple(f for f in fields if f != "status")
+    return fields
+
+
 def diff(desired: Catalog, current: Catalog, owned: frozenset[str], removal: Removal) -> Diff:
     """What makes ``current`` hold ``desired``. ``owned`` are the consumer ids an earlier
     import of this source brought in: only those may be revoked when the gateway no
@@ -80,7 +104,7 @@ def diff(desired: Catalog, current: Catalog, owned: frozenset[str], removal: Rem
         held_consumer = current.consumers.get(consumer_id)
         if held_consumer is None:
             changes.append(Change("consumer", consumer_id, "add"))
-        elif fields := _differing(spec, held_consumer, _CONSUMER_FIELDS):
+        elif fields := _consumer_fields(spec, held_consumer):
             changes.append(Change("consumer", consumer_id, "change", fields))
         held_keys = current.keys.get(consumer_id, frozenset())
         for key_hash in sorted(desired.keys.get(consumer_id, frozenset()) - held_keys):

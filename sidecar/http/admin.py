@@ -7,7 +7,6 @@ call learns nothing and changes nothing.
 from __future__ import annotations
 
 import base64
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,18 +31,13 @@ from sidecar.core.models import (
     check_id,
 )
 from sidecar.core.money import MAX_MICROS
+from sidecar.http.admin_request import actor, admin_body, json_response, record, tenant_param
 from sidecar.http.auth import require_admin
-from sidecar.http.bodies import decode_into, read_body
+from sidecar.http.bodies import decode_into
 from sidecar.http.errors import ApiError
 from sidecar.store.base import Store
 
-log = logging.getLogger("aforo.admin")
-_encode = msgspec.json.Encoder().encode
 _KEY_HASH_LEN = 64
-
-
-def _json(value: Any, status: int = 200) -> Response:
-    return Response(_encode(value), status_code=status, media_type="application/json")
 
 
 def _store(request: Request) -> Store:
@@ -54,48 +48,20 @@ def _catalog(request: Request) -> Catalog:
     return request.app.state.catalog
 
 
-def _actor(request: Request) -> str:
-    """Who made a change, for the audit trail."""
-    return f"admin-api@{request.client.host if request.client else '-'}"
-
-
-async def _admin_body(request: Request) -> bytes:
-    require_admin(request)
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
-    return body or b"{}"
-
-
-def _tenant(request: Request) -> str:
-    return check_id(request.query_params.get("tenant", DEFAULT_TENANT), TENANT_RE, "tenant")
-
-
 def _check_target(tenant: str, consumer_id: str) -> None:
     check_id(tenant, TENANT_RE, "tenant")
     check_id(consumer_id, CONSUMER_ID_RE, "consumer_id")
-
-
-def _record(request: Request, action: str, tenant: str, target: str, **detail: Any) -> None:
-    """One structured line per admin change (the Postgres audit log supersedes it)."""
-    client = request.client.host if request.client else "-"
-    log.info(
-        "admin %s tenant=%s target=%s client=%s %s",
-        action,
-        tenant,
-        target,
-        client,
-        " ".join(f"{k}={v!r}" for k, v in detail.items()),
-    )
 
 
 # --- plans -------------------------------------------------------------------------
 
 
 async def put_plan(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     plan = decode_into(body, Plan, id=request.path_params["plan_id"]).validated()
-    created = await _catalog(request).put_plan(plan, _actor(request))
-    _record(request, "plan.put", plan.tenant, plan.id, windows=plan.windows, price=plan.price)
-    return _json(plan, 201 if created else 200)
+    created = await _catalog(request).put_plan(plan, actor(request))
+    record(request, "plan.put", plan.tenant, plan.id, windows=plan.windows, price=plan.price)
+    return json_response(plan, 201 if created else 200)
 
 
 _MAX_PAGE = 1000
@@ -131,47 +97,47 @@ def _cursor(after: str | None) -> str | None:
 async def list_plans(request: Request) -> Response:
     require_admin(request)
     after, limit = _page_request(request)
-    plans, last = await _store(request).list_plans(_tenant(request), after, limit)
-    return _json(_Page(plans, _cursor(last)))
+    plans, last = await _store(request).list_plans(tenant_param(request), after, limit)
+    return json_response(_Page(plans, _cursor(last)))
 
 
 async def delete_plan(request: Request) -> Response:
     require_admin(request)
-    tenant = _tenant(request)
+    tenant = tenant_param(request)
     plan_id = check_id(request.path_params["plan_id"], PLAN_ID_RE, "plan_id")
-    if not await _catalog(request).delete_plan(tenant, plan_id, _actor(request)):
+    if not await _catalog(request).delete_plan(tenant, plan_id, actor(request)):
         raise NotFound(f"plan {plan_id!r} does not exist", code="plan_not_found")
-    _record(request, "plan.delete", tenant, plan_id)
-    return _json({"deleted": True, "tenant": tenant, "id": plan_id})
+    record(request, "plan.delete", tenant, plan_id)
+    return json_response({"deleted": True, "tenant": tenant, "id": plan_id})
 
 
 async def get_plan(request: Request) -> Response:
     require_admin(request)
     plan_id = check_id(request.path_params["plan_id"], PLAN_ID_RE, "plan_id")
-    plan = await _store(request).get_plan(_tenant(request), plan_id)
+    plan = await _store(request).get_plan(tenant_param(request), plan_id)
     if plan is None:
         raise NotFound(f"plan {plan_id!r} does not exist", code="plan_not_found")
-    return _json(plan)
+    return json_response(plan)
 
 
 # --- consumers ---------------------------------------------------------------------
 
 
 async def put_consumer(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     spec = decode_into(body, ConsumerSpec, id=request.path_params["consumer_id"]).validated()
-    view, created = await _catalog(request).put_consumer(spec, _actor(request))
-    _record(request, "consumer.put", spec.tenant, spec.id, plan=spec.plan_id, status=spec.status)
-    return _json(view, 201 if created else 200)
+    view, created = await _catalog(request).put_consumer(spec, actor(request))
+    record(request, "consumer.put", spec.tenant, spec.id, plan=spec.plan_id, status=spec.status)
+    return json_response(view, 201 if created else 200)
 
 
 async def get_consumer(request: Request) -> Response:
     require_admin(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
-    view = await _store(request).get_consumer(_tenant(request), consumer_id, now_ms())
+    view = await _store(request).get_consumer(tenant_param(request), consumer_id, now_ms())
     if view is None:
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
-    return _json(view)
+    return json_response(view)
 
 
 async def list_consumers(request: Request) -> Response:
@@ -187,26 +153,26 @@ async def list_consumers(request: Request) -> Response:
             f"status {status!r} is not one of: {', '.join(s.value for s in ConsumerStatus)}", field="status"
         )
     views, last = await _store(request).list_consumers(
-        _tenant(request),
+        tenant_param(request),
         after,
         limit,
         now_ms(),
         plan_id=plan_id,
         status=None if status is None else ConsumerStatus(status),
     )
-    return _json(_Page(views, _cursor(last)))
+    return json_response(_Page(views, _cursor(last)))
 
 
 async def delete_consumer(request: Request) -> Response:
     require_admin(request)
-    tenant = _tenant(request)
+    tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
-    if not await _catalog(request).delete_consumer(tenant, consumer_id, _actor(request)):
+    if not await _catalog(request).delete_consumer(tenant, consumer_id, actor(request)):
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
     authorizer: Authorizer = request.app.state.authorizer
     authorizer.forget_consumer(tenant, consumer_id)
-    _record(request, "consumer.delete", tenant, consumer_id)
-    return _json({"deleted": True, "tenant": tenant, "id": consumer_id})
+    record(request, "consumer.delete", tenant, consumer_id)
+    return json_response({"deleted": True, "tenant": tenant, "id": consumer_id})
 
 
 class _KeyInfo(msgspec.Struct):
@@ -217,7 +183,7 @@ class _KeyInfo(msgspec.Struct):
 
 async def list_keys(request: Request) -> Response:
     require_admin(request)
-    tenant = _tenant(request)
+    tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
     keys = await _catalog(request).consumer_keys(tenant, consumer_id)
     if keys is None:
@@ -229,18 +195,18 @@ async def list_keys(request: Request) -> Response:
         )
         for k in keys
     ]
-    return _json({"tenant": tenant, "consumer_id": consumer_id, "keys": items})
+    return json_response({"tenant": tenant, "consumer_id": consumer_id, "keys": items})
 
 
 async def list_notices(request: Request) -> Response:
     """The consumer's wallet notices: suspended (wallet_empty), resumed, topup_requested."""
     require_admin(request)
-    tenant = _tenant(request)
+    tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
     notices = await _catalog(request).notices(tenant, consumer_id)
     if notices is None:
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
-    return _json({"tenant": tenant, "consumer_id": consumer_id, "items": notices})
+    return json_response({"tenant": tenant, "consumer_id": consumer_id, "items": notices})
 
 
 class StatusChange(msgspec.Struct, forbid_unknown_fields=True):
@@ -265,14 +231,14 @@ async def _change_status(
                 "consumer_revoked",
                 "a revoked consumer is not resumed; PUT it with status active to reinstate it",
             )
-    view = await _catalog(request).set_status(tenant, consumer_id, status, _actor(request))
-    _record(request, f"consumer.{status.value}", tenant, consumer_id, reason=reason)
-    return _json(view)
+    view = await _catalog(request).set_status(tenant, consumer_id, status, actor(request))
+    record(request, f"consumer.{status.value}", tenant, consumer_id, reason=reason)
+    return json_response(view)
 
 
 def _status_endpoint(status: ConsumerStatus):
     async def endpoint(request: Request) -> Response:
-        body = await _admin_body(request)
+        body = await admin_body(request)
         change = decode_into(body, StatusChange, consumer_id=request.path_params["consumer_id"])
         return await _change_status(request, change.tenant, change.consumer_id, status, change.reason)
 
@@ -287,7 +253,7 @@ class TopUp(msgspec.Struct, forbid_unknown_fields=True):
 
 
 async def top_up(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     topup = decode_into(body, TopUp, consumer_id=request.path_params["consumer_id"])
     _check_target(topup.tenant, topup.consumer_id)
     if not 0 < topup.amount <= MAX_MICROS:
@@ -297,9 +263,9 @@ async def top_up(request: Request) -> Response:
     if topup.reference is not None:
         check_id(topup.reference, REQUEST_ID_RE, "reference")
     result = await _catalog(request).top_up(
-        topup.tenant, topup.consumer_id, topup.amount, topup.reference, _actor(request)
+        topup.tenant, topup.consumer_id, topup.amount, topup.reference, actor(request)
     )
-    _record(
+    record(
         request,
         "wallet.topup",
         topup.tenant,
@@ -308,7 +274,7 @@ async def top_up(request: Request) -> Response:
         reference=topup.reference,
         applied=result.applied,
     )
-    return _json({"balance": result.balance, "applied": result.applied})
+    return json_response({"balance": result.balance, "applied": result.applied})
 
 
 # --- API keys ----------------------------------------------------------------------
@@ -332,7 +298,7 @@ def _key_hash(value: str) -> str:
 
 
 async def create_key(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     ask = decode_into(body, KeyRequest, consumer_id=request.path_params["consumer_id"])
     _check_target(ask.tenant, ask.consumer_id)
     if ask.key_hash is not None and ask.api_key is not None:
@@ -341,15 +307,15 @@ async def create_key(request: Request) -> Response:
         raise InvalidInput("api_key must be 8 to 512 characters", code="invalid_key", field="api_key")
     if ask.key_hash is not None or ask.api_key is not None:
         key_hash = _key_hash(ask.key_hash) if ask.key_hash is not None else hash_api_key(ask.api_key or "")
-        await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, _actor(request))
-        _record(request, "key.import", ask.tenant, ask.consumer_id, key_hash=key_hash)
+        await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, actor(request))
+        record(request, "key.import", ask.tenant, ask.consumer_id, key_hash=key_hash)
         body = {"key_hash": key_hash, "consumer_id": ask.consumer_id, "tenant": ask.tenant, "imported": True}
-        return _json(body, 201)
+        return json_response(body, 201)
     raw = generate_api_key()
     key_hash = hash_api_key(raw)
-    await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, _actor(request))
-    _record(request, "key.create", ask.tenant, ask.consumer_id, key_hash=key_hash)
-    return _json(
+    await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, actor(request))
+    record(request, "key.create", ask.tenant, ask.consumer_id, key_hash=key_hash)
+    return json_response(
         {
             "api_key": raw,
             "key_hash": key_hash,
@@ -363,23 +329,23 @@ async def create_key(request: Request) -> Response:
 
 async def revoke_key(request: Request) -> Response:
     require_admin(request)
-    tenant = _tenant(request)
+    tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
     key_hash = _key_hash(request.path_params["key_hash"])
-    removed = await _catalog(request).revoke_key(tenant, consumer_id, key_hash, _actor(request))
+    removed = await _catalog(request).revoke_key(tenant, consumer_id, key_hash, actor(request))
     if not removed:
         raise NotFound("no such key on this consumer", code="key_not_found")
     authorizer: Authorizer = request.app.state.authorizer
     authorizer.forget_key(tenant, key_hash)
-    _record(request, "key.revoke", tenant, consumer_id, key_hash=key_hash)
-    return _json({"revoked": True, "key_hash": key_hash})
+    record(request, "key.revoke", tenant, consumer_id, key_hash=key_hash)
+    return json_response({"revoked": True, "key_hash": key_hash})
 
 
 # --- seed contracts: gateway-side suspension ---------------------------------------
 
 
 async def kong_suspend(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     change = decode_into(body, StatusChange)
     return await _change_status(
         request, change.tenant, change.consumer_id, ConsumerStatus.SUSPENDED, change.reason
@@ -387,7 +353,7 @@ async def kong_suspend(request: Request) -> Response:
 
 
 async def kong_resume(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     change = decode_into(body, StatusChange)
     return await _change_status(
         request, change.tenant, change.consumer_id, ConsumerStatus.ACTIVE, change.reason
@@ -408,7 +374,7 @@ _APIGEE_MODES = {"suspend": ConsumerStatus.SUSPENDED, "revoke": ConsumerStatus.R
 
 
 async def apigee_suspend(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     change = decode_into(body, ApigeeStatusChange)
     status = _APIGEE_MODES.get(change.mode)
     if status is None:
@@ -417,7 +383,7 @@ async def apigee_suspend(request: Request) -> Response:
 
 
 async def apigee_resume(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     change = decode_into(body, ApigeeStatusChange)
     return await _change_status(request, change.tenant, change.appId, ConsumerStatus.ACTIVE, change.reason)
 
@@ -428,7 +394,7 @@ async def reconciliation(request: Request) -> Response:
         report = await _catalog(request).reconciliation()
     except NeedsPostgres as exc:
         raise ApiError(501, "postgres_required", str(exc)) from None
-    return _json(report)
+    return json_response(report)
 
 
 ROUTES = [

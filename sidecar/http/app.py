@@ -14,6 +14,7 @@ from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
 from sidecar.http import admin, connections, decisions, ingest, probes, usage
 from sidecar.http.errors import EXCEPTION_HANDLERS
+from sidecar.integrations.apigee import routes as apigee_routes
 from sidecar.integrations.kong import routes as kong_routes
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import build_store
@@ -66,6 +67,7 @@ def create_app(
         *admin.ROUTES,
         *connections.ROUTES,
         *kong_routes.ROUTES,
+        *apigee_routes.ROUTES,
         Route("/healthz", probes.healthz, methods=["GET"]),
         Route("/readyz", probes.readyz, methods=["GET"]),
         Route("/metrics", probes.metrics_endpoint, methods=["GET"]),

@@ -5,6 +5,7 @@ test, and the catalog import (preview, apply). Postgres-backed: without it, 501
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -14,12 +15,13 @@ from starlette.routing import Route
 
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import check_id
-from sidecar.http.admin import _actor, _admin_body, _json, _record, _tenant, require_admin
-from sidecar.http.bodies import decode_into
+from sidecar.http.admin_request import actor, admin_body, json_response, record, tenant_param
+from sidecar.http.auth import require_admin
+from sidecar.http.bodies import decode, decode_into, invalid_from
 from sidecar.http.errors import ApiError
 from sidecar.integrations import catalog_import
 from sidecar.integrations.connection_store import ConnectionStore, EncryptionKeyMissing
-from sidecar.integrations.connections import CONNECTION_ID_RE, ConnectionSpec
+from sidecar.integrations.connections import CONNECTION_ID_RE, ConnectionSpec, ConnectionView, SyncResult
 from sidecar.integrations.gateway_http import GatewayError
 from sidecar.integrations.secret_box import SecretBox, SecretBoxError
 from sidecar.reconciler.catalog import PostgresCatalog
@@ -54,80 +56,199 @@ async def guarded(work: Any) -> Any:
         raise ApiError(501, "secret_keys_required", str(exc)) from None
     except SecretBoxError as exc:
         raise ApiError(503, "secret_unavailable", str(exc)) from None
-    except catalog_import.NotSupported as exc:
-        raise ApiError(501, "not_implemented", str(exc)) from None
     except GatewayError as exc:
         raise ApiError(502, f"gateway_{exc.code}", exc.message) from None
 
 
 async def put_connection(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     connection_id = _connection_id(request)
     spec = decode_into(body, ConnectionSpec).validated()
     _, store = await postgres(request)
-    view, created = await guarded(store.put(connection_id, spec, _actor(request)))
-    _record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
-    return _json(view, 201 if created else 200)
+    view, created = await guarded(store.put(connection_id, spec, actor(request)))
+    record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
+    return json_response(view, 201 if created else 200)
 
 
 async def get_connection(request: Request) -> Response:
     require_admin(request)
     connection_id = _connection_id(request)
     _, store = await postgres(request)
-    view = await store.get(_tenant(request), connection_id)
+    view = await store.get(tenant_param(request), connection_id)
     if view is None:
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
-    return _json(view)
+    return json_response(view)
 
 
 async def list_connections(request: Request) -> Response:
     require_admin(request)
     _, store = await postgres(request)
-    return _json({"items": await store.list(_tenant(request))})
+    return json_response({"items": await store.list(tenant_param(request))})
 
 
 async def delete_connection(request: Request) -> Response:
     require_admin(request)
-    tenant, connection_id = _tenant(request), _connection_id(request)
+    tenant, connection_id = tenant_param(request), _connection_id(request)
     _, store = await postgres(request)
-    if not await store.delete(tenant, connection_id, _actor(request)):
+    if not await store.delete(tenant, connection_id, actor(request)):
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
-    _record(request, "connection.delete", tenant, connection_id)
-    return _json({"deleted": True, "tenant": tenant, "id": connection_id})
+    record(request, "connection.delete", tenant, connection_id)
+    return json_response({"deleted": True, "tenant": tenant, "id": connection_id})
 
 
 async def check_connection(request: Request) -> Response:
     require_admin(request)
-    tenant, connection_id = _tenant(request), _connection_id(request)
+    tenant, connection_id = tenant_param(request), _connection_id(request)
     _, store = await postgres(request)
     try:
         async with asyncio.timeout(TEST_BUDGET_S):
             answer = await guarded(catalog_import.check_connection(store, tenant, connection_id))
     except TimeoutError:
         answer = {"ok": False, "error": "timeout", "message": f"no answer within {TEST_BUDGET_S:g} s"}
-    return _json(answer)
+    return json_response(answer)
 
 
 async def preview_import(request: Request) -> Response:
     require_admin(request)
-    tenant, connection_id = _tenant(request), _connection_id(request)
+    tenant, connection_id = tenant_param(request), _connection_id(request)
     catalog, store = await postgres(request)
     ledger = await catalog.ledger()
-    return _json(await guarded(catalog_import.preview(store, ledger, tenant, connection_id)))
+    return json_response(await guarded(catalog_import.preview(store, ledger, tenant, connection_id)))
 
 
 async def apply_import(request: Request) -> Response:
-    body = await _admin_body(request)
+    body = await admin_body(request)
     ask = decode_into(body, ApplyRequest)
-    tenant = ask.tenant or _tenant(request)
+    tenant = ask.tenant or tenant_param(request)
     connection_id = _connection_id(request)
     if not ask.token:
         raise InvalidInput("token is required: the token of the preview to apply", field="token")
     catalog, store = await postgres(request)
     ledger = await catalog.ledger()
     applied = await guarded(catalog_import.apply(store, ledger, catalog, tenant, connection_id, ask.token))
-    _record(request, "connection.apply", tenant, connection_id, **applied.counts)
-    return _json(applied)
+    record(request, "connection.apply", tenant, connection_id, **applied.counts)
+    return json_response(applied)
+
+
+# --- what the gateways' own routes share ------------------------------------------
+
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+async def typed_connection(
+    store: ConnectionStore, tenant: str, connection_id: str, types: tuple[str, ...]
+) -> ConnectionSpec:
+    """The connection, if it is of one of ``types``; 404 ``connection_not_found`` else."""
+    spec = await guarded(store.load(tenant, connection_id))
+    if spec is None or spec.type not in types:
+        raise NotFound(f"{types[0]} connection {connection_id!r} does not exist", code="connection_not_found")
+    return spec
+
+
+def seed_connection(kind: str, default_id: str) -> Any:
+    """A seed path that creates a ``kind`` connection: ``connection_id`` in the body
+    (default ``default_id``), the rest as for PUT /v1/admin/connections/{id}."""
+
+    async def create(request: Request) -> Response:
+        raw = decode(await admin_body(request), _object_decoder)
+        connection_id = check_id(raw.pop("connection_id", default_id), CONNECTION_ID_RE, "connection_id")
+        if raw.get("type", kind) != kind:
+            raise InvalidInput(f"this path creates {kind} connections", field="type")
+        try:
+            spec = msgspec.convert({**raw, "type": kind}, ConnectionSpec).validated()
+        except msgspec.ValidationError as exc:
+            raise invalid_from(exc) from None
+        _, store = await postgres(request)
+        view, created = await guarded(store.put(connection_id, spec, actor(request)))
+        record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
+        return json_response(view, 201 if created else 200)
+
+    return create
+
+
+def for_connection(handler: Any, default_id: str) -> Any:
+    """``handler`` of /v1/admin/connections/{connection_id}/..., for the connection named
+    by ``?connection_id=`` (default ``default_id``)."""
+
+    async def alias(request: Request) -> Response:
+        request.scope["path_params"] = {
+            "connection_id": request.query_params.get("connection_id", default_id)
+        }
+        return await handler(request)
+
+    return alias
+
+
+async def pushed(
+    request: Request,
+    store: ConnectionStore,
+    tenant: str,
+    connection_id: str,
+    action: str,
+    detail: dict[str, Any],
+) -> Response:
+    """The answer to a push to a gateway (``detail["result"]``: created, updated or
+    unchanged), audited when it changed the gateway (an unchanged one wrote nothing)."""
+    if detail["result"] != "unchanged":
+        await store.audit_push(tenant, connection_id, actor(request), action, detail)
+    record(request, action, tenant, connection_id, result=detail["result"])
+    return json_response(detail)
+
+
+class ConnectionHealth(msgspec.Struct):
+    id: str
+    type: str
+    reachable: bool
+    error: str | None  # the gateway error code when not reachable
+    # What the gateway says of itself: Kong's database_reachable (GET /status), the
+    # Konnect control plane's name, Apigee's organization runtimeType.
+    gateway: dict[str, Any]
+    last_sync: SyncResult | None
+    next_sync_at: str | None  # None: never imported, so not synced periodically
+
+
+class Health(msgspec.Struct):
+    tenant: str
+    connections: list[ConnectionHealth]
+    reconciler_alive: bool  # its heartbeat is younger than HEARTBEAT_STALE_S
+    reconciler_last_seen: str | None
+    streams_waiting: int  # usage, event and notice streams marked for the next drain
+
+
+HEARTBEAT_STALE_S = 15.0
+
+
+async def _connection_health(store: ConnectionStore, view: ConnectionView) -> ConnectionHealth:
+    spec = await guarded(store.load(view.tenant, view.id))
+    if spec is None:  # deleted meanwhile
+        reachable, error, details = False, "not_found", {}
+    else:
+        reachable, error, details = await catalog_import.GATEWAYS[spec.type].reach(spec)
+    next_at = None
+    if view.last_sync is not None and await store.imported(view.tenant, view.id):
+        last = datetime.fromisoformat(view.last_sync.at)
+        next_at = (last + timedelta(seconds=view.sync_interval_seconds)).isoformat()
+    return ConnectionHealth(view.id, view.type, reachable, error, details, view.last_sync, next_at)
+
+
+def health_of(*types: str) -> Any:
+    """The health of a gateway's connections (of ``types``) in the tenant: reachable now,
+    the last sync's time and result, the next sync; the reconciler's heartbeat and the
+    drain backlog."""
+
+    async def health(request: Request) -> Response:
+        require_admin(request)
+        tenant = tenant_param(request)
+        _, store = await postgres(request)
+        views = [v for v in await store.list(tenant) if v.type in types]
+        connections = list(await asyncio.gather(*(_connection_health(store, v) for v in views)))
+        beat, waiting = await request.app.state.store.health()
+        now = datetime.now(tz=UTC).timestamp() * 1000
+        alive = beat is not None and now - beat < HEARTBEAT_STALE_S * 1000
+        last_seen = None if beat is None else datetime.fromtimestamp(beat / 1000, tz=UTC).isoformat()
+        return json_response(Health(tenant, connections, alive, last_seen, waiting))
+
+    return health
 
 
 ROUTES = [

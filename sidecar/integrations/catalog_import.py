@@ -11,33 +11,37 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 import msgspec
 
-from sidecar.core.catalog_diff import Catalog, Change, Diff, diff
+from sidecar.core.catalog_diff import Catalog, Change, Diff, Mapped, Skipped, diff
 from sidecar.core.errors import Conflict, NotFound
 from sidecar.core.models import ConsumerSpec, ConsumerStatus
+from sidecar.integrations.apigee import importer as apigee_importer
 from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.connections import ConnectionSpec, SyncResult
 from sidecar.integrations.gateway_http import GatewayError
 from sidecar.integrations.kong import importer as kong_importer
-from sidecar.integrations.kong.mapping import Mapped, Skipped
 from sidecar.reconciler.catalog import PostgresCatalog
 from sidecar.reconciler.ledger import Ledger
 
-# What each connection type can do so far (Apigee: issue 16, to come).
-READERS: dict[str, Callable[[ConnectionSpec], Awaitable[Mapped]]] = {
-    "kong": kong_importer.read_catalog,
-    "konnect": kong_importer.read_catalog,
-}
-COUNTERS: dict[str, Callable[[ConnectionSpec], Awaitable[dict[str, int]]]] = {
-    "kong": kong_importer.counts,
-    "konnect": kong_importer.counts,
-}
+
+class Gateway(NamedTuple):
+    """What each connection type can do: read its catalog (mapped), count it (a
+    connection test), and say whether it is reachable (health: ok, error code, details)."""
+
+    read: Callable[[ConnectionSpec], Awaitable[Mapped]]
+    count: Callable[[ConnectionSpec], Awaitable[dict[str, int]]]
+    reach: Callable[[ConnectionSpec], Awaitable[tuple[bool, str | None, dict[str, Any]]]]
 
 
-class NotSupported(Exception):
-    """The connection's gateway type has no importer yet."""
+_KONG = Gateway(kong_importer.read_catalog, kong_importer.counts, kong_importer.reach)
+GATEWAYS: dict[str, Gateway] = {
+    "kong": _KONG,
+    "konnect": _KONG,
+    "apigee": Gateway(apigee_importer.read_catalog, apigee_importer.counts, apigee_importer.reach),
+}
 
 
 class ImportResult(msgspec.Struct):
@@ -67,8 +71,6 @@ async def _connection(store: ConnectionStore, tenant: str, connection_id: str) -
     spec = await store.load(tenant, connection_id)
     if spec is None:
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
-    if spec.type not in READERS:
-        raise NotSupported(f"importing from {spec.type} is not built yet (kong and konnect are)")
     return spec
 
 
@@ -76,7 +78,7 @@ async def _plan(
     store: ConnectionStore, ledger: Ledger, tenant: str, connection_id: str
 ) -> tuple[ConnectionSpec, Mapped, Diff]:
     spec = await _connection(store, tenant, connection_id)
-    mapped = await READERS[spec.type](spec)
+    mapped = await GATEWAYS[spec.type].read(spec)
     owned = await store.owned(tenant, connection_id, "consumer")
     return spec, mapped, diff(mapped.catalog, await current_catalog(ledger, tenant), owned, spec.removal)
 
@@ -129,6 +131,11 @@ async def _write(catalog: PostgresCatalog, desired: Catalog, tenant: str, change
         await catalog.set_status(tenant, change.id, ConsumerStatus.REVOKED, actor)
     elif change.kind == "consumer":
         spec: ConsumerSpec = desired.consumers[change.id]
+        if change.action == "change":
+            # Only what differs is written: the wallet mode (set on creation) and a
+            # status the gateway did not change keep their values.
+            status = spec.status if "status" in change.fields else None
+            spec = msgspec.structs.replace(spec, status=status, wallet_mode=None)
         await catalog.put_consumer(spec, actor)
     else:
         consumer_id, _, key_hash = change.id.partition("/")
@@ -153,10 +160,7 @@ async def check_connection(store: ConnectionStore, tenant: str, connection_id: s
     spec = await store.load(tenant, connection_id)
     if spec is None:
         raise NotFound(f"connection {connection_id!r} does not exist", code="connection_not_found")
-    counter = COUNTERS.get(spec.type)
-    if counter is None:
-        raise NotSupported(f"testing a {spec.type} connection is not built yet (kong and konnect are)")
     try:
-        return {"ok": True, "counts": await counter(spec)}
+        return {"ok": True, "counts": await GATEWAYS[spec.type].count(spec)}
     except GatewayError as exc:
         return {"ok": False, "error": exc.code, "message": exc.message}

@@ -15,6 +15,7 @@ import msgspec
 from sidecar.core.catalog_diff import Removal
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import DEFAULT_TENANT, TENANT_RE, check_id
+from sidecar.integrations.apigee.mapping import ApigeeMapping
 from sidecar.integrations.kong.mapping import KongMapping
 
 CONNECTION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -62,7 +63,11 @@ class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
             value = getattr(self, name)
             if value is not None and len(value) > 4096:
                 raise InvalidInput(f"{name} must be up to 4096 characters (empty: remove it)", field=name)
-        self.kong_mapping()  # refuses a bad mapping now, not at the first sync
+        # A bad mapping is refused now, not at the first sync.
+        if self.type == "apigee":
+            self.apigee_mapping()
+        else:
+            self.kong_mapping()
         return self
 
     def interval(self) -> int:
@@ -79,6 +84,14 @@ class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
         try:
             return msgspec.convert(self.mapping, KongMapping)
         except msgspec.ValidationError as exc:
+            raise InvalidInput(f"mapping: {exc}", field="mapping") from None
+
+    def apigee_mapping(self) -> ApigeeMapping:
+        if self.type != "apigee":
+            return ApigeeMapping()
+        try:
+            return msgspec.convert(self.mapping, ApigeeMapping).validated()
+        except (msgspec.ValidationError, ValueError) as exc:
             raise InvalidInput(f"mapping: {exc}", field="mapping") from None
 
 

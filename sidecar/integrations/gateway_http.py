@@ -55,13 +55,19 @@ class GatewayHttp:
         self._first_delay_s = first_delay_s
 
     async def request(
-        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, json: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         """The decoded JSON answer (None for an empty body); GatewayError otherwise."""
         delay = self._first_delay_s
         for attempt in range(1, self._attempts + 1):
             try:
-                response = await self._client.request(method, path, params=params, json=json)
+                response = await self._client.request(method, path, params=params, json=json, headers=headers)
             except httpx.TimeoutException as exc:
                 raise GatewayError("timeout", f"{method} {path}: no answer in time ({exc!r})") from None
             except httpx.TransportError as exc:
@@ -91,5 +97,5 @@ class GatewayHttp:
                 ) from None
         raise AssertionError("unreachable")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await self._client.aclose()

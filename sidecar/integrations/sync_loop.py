@@ -30,7 +30,7 @@ async def sync_due(store: ConnectionStore, ledger: Ledger, catalog: PostgresCata
     synced = 0
     now = datetime.now(tz=UTC)
     for view in await store.list():
-        if view.type not in catalog_import.READERS:
+        if view.type not in catalog_import.GATEWAYS:
             continue
         if not await store.imported(view.tenant, view.id):
             continue  # never applied: the first import waits for an operator's preview

@@ -4,12 +4,19 @@ endpoints."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from tests.redis_servers import free_port
 
@@ -55,3 +62,31 @@ class StubServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def stub_app(
+    api: Callable[..., Any], methods: list[str], calls: list[dict[str, Any]], **control: Any
+) -> Starlette:
+    """A stub's app: its gateway API on every path but ``/_stub/``, whose ``state`` and
+    ``faults`` (PUT) are the stub's own handlers and ``calls`` (GET) lists ``calls``;
+    ``get_state`` (GET /_stub/state) when given."""
+
+    async def get_calls(request: Request) -> Response:
+        return JSONResponse(calls)
+
+    routes = [
+        Route("/_stub/state", control["put_state"], methods=["PUT"]),
+        Route("/_stub/faults", control["put_faults"], methods=["PUT"]),
+        Route("/_stub/calls", get_calls, methods=["GET"]),
+    ]
+    if "get_state" in control:
+        routes.append(Route("/_stub/state", control["get_state"], methods=["GET"]))
+    return Starlette(routes=[*routes, Route("/{path:path}", api, methods=methods)])
+
+
+def run_stub(app: Starlette, description: str) -> None:
+    """``--port N``: serve ``app`` on loopback until terminated."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

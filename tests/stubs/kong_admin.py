@@ -30,17 +30,15 @@ times), ``GET /_stub/calls`` (every Admin API request: method, path, raw path, q
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import uuid
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+
+from tests.stubs import run_stub, stub_app
 
 LISTS = {
     "consumers": "consumers",
@@ -182,31 +180,19 @@ async def put_faults(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
-async def get_calls(request: Request) -> Response:
-    return JSONResponse(stub.calls)
-
-
 async def get_state(request: Request) -> Response:
     return JSONResponse(stub.state)
 
 
-app = Starlette(
-    routes=[
-        Route("/_stub/state", put_state, methods=["PUT"]),
-        Route("/_stub/state", get_state, methods=["GET"]),
-        Route("/_stub/faults", put_faults, methods=["PUT"]),
-        Route("/_stub/calls", get_calls, methods=["GET"]),
-        Route("/{path:path}", admin_api, methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
-    ]
+app = stub_app(
+    admin_api,
+    ["GET", "POST", "PATCH", "PUT", "DELETE"],
+    stub.calls,
+    put_state=put_state,
+    put_faults=put_faults,
+    get_state=get_state,
 )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
-
-
 if __name__ == "__main__":
-    main()
+    run_stub(app, __doc__.splitlines()[0])

@@ -106,8 +106,8 @@ class KongAdminClient:
             raise GatewayError("bad_response", "GET /status: not an object")
         return answer
 
-    async def close(self) -> None:
-        await self.http.close()
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
 
 async def enforce_group(client: KongAdminClient, group: str, config: dict[str, int]) -> str:

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Any
 
+from sidecar.core.catalog_diff import Mapped
 from sidecar.integrations.connections import ConnectionSpec
+from sidecar.integrations.gateway_http import GatewayError
 from sidecar.integrations.kong.admin_client import KongAdminClient
-from sidecar.integrations.kong.mapping import Mapped, map_catalog
+from sidecar.integrations.kong.mapping import map_catalog
 
 TEST_TIMEOUT_S = 5.0
 
@@ -24,18 +27,30 @@ def client_for(spec: ConnectionSpec, **http: Any) -> KongAdminClient:
 
 
 async def read_catalog(spec: ConnectionSpec) -> Mapped:
-    client = client_for(spec)
-    try:
+    async with aclosing(client_for(spec)) as client:
         snapshot = await client.snapshot()
-    finally:
-        await client.close()
     return map_catalog(snapshot, spec.kong_mapping(), spec.tenant)
 
 
 async def counts(spec: ConnectionSpec) -> dict[str, int]:
     """What a connection test reports; one attempt per call, bounded by the test's 5 s."""
-    client = client_for(spec, timeout_s=TEST_TIMEOUT_S, attempts=1)
-    try:
+    async with aclosing(client_for(spec, timeout_s=TEST_TIMEOUT_S, attempts=1)) as client:
         return await client.counts()
-    finally:
-        await client.close()
+
+
+async def reach(spec: ConnectionSpec) -> tuple[bool, str | None, dict[str, Any]]:
+    """Reachable, the error code if not, and what the gateway says of itself: Kong's
+    ``GET /status`` (its database reachable), or the Konnect control plane's name."""
+    try:
+        async with aclosing(client_for(spec, timeout_s=TEST_TIMEOUT_S, attempts=1)) as client:
+            if client.control_plane is not None:
+                plane = await client.http.request("GET", client.control_plane)
+                return True, None, {"control_plane": plane.get("name") if isinstance(plane, dict) else None}
+            database = (await client.status()).get("database")
+    except GatewayError as exc:
+        return False, exc.code, {}
+    return (
+        True,
+        None,
+        {"database_reachable": database.get("reachable") if isinstance(database, dict) else None},
+    )

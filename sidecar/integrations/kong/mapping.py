@@ -15,8 +15,8 @@ from typing import Literal
 import msgspec
 
 from sidecar.core.api_keys import hash_api_key
-from sidecar.core.catalog_diff import Catalog
-from sidecar.core.models import CONSUMER_ID_RE, PLAN_ID_RE, ConsumerSpec, Plan
+from sidecar.core.catalog_diff import Catalog, Mapped, Skipped
+from sidecar.core.models import CONSUMER_ID_RE, PLAN_ID_RE, ConsumerSpec, Plan, WalletMode
 from sidecar.core.money import MAX_MICROS
 
 PLAN_TAG = "aforo:plan_id="
@@ -84,19 +84,11 @@ class KongMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A consumer in several groups is bound to the first of them listed here, else to
     # the group whose name sorts first.
     group_priority: list[str] = []
+    # The wallet of the consumers an import creates (None: prepaid, the admin API's
+    # default); an existing consumer's wallet is never changed by an import.
+    wallet_mode: WalletMode | None = None
     # The plan of consumers in no group; None: such consumers are skipped.
     default_plan_id: str | None = None
-
-
-class Skipped(msgspec.Struct, frozen=True):
-    kind: str
-    id: str
-    reason: str
-
-
-class Mapped(msgspec.Struct, frozen=True):
-    catalog: Catalog
-    skipped: list[Skipped]
 
 
 def _tag(tags: list[str] | None, prefix: str) -> str | None:
@@ -192,7 +184,9 @@ def map_catalog(snapshot: KongSnapshot, mapping: KongMapping, tenant: str) -> Ma
                 Skipped("consumer", consumer_id, "in no mapped consumer group, and no default_plan_id")
             )
             continue
-        consumers[consumer_id] = ConsumerSpec(id=consumer_id, plan_id=plan_id, tenant=tenant)
+        consumers[consumer_id] = ConsumerSpec(
+            id=consumer_id, plan_id=plan_id, tenant=tenant, wallet_mode=mapping.wallet_mode
+        )
         consumer_id_of[consumer.id] = consumer_id
 
     keys: dict[str, set[str]] = {}

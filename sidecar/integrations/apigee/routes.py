@@ -1,0 +1,128 @@
+"""Apigee-specific routes: the seed's connect and catalog sync paths (thin aliases over
+the connection endpoints), quota enforcement pushed through the Management API, and
+health."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sidecar.core.errors import InvalidInput, NotFound
+from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, check_id
+from sidecar.core.windows import parse_window
+from sidecar.http.admin_request import admin_body, json_response, record
+from sidecar.http.bodies import decode_into
+from sidecar.http.connections import (
+    guarded,
+    health_of,
+    postgres,
+    pushed,
+    seed_connection,
+    typed_connection,
+)
+from sidecar.integrations import catalog_import
+from sidecar.integrations.apigee.importer import client_for
+from sidecar.integrations.apigee.mapping import NoQuotaWindow, quota_fields
+from sidecar.integrations.connections import CONNECTION_ID_RE
+
+APIGEE_DEFAULT_ID = "apigee"
+
+
+class CatalogSync(msgspec.Struct, forbid_unknown_fields=True):
+    """Without ``token``: the preview (with its token); with it: apply that preview."""
+
+    connection_id: str = APIGEE_DEFAULT_ID
+    tenant: str = DEFAULT_TENANT
+    token: str | None = None
+
+
+async def catalog_sync(request: Request) -> Response:
+    """The seed's ``POST /integrations/apigee/catalog/sync``: a change preview, then an
+    apply of exactly that preview (409 ``catalog_changed`` if anything moved)."""
+    ask = decode_into(await admin_body(request), CatalogSync)
+    check_id(ask.connection_id, CONNECTION_ID_RE, "connection_id")
+    catalog, store = await postgres(request)
+    await typed_connection(store, ask.tenant, ask.connection_id, ("apigee",))
+    ledger = await catalog.ledger()
+    if ask.token is None:
+        return json_response(
+            await guarded(catalog_import.preview(store, ledger, ask.tenant, ask.connection_id))
+        )
+    if not ask.token:
+        raise InvalidInput("token is the token of the preview to apply", field="token")
+    applied = await guarded(
+        catalog_import.apply(store, ledger, catalog, ask.tenant, ask.connection_id, ask.token)
+    )
+    record(request, "connection.apply", ask.tenant, ask.connection_id, **applied.counts)
+    return json_response(applied)
+
+
+class EnforceQuota(msgspec.Struct, forbid_unknown_fields=True):
+    """An API product's quota: ``window`` and ``limit`` as given, else the plan's (a
+    plan with several windows needs ``window`` to say which one Apigee enforces)."""
+
+    connection_id: str
+    product: str
+    tenant: str = DEFAULT_TENANT
+    plan_id: str | None = None
+    window: str | None = None
+    limit: int | None = None
+
+
+async def _windows(request: Request, ask: EnforceQuota) -> dict[str, int]:
+    if ask.limit is not None:
+        if ask.window is None:
+            raise InvalidInput("a limit needs its window", field="window")
+        return {ask.window: ask.limit}
+    if ask.plan_id is None:
+        raise InvalidInput("give window and limit, or a plan_id to take them from", field="plan_id")
+    check_id(ask.plan_id, PLAN_ID_RE, "plan_id")
+    catalog, _ = await postgres(request)
+    plans = await (await catalog.ledger()).plans(ask.tenant, ask.plan_id)
+    if not plans:
+        raise NotFound(f"plan {ask.plan_id!r} does not exist", code="plan_not_found")
+    windows = plans[0].plan.windows
+    if ask.window is not None:
+        if ask.window not in windows:
+            raise InvalidInput(f"plan {ask.plan_id!r} has no {ask.window!r} window", field="window")
+        return {ask.window: windows[ask.window]}
+    return windows
+
+
+async def enforce_quotas(request: Request) -> Response:
+    """``POST /integrations/apigee/enforce/quotas``: make the API product's quota the
+    plan's (or the one given): "updated", or "unchanged" without any write."""
+    ask = decode_into(await admin_body(request), EnforceQuota)
+    check_id(ask.connection_id, CONNECTION_ID_RE, "connection_id")
+    if not 1 <= len(ask.product) <= 200:
+        raise InvalidInput("product must be 1 to 200 characters", field="product")
+    windows = await _windows(request, ask)
+    for window, limit in windows.items():
+        try:
+            parse_window(window)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), code="unknown_window", field="window") from None
+        if limit < 0:
+            raise InvalidInput("a limit is 0 or more", code="invalid_limit", field="limit")
+    try:
+        fields = quota_fields(windows)
+    except NoQuotaWindow as exc:
+        raise InvalidInput(str(exc), code="ambiguous_window", field="window") from None
+    _, store = await postgres(request)
+    spec = await typed_connection(store, ask.tenant, ask.connection_id, ("apigee",))
+    async with aclosing(client_for(spec)) as client:
+        result = await guarded(client.set_quota(ask.product, fields))
+    detail = {"product": ask.product, "quota": fields, "result": result}
+    return await pushed(request, store, ask.tenant, ask.connection_id, "apigee.enforce_quota", detail)
+
+
+ROUTES = [
+    Route("/integrations/apigee/connect", seed_connection("apigee", APIGEE_DEFAULT_ID), methods=["POST"]),
+    Route("/integrations/apigee/catalog/sync", catalog_sync, methods=["POST"]),
+    Route("/integrations/apigee/enforce/quotas", enforce_quotas, methods=["POST"]),
+    Route("/integrations/apigee/health", health_of("apigee"), methods=["GET"]),
+]
