@@ -47,6 +47,10 @@ async def _sync(http, **body) -> dict:
     return response.json()
 
 
+def _app(apigee: StubServer, app_id: str) -> dict:
+    return next(a for a in apigee.current()["apps"] if a["appId"] == app_id)
+
+
 async def _make_due(db) -> None:
     await db.execute(
         "UPDATE connections SET last_sync = jsonb_set(last_sync, '{at}', to_jsonb($1::text))",
@@ -260,3 +264,53 @@ async def test_enforce_quotas_makes_the_documented_calls_once(migrated_database,
         assert (missing.status_code, missing.json()["error"]["code"]) == (502, "gateway_not_found")
         unauthorized = await s.http.post("/integrations/apigee/enforce/quotas", json=ask)
         assert unauthorized.status_code == 401
+
+
+async def test_a_suspension_is_pushed_to_apigee_as_a_revoked_app_and_read_back_as_a_suspension(
+    migrated_database, redis_url, prefix, apigee
+):
+    catalog = apigee_catalog(apps=6, developers=3)
+    apigee.state(**catalog)
+    body = _connection(apigee, sync_interval_seconds=10)
+    body["mapping"] |= {"push_status": True}
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await s.http.post("/integrations/apigee/connect", json=body, headers=ADMIN)
+        await _sync(s.http, token=(await _sync(s.http))["token"])
+        apigee.state(**catalog)  # forget the import's reads
+        suspend = {"appId": "app-0004", "reason": "fraud review"}
+        first = await s.http.post("/integrations/apigee/suspend", json=suspend, headers=ADMIN)
+        assert (first.json()["status"], first.json()["pushed"]) == (
+            "suspended",
+            [{"connection_id": "apigee", "type": "apigee", "result": "updated"}],
+        )
+        again = await s.http.post("/integrations/apigee/suspend", json=suspend, headers=ADMIN)
+        assert again.json()["pushed"][0]["result"] == "unchanged"
+        writes = [(c["method"], c["path"], c["query"]) for c in apigee.calls() if c["method"] != "GET"]
+        assert writes == [("POST", "/developers/dev-001@example.com/apps/app-4", {"action": "revoke"})]
+        assert _app(apigee, "app-0004")["status"] == "revoked"
+
+        # The next sync reads the revoked app back: still a suspension, its key kept.
+        catalog_of = s.http._transport.app.state.catalog  # type: ignore[attr-defined]
+        ledger = await catalog_of.ledger()
+        store = ConnectionStore(ledger.pool, SecretBox(KEYS))
+        await _make_due(s.db)
+        assert await sync_loop.sync_due(store, ledger, catalog_of) == 1
+        assert (await s.decide("app-0004"))["reason"] == "suspended"
+        resumed = await s.http.post("/integrations/apigee/resume", json={"appId": "app-0004"}, headers=ADMIN)
+        assert resumed.json()["pushed"][0]["result"] == "updated"
+        by_key = await s.http.post("/v1/authorize", json={"api_key": app_key(4), "product": "api"})
+        assert by_key.json()["allow"] is True
+        assert _app(apigee, "app-0004")["status"] == "approved"
+        audited = await s.db.fetchval(
+            "SELECT count(*) FROM audit_log WHERE action = 'apigee.consumer_status'"
+        )
+        assert audited == 2
+
+        # Apigee refusing the push: the sidecar's status still changes, the failure is told.
+        apigee.faults(token="ya29.rotated-elsewhere")
+        failed = await s.http.post("/v1/admin/consumers/app-0004/revoke", json={}, headers=ADMIN)
+        assert (failed.status_code, failed.json()["status"]) == (200, "revoked")
+        assert failed.json()["pushed"] == [
+            {"connection_id": "apigee", "type": "apigee", "error": "unauthorized"}
+        ]
+        assert (await s.decide("app-0004"))["reason"] == "revoked"

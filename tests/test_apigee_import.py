@@ -248,11 +248,12 @@ def test_apps_become_consumers_with_status_keys_and_one_plan_by_an_explicit_rule
         id="app-0000", plan_id="gold", tenant="t1", status=ConsumerStatus.ACTIVE
     )
     assert ("binding", "app-0000/silver") in {(s.kind, s.id) for s in mapped.skipped}
-    assert consumers["app-0001"].status is ConsumerStatus.REVOKED and "app-0001" not in keys
+    # A revoked app keeps its keys registered: its status denies them, and undoes that.
+    assert consumers["app-0001"].status is ConsumerStatus.REVOKED and "app-0001" in keys
     assert consumers["app-0005"].status is ConsumerStatus.REVOKED  # its developer is inactive
     # A revoked or expired credential grants nothing: no key, and no product to bind.
     assert "app-0002" not in consumers and "app-0003" not in consumers and "app-0004" not in consumers
-    assert keys == {"app-0000": frozenset({hash_api_key(app_key(0))})}
+    assert keys == {f"app-000{i}": frozenset({hash_api_key(app_key(i))}) for i in (0, 1, 5)}
     # product_priority decides first; default_plan_id takes apps granted nothing.
     ordered = ApigeeMapping(product_priority=["silver"], default_plan_id="gold", consumer_field="name")
     remapped = map_catalog(_snapshot(catalog), ordered, [], "t1", NOW).catalog.consumers
@@ -274,6 +275,8 @@ def test_a_gateway_saying_active_never_ends_a_suspension_the_sidecar_made():
     assert diff(active, held, frozenset({"a"}), Removal.REVOKE).changes == ()
     (change,) = diff(revoked, held, frozenset({"a"}), Removal.REVOKE).changes
     assert (change.action, change.fields) == ("change", ("status",))
+    # Where suspensions are pushed as revoked apps, reading one back is no revocation.
+    assert diff(revoked, held, frozenset({"a"}), Removal.REVOKE, suspension_echoed=True).changes == ()
     back = Catalog(
         plans={"gold": plan}, consumers={"a": ConsumerSpec("a", "gold", "t1", ConsumerStatus.REVOKED)}
     )

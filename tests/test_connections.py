@@ -340,6 +340,43 @@ async def test_the_reconciler_runs_the_periodic_sync(migrated_database, redis_ur
         await until(revoked, 30, "the periodic sync to revoke what left Kong")
 
 
+async def test_a_suspension_is_pushed_to_kong_as_an_acl_deny_group_when_the_connection_says_so(
+    migrated_database, redis_url, prefix, kong
+):
+    kong.state(**kong_catalog(3))
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _put(s.http, kong)
+        assert (await _apply(s.http, (await _preview(s.http))["token"])).status_code == 200
+        calls = len(kong.calls())
+        off = await s.http.post("/integrations/kong/suspend", json={"consumer_id": "c-0001"}, headers=ADMIN)
+        assert off.json()["status"] == "suspended" and "pushed" not in off.json()
+        assert len(kong.calls()) == calls  # push_status off: Kong is not told
+        await s.http.post("/integrations/kong/resume", json={"consumer_id": "c-0001"}, headers=ADMIN)
+
+        await _put(s.http, kong, mapping={"push_status": True, "deny_group": "blocked"})
+        pushed = [{"connection_id": "kong-prod", "type": "kong", "result": "updated"}]
+        first = await s.http.post("/integrations/kong/suspend", json={"consumer_id": "c-0001"}, headers=ADMIN)
+        assert (first.json()["status"], first.json()["pushed"]) == ("suspended", pushed)
+        assert [(a["group"], a["consumer"]["id"]) for a in kong.current()["acls"]] == [("blocked", "c-0001")]
+        again = await s.http.post("/v1/admin/consumers/c-0001/suspend", json={}, headers=ADMIN)
+        assert again.json()["pushed"][0]["result"] == "unchanged"
+        assert len(kong.current()["acls"]) == 1
+        resumed = await s.http.post(
+            "/integrations/kong/resume", json={"consumer_id": "c-0001"}, headers=ADMIN
+        )
+        assert (resumed.json()["status"], resumed.json()["pushed"]) == ("active", pushed)
+        assert kong.current()["acls"] == []
+        writes = [(c["method"], c["path"]) for c in kong.calls()[calls:] if c["method"] != "GET"]
+        acl = writes[1][1].rsplit("/", 1)[1]
+        assert writes == [("POST", "/consumers/c-0001/acls"), ("DELETE", f"/consumers/c-0001/acls/{acl}")]
+        audited = await s.db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'kong.consumer_status'")
+        assert audited == 2
+        # A hand-made consumer no connection imported is never pushed anywhere.
+        await seed(s.http, plan_id="hand", consumer_id="hand-made")
+        hand = await s.http.post("/v1/admin/consumers/hand-made/suspend", json={}, headers=ADMIN)
+        assert "pushed" not in hand.json()
+
+
 async def test_enforce_groups_pushes_a_plan_s_limits_once(migrated_database, redis_url, prefix, kong):
     kong.state(**kong_catalog(3))
     async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:

@@ -80,16 +80,28 @@ def _differing(desired: msgspec.Struct, held: msgspec.Struct, fields: tuple[str,
     )
 
 
-def _consumer_fields(desired: ConsumerSpec, held: ConsumerSpec) -> tuple[str, ...]:
-    """What differs; a gateway that says "active" never ends a suspension the sidecar made
-    (an admin's, or a wallet's): only a revocation or its end is the gateway's to say."""
+def _consumer_fields(desired: ConsumerSpec, held: ConsumerSpec, suspension_echoed: bool) -> tuple[str, ...]:
+    """What differs. A gateway that says "active" never ends a suspension the sidecar made
+    (an admin's, or a wallet's): only a revocation or its end is the gateway's to say; and
+    where the sidecar pushes its suspensions to the gateway as a revocation
+    (``suspension_echoed``), the gateway's "revoked" of a suspended consumer is that echo."""
     fields = _differing(desired, held, _CONSUMER_FIELDS)
-    if desired.status is ConsumerStatus.ACTIVE and held.status is ConsumerStatus.SUSPENDED:
+    if held.status is ConsumerStatus.SUSPENDED and (
+        desired.status is ConsumerStatus.ACTIVE
+        or (suspension_echoed and desired.status is ConsumerStatus.REVOKED)
+    ):
         fields = tuple(f for f in fields if f != "status")
     return fields
 
 
-def diff(desired: Catalog, current: Catalog, owned: frozenset[str], removal: Removal) -> Diff:
+def diff(
+    desired: Catalog,
+    current: Catalog,
+    owned: frozenset[str],
+    removal: Removal,
+    *,
+    suspension_echoed: bool = False,
+) -> Diff:
     """What makes ``current`` hold ``desired``. ``owned`` are the consumer ids an earlier
     import of this source brought in: only those may be revoked when the gateway no
     longer has them (a consumer created by hand is never touched)."""
@@ -104,7 +116,7 @@ def diff(desired: Catalog, current: Catalog, owned: frozenset[str], removal: Rem
         held_consumer = current.consumers.get(consumer_id)
         if held_consumer is None:
             changes.append(Change("consumer", consumer_id, "add"))
-        elif fields := _consumer_fields(spec, held_consumer):
+        elif fields := _consumer_fields(spec, held_consumer, suspension_echoed):
             changes.append(Change("consumer", consumer_id, "change", fields))
         held_keys = current.keys.get(consumer_id, frozenset())
         for key_hash in sorted(desired.keys.get(consumer_id, frozenset()) - held_keys):

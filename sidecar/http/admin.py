@@ -34,6 +34,7 @@ from sidecar.core.money import MAX_MICROS
 from sidecar.http.admin_request import actor, admin_body, json_response, record, tenant_param
 from sidecar.http.auth import require_admin
 from sidecar.http.bodies import decode_into
+from sidecar.http.connections import push_status
 from sidecar.http.errors import ApiError
 from sidecar.store.base import Store
 
@@ -215,7 +216,7 @@ class StatusChange(msgspec.Struct, forbid_unknown_fields=True):
     reason: str = ""
 
 
-async def _change_status(
+async def change_status(
     request: Request, tenant: str, consumer_id: str, status: ConsumerStatus, reason: str
 ) -> Response:
     _check_target(tenant, consumer_id)
@@ -233,14 +234,18 @@ async def _change_status(
             )
     view = await _catalog(request).set_status(tenant, consumer_id, status, actor(request))
     record(request, f"consumer.{status.value}", tenant, consumer_id, reason=reason)
-    return json_response(view)
+    pushes = await push_status(request, tenant, consumer_id, status is ConsumerStatus.ACTIVE)
+    if not pushes:
+        return json_response(view)
+    # Gateways this consumer came from, told of its status (connection option push_status).
+    return json_response(msgspec.structs.asdict(view) | {"pushed": pushes})
 
 
 def _status_endpoint(status: ConsumerStatus):
     async def endpoint(request: Request) -> Response:
         body = await admin_body(request)
         change = decode_into(body, StatusChange, consumer_id=request.path_params["consumer_id"])
-        return await _change_status(request, change.tenant, change.consumer_id, status, change.reason)
+        return await change_status(request, change.tenant, change.consumer_id, status, change.reason)
 
     return endpoint
 
@@ -341,53 +346,6 @@ async def revoke_key(request: Request) -> Response:
     return json_response({"revoked": True, "key_hash": key_hash})
 
 
-# --- seed contracts: gateway-side suspension ---------------------------------------
-
-
-async def kong_suspend(request: Request) -> Response:
-    body = await admin_body(request)
-    change = decode_into(body, StatusChange)
-    return await _change_status(
-        request, change.tenant, change.consumer_id, ConsumerStatus.SUSPENDED, change.reason
-    )
-
-
-async def kong_resume(request: Request) -> Response:
-    body = await admin_body(request)
-    change = decode_into(body, StatusChange)
-    return await _change_status(
-        request, change.tenant, change.consumer_id, ConsumerStatus.ACTIVE, change.reason
-    )
-
-
-class ApigeeStatusChange(msgspec.Struct, forbid_unknown_fields=True):
-    """``mode`` of a suspension: ``suspend`` (reversible) or ``revoke`` (for good)."""
-
-    appId: str
-    developer: str = ""
-    mode: str = "suspend"
-    reason: str = ""
-    tenant: str = DEFAULT_TENANT
-
-
-_APIGEE_MODES = {"suspend": ConsumerStatus.SUSPENDED, "revoke": ConsumerStatus.REVOKED}
-
-
-async def apigee_suspend(request: Request) -> Response:
-    body = await admin_body(request)
-    change = decode_into(body, ApigeeStatusChange)
-    status = _APIGEE_MODES.get(change.mode)
-    if status is None:
-        raise InvalidInput(f"mode {change.mode!r} is not one of: {', '.join(_APIGEE_MODES)}", field="mode")
-    return await _change_status(request, change.tenant, change.appId, status, change.reason)
-
-
-async def apigee_resume(request: Request) -> Response:
-    body = await admin_body(request)
-    change = decode_into(body, ApigeeStatusChange)
-    return await _change_status(request, change.tenant, change.appId, ConsumerStatus.ACTIVE, change.reason)
-
-
 async def reconciliation(request: Request) -> Response:
     require_admin(request)
     try:
@@ -427,8 +385,4 @@ ROUTES = [
     Route("/v1/admin/consumers/{consumer_id}/topup", top_up, methods=["POST"]),
     Route("/v1/admin/consumers/{consumer_id}/keys", create_key, methods=["POST"]),
     Route("/v1/admin/consumers/{consumer_id}/keys/{key_hash}", revoke_key, methods=["DELETE"]),
-    Route("/integrations/kong/suspend", kong_suspend, methods=["POST"]),
-    Route("/integrations/kong/resume", kong_resume, methods=["POST"]),
-    Route("/integrations/apigee/suspend", apigee_suspend, methods=["POST"]),
-    Route("/integrations/apigee/resume", apigee_resume, methods=["POST"]),
 ]

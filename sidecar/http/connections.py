@@ -5,6 +5,7 @@ test, and the catalog import (preview, apply). Postgres-backed: without it, 501
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ from sidecar.http.auth import require_admin
 from sidecar.http.bodies import decode, decode_into, invalid_from
 from sidecar.http.errors import ApiError
 from sidecar.integrations import catalog_import
+from sidecar.integrations.catalog_import import GATEWAYS
 from sidecar.integrations.connection_store import ConnectionStore, EncryptionKeyMissing
 from sidecar.integrations.connections import CONNECTION_ID_RE, ConnectionSpec, ConnectionView, SyncResult
 from sidecar.integrations.gateway_http import GatewayError
@@ -27,6 +29,7 @@ from sidecar.integrations.secret_box import SecretBox, SecretBoxError
 from sidecar.reconciler.catalog import PostgresCatalog
 
 TEST_BUDGET_S = 5.0
+log = logging.getLogger("aforo.connections")
 
 
 class ApplyRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -193,6 +196,44 @@ async def pushed(
         await store.audit_push(tenant, connection_id, actor(request), action, detail)
     record(request, action, tenant, connection_id, result=detail["result"])
     return json_response(detail)
+
+
+class StatusPush(msgspec.Struct, omit_defaults=True):
+    """What pushing a consumer's status to one gateway did."""
+
+    connection_id: str
+    type: str
+    result: str | None = None  # updated | unchanged
+    error: str | None = None  # the gateway error code when the push failed
+
+
+async def push_status(request: Request, tenant: str, consumer_id: str, active: bool) -> list[StatusPush]:
+    """Push a consumer's status to every gateway whose import brought it in and whose
+    connection says ``push_status``. The sidecar's own status is already written (the
+    truth): a gateway that fails is reported and logged, and the next push or an
+    operator fixes it (each push is idempotent)."""
+    if not isinstance(request.app.state.catalog, PostgresCatalog):
+        return []
+    _, store = await postgres(request)
+    pushes = []
+    for connection_id in await store.owners(tenant, "consumer", consumer_id):
+        spec = None
+        try:
+            spec = await store.load(tenant, connection_id)
+            if spec is None or not spec.pushes_status():
+                continue
+            result = await GATEWAYS[spec.type].set_status(spec, consumer_id, active)
+        except (GatewayError, SecretBoxError) as exc:
+            code = exc.code if isinstance(exc, GatewayError) else "secret_unavailable"
+            log.warning("status of %s/%s not pushed to %s: %s", tenant, consumer_id, connection_id, code)
+            pushes.append(StatusPush(connection_id, spec.type if spec else "?", error=code))
+            continue
+        detail = {"consumer_id": consumer_id, "active": active, "result": result}
+        if result != "unchanged":
+            action = f"{spec.type}.consumer_status"
+            await store.audit_push(tenant, connection_id, actor(request), action, detail)
+        pushes.append(StatusPush(connection_id, spec.type, result=result))
+    return pushes
 
 
 class ConnectionHealth(msgspec.Struct):

@@ -34,13 +34,22 @@ class Gateway(NamedTuple):
     read: Callable[[ConnectionSpec], Awaitable[Mapped]]
     count: Callable[[ConnectionSpec], Awaitable[dict[str, int]]]
     reach: Callable[[ConnectionSpec], Awaitable[tuple[bool, str | None, dict[str, Any]]]]
+    # Push a consumer's status (active or not) to the gateway: "updated" or "unchanged".
+    set_status: Callable[[ConnectionSpec, str, bool], Awaitable[str]]
 
 
-_KONG = Gateway(kong_importer.read_catalog, kong_importer.counts, kong_importer.reach)
+_KONG = Gateway(
+    kong_importer.read_catalog, kong_importer.counts, kong_importer.reach, kong_importer.set_status
+)
 GATEWAYS: dict[str, Gateway] = {
     "kong": _KONG,
     "konnect": _KONG,
-    "apigee": Gateway(apigee_importer.read_catalog, apigee_importer.counts, apigee_importer.reach),
+    "apigee": Gateway(
+        apigee_importer.read_catalog,
+        apigee_importer.counts,
+        apigee_importer.reach,
+        apigee_importer.set_status,
+    ),
 }
 
 
@@ -80,7 +89,10 @@ async def _plan(
     spec = await _connection(store, tenant, connection_id)
     mapped = await GATEWAYS[spec.type].read(spec)
     owned = await store.owned(tenant, connection_id, "consumer")
-    return spec, mapped, diff(mapped.catalog, await current_catalog(ledger, tenant), owned, spec.removal)
+    current = await current_catalog(ledger, tenant)
+    # Apigee holds a pushed suspension as a revoked app: reading it back is no revocation.
+    echoes = spec.type == "apigee" and spec.pushes_status()
+    return spec, mapped, diff(mapped.catalog, current, owned, spec.removal, suspension_echoed=echoes)
 
 
 async def preview(store: ConnectionStore, ledger: Ledger, tenant: str, connection_id: str) -> ImportResult:

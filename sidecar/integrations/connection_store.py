@@ -227,6 +227,17 @@ class ConnectionStore:
         )
         return frozenset(r["object_id"] for r in rows)
 
+    async def owners(self, tenant: str, kind: str, object_id: str) -> list[str]:
+        """The connections whose imports brought this object in."""
+        rows = await self.pool.fetch(
+            """SELECT connection_id FROM connection_objects
+               WHERE tenant = $1 AND kind = $2 AND object_id = $3 ORDER BY connection_id""",
+            tenant,
+            kind,
+            object_id,
+        )
+        return [r["connection_id"] for r in rows]
+
     async def imported(self, tenant: str, connection_id: str) -> bool:
         """Whether an import of this connection has been applied (so it syncs on its own)."""
         return await self.pool.fetchval(

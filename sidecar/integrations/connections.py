@@ -78,6 +78,11 @@ class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
         given = {name: getattr(self, name) for name in SECRET_FIELDS}
         return {name: value for name, value in given.items() if value is not None and value != REDACTED}
 
+    def pushes_status(self) -> bool:
+        """Whether a consumer's suspension or revocation is pushed to this gateway."""
+        mapping = self.apigee_mapping() if self.type == "apigee" else self.kong_mapping()
+        return mapping.push_status
+
     def kong_mapping(self) -> KongMapping:
         if self.type not in ("kong", "konnect"):
             return KongMapping()

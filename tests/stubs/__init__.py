@@ -50,6 +50,10 @@ class StubServer:
     def faults(self, **faults: Any) -> None:
         self.control.put("/_stub/faults", json=faults).raise_for_status()
 
+    def current(self) -> dict[str, Any]:
+        """The stub's state now (what the sidecar's writes made of it)."""
+        return self.control.get("/_stub/state").json()
+
     def calls(self) -> list[dict[str, Any]]:
         return self.control.get("/_stub/calls").json()
 

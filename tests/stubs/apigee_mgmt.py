@@ -22,7 +22,7 @@ organizations.apps, organizations.developers.apps; Edge: https://apidocs.apigee.
   else 401 ``{"error": {"code": 401, "status": "UNAUTHENTICATED"}}``; an unknown
   organization is a 404 (403 on X for a project one may not see: the stub says 404).
 
-Test control, not part of Apigee: ``PUT /_stub/state`` (``{"products", "developers",
+Test control, not part of Apigee: ``PUT|GET /_stub/state`` (``{"products", "developers",
 "apps"}``), ``PUT /_stub/faults`` (``{"api": "x"|"edge", "organization", "token",
 "basic": [user, password], "faults": [{"path", "page", "status", "times",
 "retry_after"}]}``), ``GET /_stub/calls`` (every Management API request: method, path
@@ -204,6 +204,10 @@ async def put_state(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+async def get_state(request: Request) -> Response:
+    return JSONResponse(stub.state)
+
+
 async def put_faults(request: Request) -> Response:
     given = await request.json()
     stub.api = given.get("api", stub.api)
@@ -215,7 +219,12 @@ async def put_faults(request: Request) -> Response:
 
 
 app = stub_app(
-    management_api, ["GET", "PUT", "POST", "DELETE"], stub.calls, put_state=put_state, put_faults=put_faults
+    management_api,
+    ["GET", "PUT", "POST", "DELETE"],
+    stub.calls,
+    put_state=put_state,
+    put_faults=put_faults,
+    get_state=get_state,
 )
 
 

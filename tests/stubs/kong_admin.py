@@ -12,6 +12,8 @@ Plugin, Key Auth, Service):
   ``PATCH /consumer_groups/{id}/plugins/{plugin id}`` updates its ``config``;
 - with a token configured, ``Kong-Admin-Token`` must carry it (RBAC), else 401
   ``{"message": "Invalid credentials. Token or User credentials required"}``;
+- ``GET /consumers/{id or username}``, ``GET /consumers?custom_id=``; the ACL plugin's
+  credentials: ``GET|POST /consumers/{consumer}/acls``, ``DELETE .../acls/{id}``;
 - a workspace, when given, prefixes every path (``/{workspace}/consumers``).
 
 Konnect mode (``"konnect": "<control plane id>"`` in the faults): the same entities under
@@ -136,7 +138,10 @@ async def admin_api(request: Request) -> Response:
     if request.method == "GET" and parts == ["status"]:
         return JSONResponse({"database": {"reachable": True}, "server": {"connections_active": 1}})
     if request.method == "GET" and len(parts) == 1 and parts[0] in LISTS:
-        return _page(request, path, stub.state[LISTS[parts[0]]])
+        items = stub.state[LISTS[parts[0]]]
+        if parts[0] == "consumers" and "custom_id" in request.query_params:  # Kong's filter
+            items = [c for c in items if c.get("custom_id") == request.query_params["custom_id"]]
+        return _page(request, path, items)
     if len(parts) >= 2 and parts[0] == "consumer_groups":
         group = next((g for g in stub.state["groups"] if parts[1] in (g["id"], g["name"])), None)
         if group is None:
@@ -160,13 +165,40 @@ async def admin_api(request: Request) -> Response:
             change = json.loads(body)
             plugin["config"] = {**plugin.get("config", {}), **change.get("config", {})}
             return JSONResponse(plugin)
+    if len(parts) >= 2 and parts[0] == "consumers":
+        return _consumer_api(request, path, parts, body)
+    return JSONResponse({"message": "Not found"}, 404)
+
+
+def _consumer_api(request: Request, path: str, parts: list[str], body: bytes) -> Response:
+    """``GET /consumers/{id or username}``, ``GET|POST /consumers/{c}/acls`` and
+    ``DELETE /consumers/{c}/acls/{id}`` (the ACL plugin's credential entity)."""
+    consumer = next((c for c in stub.state["consumers"] if parts[1] in (c["id"], c.get("username"))), None)
+    if consumer is None:
+        return JSONResponse({"message": "Not found"}, 404)
+    acls = stub.state.setdefault("acls", [])
+    if request.method == "GET" and len(parts) == 2:
+        return JSONResponse(consumer)
+    if parts[2:] == ["acls"] and request.method == "GET":
+        return _page(request, path, [a for a in acls if a["consumer"]["id"] == consumer["id"]])
+    if parts[2:] == ["acls"] and request.method == "POST":
+        acl = {"id": str(uuid.uuid4()), "consumer": {"id": consumer["id"]}, **json.loads(body)}
+        acls.append(acl)
+        return JSONResponse(acl, 201)
+    if len(parts) == 4 and parts[2] == "acls" and request.method == "DELETE":
+        kept = [a for a in acls if not (a["id"] == parts[3] and a["consumer"]["id"] == consumer["id"])]
+        if len(kept) == len(acls):
+            return JSONResponse({"message": "Not found"}, 404)
+        stub.state["acls"] = kept
+        return Response(status_code=204)
     return JSONResponse({"message": "Not found"}, 404)
 
 
 async def put_state(request: Request) -> Response:
     given = await request.json()
     stub.state = {name: given.get(name, []) for name in LISTS.values()} | {
-        "members": given.get("members", {})
+        "members": given.get("members", {}),
+        "acls": given.get("acls", []),
     }
     return JSONResponse({"ok": True})
 

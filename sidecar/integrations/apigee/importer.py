@@ -52,3 +52,12 @@ async def reach(spec: ConnectionSpec) -> tuple[bool, str | None, dict[str, Any]]
     except GatewayError as exc:
         return False, exc.code, {}
     return True, None, {k: org[k] for k in ("runtimeType", "type") if isinstance(org.get(k), str)}
+
+
+async def set_status(spec: ConnectionSpec, consumer_id: str, active: bool) -> str:
+    """Push a consumer's status: its developer app approved (active) or revoked
+    (suspended or revoked)."""
+    mapping = spec.apigee_mapping()
+    async with aclosing(client_for(spec)) as client:
+        app_id = consumer_id if mapping.consumer_field == "appId" else await client.app_id_named(consumer_id)
+        return await client.set_app_status(app_id, approved=active)

@@ -171,5 +171,13 @@ class ApigeeClient:
         )
         return "updated"
 
+    async def app_id_named(self, name: str) -> str:
+        """The appId of the one app called ``name`` (app names are unique per developer
+        only: two apps of that name are a conflict to resolve in Apigee)."""
+        ids = [app.get("appId") for app in await self.apps() if app.get("name") == name]
+        if len(ids) != 1 or not isinstance(ids[0], str):
+            raise GatewayError("not_found", f"{len(ids)} apps are named {name!r}: expected exactly one", 404)
+        return ids[0]
+
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -249,7 +249,7 @@ def map_catalog(
             id=consumer_id, plan_id=plan_id, tenant=tenant, wallet_mode=mapping.wallet_mode, status=status
         )
         hashes = {hash_api_key(c.consumerKey) for c in usable if c.consumerKey}
-        if hashes and not revoked:
+        if hashes:  # kept while the app is revoked: the consumer's status denies them
             keys[consumer_id] = hashes
     return Mapped(
         Catalog(plans=plans, consumers=consumers, keys={c: frozenset(k) for c, k in keys.items()}),

@@ -12,8 +12,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.core.errors import InvalidInput, NotFound
-from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, check_id
+from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, ConsumerStatus, check_id
 from sidecar.core.windows import parse_window
+from sidecar.http.admin import change_status
 from sidecar.http.admin_request import admin_body, json_response, record
 from sidecar.http.bodies import decode_into
 from sidecar.http.connections import (
@@ -120,7 +121,38 @@ async def enforce_quotas(request: Request) -> Response:
     return await pushed(request, store, ask.tenant, ask.connection_id, "apigee.enforce_quota", detail)
 
 
+class AppStatusChange(msgspec.Struct, forbid_unknown_fields=True):
+    """The seed's suspension of an app: ``mode`` ``suspend`` (reversible) or ``revoke``
+    (for good)."""
+
+    appId: str
+    developer: str = ""
+    mode: str = "suspend"
+    reason: str = ""
+    tenant: str = DEFAULT_TENANT
+
+
+_MODES = {"suspend": ConsumerStatus.SUSPENDED, "revoke": ConsumerStatus.REVOKED}
+
+
+async def suspend(request: Request) -> Response:
+    """``POST /integrations/apigee/suspend``: the admin API's status change, pushed to
+    Apigee (the app revoked) where the connection says so."""
+    change = decode_into(await admin_body(request), AppStatusChange)
+    status = _MODES.get(change.mode)
+    if status is None:
+        raise InvalidInput(f"mode {change.mode!r} is not one of: {', '.join(_MODES)}", field="mode")
+    return await change_status(request, change.tenant, change.appId, status, change.reason)
+
+
+async def resume(request: Request) -> Response:
+    change = decode_into(await admin_body(request), AppStatusChange)
+    return await change_status(request, change.tenant, change.appId, ConsumerStatus.ACTIVE, change.reason)
+
+
 ROUTES = [
+    Route("/integrations/apigee/suspend", suspend, methods=["POST"]),
+    Route("/integrations/apigee/resume", resume, methods=["POST"]),
     Route("/integrations/apigee/connect", seed_connection("apigee", APIGEE_DEFAULT_ID), methods=["POST"]),
     Route("/integrations/apigee/catalog/sync", catalog_sync, methods=["POST"]),
     Route("/integrations/apigee/enforce/quotas", enforce_quotas, methods=["POST"]),

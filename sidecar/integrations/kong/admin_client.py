@@ -10,6 +10,7 @@ Follows the Kong Gateway Admin API reference
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 
@@ -133,3 +134,31 @@ async def enforce_group(client: KongAdminClient, group: str, config: dict[str, i
         return "unchanged"
     await client.http.request("PATCH", f"{path}/{plugins[0]['id']}", json={"config": wanted})
     return "updated"
+
+
+async def set_denied(client: KongAdminClient, consumer: str, field: str, group: str, denied: bool) -> str:
+    """Put the consumer (``consumer`` is its ``field``: id, username or custom_id) in the
+    ACL group ``group`` (``denied``) or take it out, through the ACL plugin's credentials:
+    "updated", or "unchanged" without any write. Services that Kong should close to such
+    consumers carry the ``acl`` plugin with ``deny: [group]``."""
+    if field == "custom_id":
+        found = await client.http.request("GET", f"{client.prefix}/consumers", params={"custom_id": consumer})
+        matches = found.get("data") if isinstance(found, dict) else None
+        if not matches:
+            raise GatewayError("not_found", f"no Kong consumer has custom_id {consumer!r}", 404)
+        kong_id = matches[0]["id"]
+    else:
+        found = await client.http.request("GET", f"{client.prefix}/consumers/{quote(consumer, safe='')}")
+        if not isinstance(found, dict) or not isinstance(found.get("id"), str):
+            raise GatewayError("bad_response", f"GET /consumers/{consumer}: not a consumer")
+        kong_id = found["id"]
+    path = f"/consumers/{kong_id}/acls"
+    present = [acl for acl in await client.walk(path) if acl.get("group") == group]
+    if denied and not present:
+        await client.http.request("POST", f"{client.prefix}{path}", json={"group": group, "tags": ["aforo"]})
+        return "updated"
+    if not denied and present:
+        for acl in present:
+            await client.http.request("DELETE", f"{client.prefix}{path}/{acl['id']}")
+        return "updated"
+    return "unchanged"

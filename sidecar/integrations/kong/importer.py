@@ -9,7 +9,7 @@ from typing import Any
 from sidecar.core.catalog_diff import Mapped
 from sidecar.integrations.connections import ConnectionSpec
 from sidecar.integrations.gateway_http import GatewayError
-from sidecar.integrations.kong.admin_client import KongAdminClient
+from sidecar.integrations.kong.admin_client import KongAdminClient, set_denied
 from sidecar.integrations.kong.mapping import map_catalog
 
 TEST_TIMEOUT_S = 5.0
@@ -54,3 +54,11 @@ async def reach(spec: ConnectionSpec) -> tuple[bool, str | None, dict[str, Any]]
         None,
         {"database_reachable": database.get("reachable") if isinstance(database, dict) else None},
     )
+
+
+async def set_status(spec: ConnectionSpec, consumer_id: str, active: bool) -> str:
+    """Push a consumer's status: suspended or revoked joins the mapping's ACL deny group,
+    active leaves it."""
+    mapping = spec.kong_mapping()
+    async with aclosing(client_for(spec)) as client:
+        return await set_denied(client, consumer_id, mapping.consumer_field, mapping.deny_group, not active)

@@ -89,6 +89,10 @@ class KongMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     wallet_mode: WalletMode | None = None
     # The plan of consumers in no group; None: such consumers are skipped.
     default_plan_id: str | None = None
+    # Push a consumer's suspension or revocation to Kong: the consumer joins the ACL
+    # group ``deny_group`` (and leaves it on resume).
+    push_status: bool = False
+    deny_group: str = "aforo-denied"
 
 
 def _tag(tags: list[str] | None, prefix: str) -> str | None:

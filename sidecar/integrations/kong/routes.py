@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import aclosing
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -10,9 +11,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.core.errors import InvalidInput, NotFound
-from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, check_id
+from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, ConsumerStatus, check_id
 from sidecar.core.windows import parse_window
 from sidecar.http import connections
+from sidecar.http.admin import StatusChange, change_status
 from sidecar.http.admin_request import admin_body, json_response, tenant_param
 from sidecar.http.auth import require_admin
 from sidecar.http.bodies import decode_into
@@ -105,7 +107,20 @@ async def konnect_list(request: Request) -> Response:
     return json_response({"data": items})
 
 
+def _seed_status(status: ConsumerStatus) -> Any:
+    """The seed's ``POST /integrations/kong/{suspend,resume}`` (``{consumer_id, tenant,
+    reason}``): the admin API's status change, pushed to Kong where the connection says so."""
+
+    async def endpoint(request: Request) -> Response:
+        change = decode_into(await admin_body(request), StatusChange)
+        return await change_status(request, change.tenant, change.consumer_id, status, change.reason)
+
+    return endpoint
+
+
 ROUTES = [
+    Route("/integrations/kong/suspend", _seed_status(ConsumerStatus.SUSPENDED), methods=["POST"]),
+    Route("/integrations/kong/resume", _seed_status(ConsumerStatus.ACTIVE), methods=["POST"]),
     Route("/integrations/kong/enforce/groups", enforce_groups, methods=["POST"]),
     Route("/integrations/kong/health", health_of("kong"), methods=["GET"]),
     Route("/integrations/konnect/health", health_of("konnect"), methods=["GET"]),
