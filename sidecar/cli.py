@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--json", action="store_true", help="with --report: JSON instead of a table")
 
     pull = sub.add_parser("apigee-pull", help="pull Apigee analytics for a time range into the sidecar")
-    from sidecar.apigee_pull import add_arguments
+    from sidecar.integrations.apigee.analytics_pull import add_arguments
 
     add_arguments(pull)
 
@@ -216,7 +216,7 @@ def _data_settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "apigee-pull":
-        from sidecar.apigee_pull import pull
+        from sidecar.integrations.apigee.analytics_pull import pull
 
         return pull(args)
     if args.command == "audit" and args.audit_command is None:

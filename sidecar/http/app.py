@@ -62,8 +62,6 @@ def create_app(
         Route("/v1/authorize", decisions.authorize, methods=["POST"]),
         Route("/integrations/apigee/authorize", decisions.apigee_authorize, methods=["POST"]),
         Route("/v1/usage", usage.report_usage, methods=["POST"]),
-        Route("/integrations/kong/ingest", ingest.kong_ingest, methods=["POST"]),
-        Route("/integrations/apigee/ingest", ingest.apigee_ingest, methods=["POST"]),
         *admin.ROUTES,
         *connections.ROUTES,
         *kong_routes.ROUTES,

@@ -4,6 +4,7 @@ health."""
 
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 
 import msgspec
@@ -16,7 +17,7 @@ from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, ConsumerStatus, chec
 from sidecar.core.windows import parse_window
 from sidecar.http.admin import change_status
 from sidecar.http.admin_request import admin_body, json_response, record
-from sidecar.http.bodies import decode_into
+from sidecar.http.bodies import decode_into, invalid_from, read_body
 from sidecar.http.connections import (
     guarded,
     health_of,
@@ -25,7 +26,10 @@ from sidecar.http.connections import (
     seed_connection,
     typed_connection,
 )
+from sidecar.http.errors import ApiError
+from sidecar.http.ingest import ingest_tenant, store_events
 from sidecar.integrations import catalog_import
+from sidecar.integrations.apigee.analytics import LATE_LIMIT_MS, Analytics, analytics_events
 from sidecar.integrations.apigee.importer import client_for
 from sidecar.integrations.apigee.mapping import NoQuotaWindow, quota_fields
 from sidecar.integrations.connections import CONNECTION_ID_RE
@@ -150,7 +154,38 @@ async def resume(request: Request) -> Response:
     return await change_status(request, change.tenant, change.appId, ConsumerStatus.ACTIVE, change.reason)
 
 
+# A bucket is remembered for the late-data window plus an hour of slack.
+APIGEE_DEDUPE_MS = LATE_LIMIT_MS + 3_600_000
+_analytics_decoder = msgspec.json.Decoder(Analytics)
+
+
+async def ingest(request: Request) -> Response:
+    """``POST /integrations/apigee/ingest``: aggregated Apigee analytics (the seed shape)."""
+    tenant = ingest_tenant(request)
+    settings = request.app.state.settings
+    body = await read_body(request, settings.ingest_max_body_bytes)
+    try:
+        payload = _analytics_decoder.decode(body)
+    except msgspec.MsgspecError as exc:
+        raise invalid_from(exc) from None
+    if len(payload.metrics) > settings.ingest_max_events:
+        raise ApiError(
+            413, "batch_too_large", f"a payload holds at most {settings.ingest_max_events} metrics"
+        )
+    events, late = analytics_events(payload, tenant=tenant, now_ms=time.time_ns() // 1_000_000)
+    # A bucket is accepted again until LATE_LIMIT_MS after its window ended (apigee-pull
+    # re-reads that late-data window): it must be recognised for at least that long.
+    stored = await store_events(request, events, APIGEE_DEDUPE_MS, rate=settings.apigee_analytics == "rate")
+    answer = {
+        "status": "ok",
+        "recordsProcessed": sum(stored),
+        "recordsSkipped": late + len(stored) - sum(stored),
+    }
+    return json_response(answer)
+
+
 ROUTES = [
+    Route("/integrations/apigee/ingest", ingest, methods=["POST"]),
     Route("/integrations/apigee/suspend", suspend, methods=["POST"]),
     Route("/integrations/apigee/resume", resume, methods=["POST"]),
     Route("/integrations/apigee/connect", seed_connection("apigee", APIGEE_DEFAULT_ID), methods=["POST"]),

@@ -17,7 +17,7 @@ from sidecar.http import connections
 from sidecar.http.admin import StatusChange, change_status
 from sidecar.http.admin_request import admin_body, json_response, tenant_param
 from sidecar.http.auth import require_admin
-from sidecar.http.bodies import decode_into
+from sidecar.http.bodies import decode, decode_into, read_body
 from sidecar.http.connections import (
     for_connection,
     guarded,
@@ -27,9 +27,12 @@ from sidecar.http.connections import (
     seed_connection,
     typed_connection,
 )
+from sidecar.http.errors import ApiError
+from sidecar.http.ingest import ingest_tenant, store_events
 from sidecar.integrations.connections import CONNECTION_ID_RE
 from sidecar.integrations.kong.admin_client import enforce_group
 from sidecar.integrations.kong.importer import client_for
+from sidecar.integrations.kong.log_entries import KongPayload, kong_log_event
 from sidecar.integrations.kong.mapping import UnsupportedWindow, rate_limiting_config
 
 
@@ -118,7 +121,39 @@ def _seed_status(status: ConsumerStatus) -> Any:
     return endpoint
 
 
+_kong_decoder = msgspec.json.Decoder(KongPayload)
+
+
+async def ingest(request: Request) -> Response:
+    """``POST /integrations/kong/ingest``: Kong's HTTP Log plugin payloads (one log or an
+    array), as usage events."""
+    tenant = ingest_tenant(request)
+    settings = request.app.state.settings
+    payload = decode(await read_body(request, settings.ingest_max_body_bytes), _kong_decoder)
+    logs = payload if isinstance(payload, list) else [payload]
+    if len(logs) > settings.ingest_max_events:
+        raise ApiError(413, "batch_too_large", f"a batch holds at most {settings.ingest_max_events} logs")
+    allowed = frozenset(settings.ingest_header_allowlist)
+    events = []
+    for index, log in enumerate(logs):
+        try:
+            events.append(
+                kong_log_event(
+                    log, tenant=tenant, consumer_field=settings.kong_consumer_field, allowed_headers=allowed
+                )
+            )
+        except InvalidInput as exc:
+            if isinstance(payload, list):
+                exc.field = f"[{index}].{exc.field}" if exc.field else f"[{index}]"
+                exc.message = f"log {index}: {exc.message}"
+            raise
+    stored = await store_events(request, events)
+    body = {"accepted": sum(stored), "duplicates": len(stored) - sum(stored)}
+    return json_response(body, 202)
+
+
 ROUTES = [
+    Route("/integrations/kong/ingest", ingest, methods=["POST"]),
     Route("/integrations/kong/suspend", _seed_status(ConsumerStatus.SUSPENDED), methods=["POST"]),
     Route("/integrations/kong/resume", _seed_status(ConsumerStatus.ACTIVE), methods=["POST"]),
     Route("/integrations/kong/enforce/groups", enforce_groups, methods=["POST"]),

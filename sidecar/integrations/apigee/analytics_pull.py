@@ -19,8 +19,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import msgspec
 
-from sidecar.core.apigee_stats import from_stats_response
 from sidecar.http.ingest import SECRET_HEADER, TENANT_HEADER
+from sidecar.integrations.apigee.analytics import from_stats_response
 from sidecar.integrations.gateway_http import retry_after_seconds
 
 TIME_UNITS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
