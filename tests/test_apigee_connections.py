@@ -89,8 +89,12 @@ async def test_apigee_products_apps_and_keys_are_imported_and_kept_in_step(
         consumer = (await s.http.get("/v1/admin/consumers/app-0000", headers=ADMIN)).json()
         assert consumer["plan_id"] == "gold"  # granted gold and silver: the first by name
 
-        # In Apigee: app-0007 revoked, app-0010 deleted, gold's quota changed, one new app.
+        # In Apigee: app-0007 revoked, app-0010 deleted, gold's quota changed, one new app,
+        # app-0005's key rotated (a new credential, the old one revoked).
         catalog["apps"][7]["status"] = "revoked"
+        old_credential = catalog["apps"][5]["credentials"][0]
+        rotated = {**old_credential, "consumerKey": "ck-rotated-0123456789abcdef"}
+        catalog["apps"][5]["credentials"] = [{**old_credential, "status": "revoked"}, rotated]
         del catalog["apps"][10]
         catalog["products"][0]["quota"] = "60"
         grant = [{"apiproduct": "bronze", "status": "approved"}]
@@ -111,6 +115,9 @@ async def test_apigee_products_apps_and_keys_are_imported_and_kept_in_step(
         assert revoked_key.json()["allow"] is False
         plan = (await s.http.get("/v1/admin/plans/gold", headers=ADMIN)).json()
         assert plan["windows"] == {"day": 60}
+        for key, allowed in ((app_key(5), False), ("ck-rotated-0123456789abcdef", True)):
+            answer = await s.http.post("/v1/authorize", json={"api_key": key, "product": "api"})
+            assert answer.json()["allow"] is allowed, key
         assert (await s.decide("app-0003"))["allow"] is True  # 51st of 60
         # Nothing deleted: the revoked apps' wallets and rows stay in Postgres.
         rows = await s.db.fetch(
