@@ -427,3 +427,18 @@ def reconciler(tmp_path) -> Iterator[Callable[..., ReconcilerProcess]]:
     yield make
     for process in started:
         process.stop()
+
+
+APIGEE_TOKEN = "ya29.apigee-token-0123456789"
+
+
+@pytest.fixture
+def apigee() -> Iterator[Any]:
+    """A stub of Apigee's Management API (tests/stubs/apigee_mgmt.py) as a process: X,
+    organization ``acme``, bearer APIGEE_TOKEN."""
+    from tests.stubs import StubServer
+
+    server = StubServer("apigee_mgmt")
+    server.faults(token=APIGEE_TOKEN, api="x", organization="acme")
+    yield server
+    server.stop()

@@ -6,7 +6,6 @@ and the Apigee half of 6)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,14 +19,6 @@ from tests.test_postgres import stack
 
 pytestmark = pytest.mark.slow
 KEYS = {"k1": new_key()}
-
-
-@pytest.fixture
-def apigee() -> Iterator[StubServer]:
-    server = StubServer("apigee_mgmt")
-    server.faults(token=TOKEN, api="x", organization="acme")
-    yield server
-    server.stop()
 
 
 def _connection(apigee: StubServer, **fields) -> dict:

@@ -6,7 +6,6 @@ products, apps, developers and credentials."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -20,14 +19,14 @@ from sidecar.integrations.apigee.mapping import (
     ApigeeMapping,
     ApigeeSnapshot,
     NoQuotaWindow,
-    ProductPlan,
     map_catalog,
     quota_fields,
 )
 from sidecar.integrations.gateway_http import GatewayError
+from sidecar.integrations.plan_choice import PlanChoice
+from tests.conftest import APIGEE_TOKEN as TOKEN
 from tests.stubs import StubServer
 
-TOKEN = "ya29.apigee-token-0123456789"
 # name -> (quota, interval, time unit, attributes)
 PRODUCTS: dict[str, tuple[str, str, str, list[dict[str, str]]]] = {
     "gold": ("50", "1", "day", [{"name": "aforo:price", "value": "2000"}]),
@@ -83,14 +82,6 @@ def apigee_catalog(apps: int = 250, developers: int = 25) -> dict[str, Any]:
             }
         )
     return {"products": products, "developers": people, "apps": listed}
-
-
-@pytest.fixture
-def apigee() -> Iterator[StubServer]:
-    server = StubServer("apigee_mgmt")
-    server.faults(token=TOKEN, api="x", organization="acme")
-    yield server
-    server.stop()
 
 
 def _client(apigee: StubServer, **options: Any) -> ApigeeClient:
@@ -229,7 +220,7 @@ def test_products_become_plans_with_their_quota_as_a_window_and_attributes_overr
     assert reasons[("plan", "staging-only")] == "in none of the connection's environments"
     assert ("plan", "bad id!") in reasons
     # The connection's mapping wins over the attributes.
-    priced = ApigeeMapping(products={"gold": ProductPlan(plan_id="gold-2", price=5)})
+    priced = ApigeeMapping(products={"gold": PlanChoice(plan_id="gold-2", price=5)})
     assert map_catalog(_snapshot(catalog), priced, [], "t1", NOW).catalog.plans["gold-2"].price == 5
 
 

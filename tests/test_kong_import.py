@@ -17,7 +17,6 @@ from sidecar.core.models import ConsumerSpec, ConsumerStatus, Plan
 from sidecar.integrations.gateway_http import GatewayError, retry_after_seconds
 from sidecar.integrations.kong.admin_client import KongAdminClient
 from sidecar.integrations.kong.mapping import (
-    GroupPlan,
     KongConsumer,
     KongGroup,
     KongKeyAuth,
@@ -26,6 +25,7 @@ from sidecar.integrations.kong.mapping import (
     KongSnapshot,
     map_catalog,
 )
+from sidecar.integrations.plan_choice import PlanChoice
 from tests.stubs import StubServer
 
 GROUPS = {"gold": (100, "minute"), "silver": (50, "minute"), "bronze": (1000, "day")}
@@ -189,7 +189,7 @@ def test_groups_become_plans_with_their_plugin_limits_and_tagged_prices():
 
 def test_the_connection_mapping_overrides_plan_ids_prices_and_the_consumer_field():
     mapping = KongMapping(
-        consumer_field="custom_id", groups={"gold": GroupPlan(plan_id="gold-2026", price=20_000)}
+        consumer_field="custom_id", groups={"gold": PlanChoice(plan_id="gold-2026", price=20_000)}
     )
     mapped = map_catalog(_snapshot_of(kong_catalog(3)), mapping, "default")
     assert mapped.catalog.plans["gold-2026"].price == 20_000 and "gold" not in mapped.catalog.plans

@@ -23,13 +23,12 @@ from sidecar.core.catalog_diff import Catalog, Mapped, Skipped
 from sidecar.core.models import (
     CONSUMER_ID_RE,
     MAX_LIMIT,
-    PLAN_ID_RE,
     ConsumerSpec,
     ConsumerStatus,
     Plan,
     WalletMode,
 )
-from sidecar.core.money import MAX_MICROS
+from sidecar.integrations.plan_choice import NoPlan, PlanChoice, choose_plan
 
 PLAN_ATTRIBUTE = "aforo:plan_id"
 PRICE_ATTRIBUTE = "aforo:price"  # micros per call
@@ -89,13 +88,6 @@ class ApigeeSnapshot(msgspec.Struct, frozen=True):
     developers: list[ApigeeDeveloper]
 
 
-class ProductPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A connection's mapping of one API product (by name) to a plan."""
-
-    plan_id: str | None = None
-    price: int | None = None  # micros per call
-
-
 class ApigeeMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An Apigee connection's mapping options."""
 
@@ -104,7 +96,7 @@ class ApigeeMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What the shared flow sends as the consumer: developer.app.id (its default) or the
     # app's name (developer.app.name).
     consumer_field: Literal["appId", "name"] = "appId"
-    products: dict[str, ProductPlan] = {}
+    products: dict[str, PlanChoice] = {}
     # An app granted several products is bound to the plan of the first of them listed
     # here, else to the product whose name sorts first.
     product_priority: list[str] = []
@@ -164,15 +156,15 @@ def _plans(
         if environments and product.environments and not set(product.environments) & set(environments):
             skipped.append(Skipped("plan", product.name, "in none of the connection's environments"))
             continue
-        option = mapping.products.get(product.name, ProductPlan())
-        plan_id = option.plan_id or _attribute(product.attributes, PLAN_ATTRIBUTE) or product.name
-        if not PLAN_ID_RE.fullmatch(plan_id):
-            skipped.append(Skipped("plan", product.name, f"plan id {plan_id!r} is not valid"))
-            continue
-        price_text = _attribute(product.attributes, PRICE_ATTRIBUTE) or ""
-        price = option.price if option.price is not None else int(price_text) if price_text.isdigit() else 0
-        if not 0 <= price <= MAX_MICROS:
-            skipped.append(Skipped("plan", product.name, "price out of range"))
+        option = mapping.products.get(product.name, PlanChoice())
+        marks = (
+            _attribute(product.attributes, PLAN_ATTRIBUTE),
+            _attribute(product.attributes, PRICE_ATTRIBUTE),
+        )
+        try:
+            plan_id, price = choose_plan(option, *marks, product.name)
+        except NoPlan as exc:
+            skipped.append(Skipped("plan", product.name, str(exc)))
             continue
         plan = Plan(
             id=plan_id,

@@ -16,8 +16,8 @@ import msgspec
 
 from sidecar.core.api_keys import hash_api_key
 from sidecar.core.catalog_diff import Catalog, Mapped, Skipped
-from sidecar.core.models import CONSUMER_ID_RE, PLAN_ID_RE, ConsumerSpec, Plan, WalletMode
-from sidecar.core.money import MAX_MICROS
+from sidecar.core.models import CONSUMER_ID_RE, ConsumerSpec, Plan, WalletMode
+from sidecar.integrations.plan_choice import NoPlan, PlanChoice, choose_plan
 
 PLAN_TAG = "aforo:plan_id="
 PRICE_TAG = "aforo:price="
@@ -69,18 +69,11 @@ class KongSnapshot(msgspec.Struct, frozen=True):
     keys: list[KongKeyAuth]
 
 
-class GroupPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A connection's mapping of one consumer group (by name) to a plan."""
-
-    plan_id: str | None = None
-    price: int | None = None  # micros per call
-
-
 class KongMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A connection's mapping options."""
 
     consumer_field: Literal["id", "custom_id", "username"] = "id"
-    groups: dict[str, GroupPlan] = {}
+    groups: dict[str, PlanChoice] = {}
     # A consumer in several groups is bound to the first of them listed here, else to
     # the group whose name sorts first.
     group_priority: list[str] = []
@@ -138,21 +131,13 @@ def map_catalog(snapshot: KongSnapshot, mapping: KongMapping, tenant: str) -> Ma
     plans: dict[str, Plan] = {}
     plan_of_group: dict[str, str] = {}
     for group in sorted(snapshot.groups, key=lambda g: g.name):
-        option = mapping.groups.get(group.name, GroupPlan())
-        plan_id = option.plan_id or _tag(group.tags, PLAN_TAG) or group.name
-        if not PLAN_ID_RE.fullmatch(plan_id):
-            skipped.append(Skipped("plan", group.name, f"plan id {plan_id!r} is not valid"))
-            continue
-        price_text = _tag(group.tags, PRICE_TAG)
-        price = (
-            option.price
-            if option.price is not None
-            else int(price_text)
-            if (price_text or "").isdigit()
-            else 0
-        )
-        if not 0 <= price <= MAX_MICROS:
-            skipped.append(Skipped("plan", group.name, "price out of range"))
+        option = mapping.groups.get(group.name, PlanChoice())
+        try:
+            plan_id, price = choose_plan(
+                option, _tag(group.tags, PLAN_TAG), _tag(group.tags, PRICE_TAG), group.name
+            )
+        except NoPlan as exc:
+            skipped.append(Skipped("plan", group.name, str(exc)))
             continue
         plans[plan_id] = Plan(
             id=plan_id,
