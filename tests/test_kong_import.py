@@ -18,6 +18,7 @@ from sidecar.integrations.gateway_http import GatewayError, retry_after_seconds
 from sidecar.integrations.kong.admin_client import KongAdminClient
 from sidecar.integrations.kong.mapping import (
     KongConsumer,
+    KongEntity,
     KongGroup,
     KongKeyAuth,
     KongMapping,
@@ -171,7 +172,35 @@ def _snapshot_of(catalog: dict[str, Any]) -> KongSnapshot:
         members=catalog["members"],
         plugins=msgspec.convert(catalog["plugins"], list[KongPlugin]),
         keys=msgspec.convert(catalog["key_auths"], list[KongKeyAuth]),
+        services=msgspec.convert(catalog.get("services", []), list[KongEntity]),
+        routes=msgspec.convert(catalog.get("routes", []), list[KongEntity]),
     )
+
+
+def test_a_group_limited_on_services_and_routes_grants_those_products_only():
+    catalog = kong_catalog(3)
+    catalog["services"] = [{"id": "s-1", "name": "payments"}, {"id": "s-2", "name": None}]
+    catalog["routes"] = [{"id": "r-1", "name": "refunds"}, {"id": "r-2", "name": "bad name"}]
+    scoped = [("s-1", None), (None, "r-1"), ("s-2", None), (None, "r-2")]
+    for i, (service, route) in enumerate(scoped):
+        catalog["plugins"].append(
+            {
+                "id": f"p-scoped-{i}",
+                "name": "rate-limiting",
+                "config": {"hour": 10},
+                "consumer_group": {"id": "g-silver"},
+                "service": service and {"id": service},
+                "route": route and {"id": route},
+            }
+        )
+    catalog["plugins"][1]["service"] = {"id": "s-1"}  # silver's own limit, on payments
+    mapped = map_catalog(_snapshot_of(catalog), KongMapping(), "default")
+    # Named as the plugin names a call's product: the service's or route's name, else its id.
+    assert mapped.catalog.plans["silver"].products == ["payments", "refunds", "s-2"]
+    assert mapped.catalog.plans["silver"].windows == {"minute": 50, "hour": 10}
+    assert ("product", "silver/bad name") in {(s.kind, s.id) for s in mapped.skipped}
+    # gold's plugin is not scoped: every product.
+    assert mapped.catalog.plans["gold"].products == []
 
 
 def test_groups_become_plans_with_their_plugin_limits_and_tagged_prices():

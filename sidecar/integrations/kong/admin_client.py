@@ -15,7 +15,14 @@ from urllib.parse import quote
 import msgspec
 
 from sidecar.integrations.gateway_http import GatewayError, GatewayHttp
-from sidecar.integrations.kong.mapping import KongConsumer, KongGroup, KongKeyAuth, KongPlugin, KongSnapshot
+from sidecar.integrations.kong.mapping import (
+    KongConsumer,
+    KongEntity,
+    KongGroup,
+    KongKeyAuth,
+    KongPlugin,
+    KongSnapshot,
+)
 
 PAGE_SIZE = 1000
 MAX_PAGES = 100_000  # a `next` that never ends is a broken gateway, not a big one
@@ -80,6 +87,8 @@ class KongAdminClient:
                 members=members,
                 plugins=msgspec.convert(await self.walk("/plugins"), list[KongPlugin]),
                 keys=msgspec.convert(await self.walk("/key-auths"), list[KongKeyAuth]),
+                services=msgspec.convert(await self.walk("/services"), list[KongEntity]),
+                routes=msgspec.convert(await self.walk("/routes"), list[KongEntity]),
             )
         except (msgspec.ValidationError, KeyError, TypeError) as exc:
             raise GatewayError(

@@ -16,7 +16,7 @@ import msgspec
 
 from sidecar.core.api_keys import hash_api_key
 from sidecar.core.catalog_diff import Catalog, Mapped, Skipped
-from sidecar.core.models import CONSUMER_ID_RE, ConsumerSpec, Plan, WalletMode
+from sidecar.core.models import CONSUMER_ID_RE, PRODUCT_RE, ConsumerSpec, Plan, WalletMode
 from sidecar.integrations.plan_choice import NoPlan, PlanChoice, choose_plan
 
 PLAN_TAG = "aforo:plan_id="
@@ -50,6 +50,15 @@ class KongPlugin(msgspec.Struct, frozen=True):
     config: dict[str, object] = {}
     enabled: bool = True
     consumer_group: Ref | None = None
+    service: Ref | None = None
+    route: Ref | None = None
+
+
+class KongEntity(msgspec.Struct, frozen=True):
+    """A service or a route: what the plugin names a call's product after."""
+
+    id: str
+    name: str | None = None
 
 
 class KongKeyAuth(msgspec.Struct, frozen=True):
@@ -67,6 +76,8 @@ class KongSnapshot(msgspec.Struct, frozen=True):
     members: dict[str, list[str]]
     plugins: list[KongPlugin]
     keys: list[KongKeyAuth]
+    services: list[KongEntity] = []
+    routes: list[KongEntity] = []
 
 
 class KongMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -126,6 +137,31 @@ def _limits(plugins: list[KongPlugin], skipped: list[Skipped], group: KongGroup)
     return windows
 
 
+_LIMITING = ("rate-limiting", "rate-limiting-advanced")
+
+
+def _products(snapshot: KongSnapshot, skipped: list[Skipped], group: KongGroup) -> list[str]:
+    """The products a group's plan grants: the names (ids when unnamed, as the plugin
+    names a call's product) of the services and routes its limiting plugins are scoped
+    to; every product ([]) when one of them is not scoped, or none limits the group."""
+    names = {e.id: e.name or e.id for e in (*snapshot.services, *snapshot.routes)}
+    products: set[str] = set()
+    for plugin in snapshot.plugins:
+        if plugin.name not in _LIMITING or not plugin.enabled:
+            continue
+        if plugin.consumer_group is None or plugin.consumer_group.id != group.id:
+            continue
+        scope = plugin.service or plugin.route
+        if scope is None:
+            return []
+        product = names.get(scope.id, scope.id)
+        if PRODUCT_RE.fullmatch(product):
+            products.add(product)
+        else:
+            skipped.append(Skipped("product", f"{group.name}/{product}", "not a valid product id"))
+    return sorted(products)
+
+
 def map_catalog(snapshot: KongSnapshot, mapping: KongMapping, tenant: str) -> Mapped:
     skipped: list[Skipped] = []
     plans: dict[str, Plan] = {}
@@ -144,6 +180,7 @@ def map_catalog(snapshot: KongSnapshot, mapping: KongMapping, tenant: str) -> Ma
             tenant=tenant,
             windows=_limits(snapshot.plugins, skipped, group),
             price=price,
+            products=_products(snapshot, skipped, group),
             name=group.name,
         )
         plan_of_group[group.id] = plan_id
