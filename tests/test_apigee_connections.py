@@ -6,6 +6,7 @@ and the Apigee half of 6)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -136,6 +137,16 @@ async def test_apigee_products_apps_and_keys_are_imported_and_kept_in_step(
         assert await sync_loop.sync_due(store, ledger, catalog_of) == 1
         assert (await s.decide("app-0007"))["allow"] is True
 
+        # A product removed from Apigee: its apps lose their only grant and are revoked;
+        # the plan stays (plans are never deleted by an import).
+        catalog["products"] = [p for p in catalog["products"] if p["name"] != "bronze"]
+        apigee.state(**catalog)
+        await _make_due(s.db)
+        assert await sync_loop.sync_due(store, ledger, catalog_of) == 1
+        assert (await s.decide("app-0002"))["reason"] == "revoked"
+        assert (await s.decide("app-0001"))["allow"] is True  # silver
+        assert (await s.http.get("/v1/admin/plans/bronze", headers=ADMIN)).status_code == 200
+
         health = (await s.http.get("/integrations/apigee/health", headers=ADMIN)).json()
         (connection,) = health["connections"]
         assert (connection["id"], connection["type"], connection["reachable"]) == ("apigee", "apigee", True)
@@ -177,8 +188,9 @@ async def test_a_failing_walk_applies_nothing_and_shows_in_health_and_a_401_in_t
 
 
 async def test_edge_connections_use_basic_credentials_that_are_never_shown(
-    migrated_database, redis_url, prefix, apigee
+    migrated_database, redis_url, prefix, apigee, caplog
 ):
+    caplog.set_level(logging.DEBUG)
     apigee.state(**apigee_catalog(apps=120))
     apigee.faults(token=None, api="edge", basic=["ops@acme.example", "edge-password-1"])
     body = _connection(apigee, token=None, username="ops@acme.example", password="edge-password-1")
@@ -190,10 +202,15 @@ async def test_edge_connections_use_basic_credentials_that_are_never_shown(
         assert created.json()["password"] == "<redacted>"
         test = await s.http.post("/v1/admin/connections/edge/test", headers=ADMIN)
         assert test.json() == {"ok": True, "counts": {"products": 3, "apps": 120, "developers": 25}}
-        rows = await s.db.fetch("SELECT row_to_json(t)::text AS row FROM connection_secrets t")
-        assert rows and not any("edge-password-1" in r["row"] for r in rows)
         preview = await _sync(s.http, connection_id="edge")
         assert preview["counts"]["consumer.add"] == 120
+        fetched = await s.http.get("/v1/admin/connections/edge", headers=ADMIN)
+        health = await s.http.get("/integrations/apigee/health", headers=ADMIN)
+        rows = []
+        for table in ("connections", "connection_secrets", "audit_log"):
+            rows += await s.db.fetch(f"SELECT row_to_json(t)::text AS row FROM {table} t")
+        everything = [r["row"] for r in rows] + [created.text, fetched.text, health.text, caplog.text]
+        assert len(rows) >= 3 and not any("edge-password-1" in text for text in everything)
 
 
 async def test_enforce_quotas_makes_the_documented_calls_once(migrated_database, redis_url, prefix, apigee):
