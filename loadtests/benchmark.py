@@ -22,8 +22,17 @@ total_reads_processed), side by side, with ratios. While the
 two-worker run is under load, a 1000/day consumer is hammered with 1500 requests and
 must get exactly 1000 allows.
 
+Then what a decision costs by workload (one process, the first connection count, POST
+/v1/authorize): ``allowed`` (the seed body), ``denied`` (a flood at a suspended consumer
+and at one whose window is exhausted) and ``mix`` (the Locust mix's shares): decisions/s
+and its ratio to the allowed rate, latencies, CPU per decision of the sidecar and of
+Redis, and from INFO commandstats deltas the time Redis spent in the decision scripts,
+the scripts and the commands it ran per decision (a decision answered from memory runs
+none).
+
     python loadtests/benchmark.py [--duration 10] [--rounds 3] [--connections 32 256]
                                   [--cluster-url redis+cluster://...]
+                                  [--workloads allowed denied mix]
 
 Needs wrk (Debian: apt-get install wrk), a Redis (AFORO_REDIS_URL, default
 redis://127.0.0.1:6379/0; keys under a bench prefix are deleted afterwards) and the
@@ -63,15 +72,7 @@ NAIVE = ROOT.parent / "shared" / "bench" / "naive_baseline.py"
 REDIS_URL = os.environ.get("AFORO_REDIS_URL", "redis://127.0.0.1:6379/0")
 TOKEN = "benchmark-admin-token-0001"
 SEED_PATH = "/integrations/apigee/authorize"
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local n = 0
-request = function()
-  n = n + 1
-  return wrk.format(nil, nil, nil, '{"appId":"app-' .. (n % 1000) .. '","apiProduct":"premium-api",'
-    .. '"operation":"POST /payments","estimatedCost":0.05}')
-end
+_WRK_DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("RESULT %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
@@ -79,6 +80,75 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout, e.status, 0, 0))
 end
 """
+# For workloads whose answers are denials (4xx, which wrk counts as errors): the status
+# errors reported are the 5xx alone, counted in the (one) thread and read back in done.
+_WRK_DENIALS_DONE = """
+local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+init = function() failed = 0 end
+response = function(status) if status >= 500 then failed = failed + 1 end end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local failed = 0
+  for _, thread in ipairs(threads) do failed = failed + thread:get("failed") end
+  io.write(string.format("RESULT %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, failed, 0, 0))
+end
+"""
+_WRK_HEAD = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local n = 0
+"""
+# The seed's request body of the baseline: app-0..999, each allowed.
+WRK_SCRIPT = (
+    _WRK_HEAD
+    + """
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, '{"appId":"app-' .. (n % 1000) .. '","apiProduct":"premium-api",'
+    .. '"operation":"POST /payments","estimatedCost":0.05}')
+end
+"""
+    + _WRK_DONE
+)
+# Workloads of the cost runs (POST /v1/authorize on the decision port).
+_DECIDE = """
+local function ask(consumer)
+  return wrk.format(nil, "/v1/authorize", nil, '{"consumer_id":"' .. consumer .. '","product":"premium-api"}')
+end
+"""
+WORKLOADS = {
+    "allowed": WRK_SCRIPT,
+    # A denial flood: a suspended consumer and one whose window is exhausted.
+    "denied": _WRK_HEAD
+    + _DECIDE
+    + """
+request = function()
+  n = n + 1
+  if n % 2 == 0 then return ask("deny-suspended") end
+  return ask("deny-exhausted")
+end
+"""
+    + _WRK_DENIALS_DONE,
+    # The Locust mix's shares: 5% unknown, 66% roomy plans, 14% a 5/minute plan, 10% no
+    # money, 5% suspended.
+    "mix": _WRK_HEAD
+    + _DECIDE
+    + """
+request = function()
+  n = n + 1
+  local k = n % 100
+  if k < 5 then return ask("ghost-" .. n) end
+  if k < 71 then return ask("app-" .. (n % 1000)) end
+  if k < 85 then return ask("mix-free-" .. (n % 15)) end
+  if k < 95 then return ask("mix-broke-" .. (n % 10)) end
+  return ask("mix-banned-" .. (n % 5))
+end
+"""
+    + _WRK_DENIALS_DONE,
+}
 
 
 def free_port() -> int:
@@ -153,6 +223,31 @@ def reads(ports: list[int]) -> int:
     return sum(int(redis.Redis(port=port).info("stats")["total_reads_processed"]) for port in ports)
 
 
+def commandstats(ports: list[int]) -> dict[str, int]:
+    """What the Redis masters on ``ports`` ran so far (INFO commandstats): ``commands``
+    (every command, those a script calls included), ``scripts`` (EVALSHA/EVAL calls) and
+    ``script_usec`` (their time, what the scripts call included)."""
+    totals = {"commands": 0, "scripts": 0, "script_usec": 0}
+    for port in ports:
+        for name, stats in redis.Redis(port=port).info("commandstats").items():
+            if name in _NOT_DECISIONS:
+                continue
+            totals["commands"] += int(stats["calls"])
+            # Each command's own time too: inside a script it is counted apart as well,
+            # which profiles decide.lua command by command.
+            command = name.removeprefix("cmdstat_")
+            totals[f"usec:{command}"] = totals.get(f"usec:{command}", 0) + int(stats["usec"])
+            totals[f"calls:{command}"] = totals.get(f"calls:{command}", 0) + int(stats["calls"])
+            if name in ("cmdstat_evalsha", "cmdstat_eval"):
+                totals["scripts"] += int(stats["calls"])
+                totals["script_usec"] += int(stats["usec"])
+    return totals
+
+
+# The benchmark's own reads, not the sidecar's work.
+_NOT_DECISIONS = frozenset({"cmdstat_info", "cmdstat_ping", "cmdstat_client|setinfo", "cmdstat_hello"})
+
+
 def with_children(pid: int) -> list[int]:
     """``pid`` and every process below it (a server's worker processes)."""
     parents: dict[int, list[int]] = {}
@@ -212,6 +307,17 @@ def seed(admin_url: str) -> None:
         for i in range(1000):
             http.put(f"/v1/admin/consumers/app-{i}", json={"plan_id": "bench"}).raise_for_status()
             http.post(f"/v1/admin/consumers/app-{i}/topup", json={"amount": 10**15}).raise_for_status()
+        # The cost runs' denials and mix (WORKLOADS).
+        http.put("/v1/admin/plans/zero", json={"windows": {"day": 0}}).raise_for_status()
+        http.put("/v1/admin/plans/free", json={"windows": {"minute": 5, "day": 100}}).raise_for_status()
+        population = [("deny-suspended", "bench", True), ("deny-exhausted", "zero", False)]
+        population += [(f"mix-free-{i}", "free", False) for i in range(15)]
+        population += [(f"mix-broke-{i}", "bench", False) for i in range(10)]
+        population += [(f"mix-banned-{i}", "bench", True) for i in range(5)]
+        for consumer, plan, suspended in population:
+            http.put(f"/v1/admin/consumers/{consumer}", json={"plan_id": plan}).raise_for_status()
+            if suspended:
+                http.post(f"/v1/admin/consumers/{consumer}/suspend", json={}).raise_for_status()
 
 
 async def exactness(decision_url: str) -> Counter[str]:
@@ -319,22 +425,18 @@ def run_http(
         for connections in args.connections:
             for _ in range(args.rounds):
                 for name, target in targets.items():
-                    before = degraded(target.main_url) if target.main_url else 0.0
-                    server = with_children(target.pid)
-                    groups = (server, target.redis.master_pids, target.redis.replica_pids)
-                    cpu = [cpu_seconds(pids) for pids in groups]
-                    read_before = reads(target.redis.master_ports)
-                    result = wrk(target.url, connections, args.duration, script)
-                    decisions = max(1.0, result["rps"] * args.duration)  # the baseline fails at 256
-                    batches = reads(target.redis.master_ports) - read_before
-                    result["per_read"] = decisions / batches if batches else 0.0
-                    spent = [
-                        (cpu_seconds(pids) - start) / decisions * 1e6
-                        for pids, start in zip(groups, cpu, strict=True)
-                    ]
-                    result["server_us"], result["redis_us"], result["replicas_us"] = spent
-                    result["degraded"] = degraded(target.main_url) - before if target.main_url else 0.0
+                    result = measure(target, target.url, connections, args.duration, script)
                     runs[name].setdefault(connections, []).append(result)
+        # What a decision costs by workload: one process, the first connection count.
+        costs: dict[str, list[dict[str, float]]] = {}
+        one_target = targets["sidecar"]
+        for _ in range(args.rounds):
+            for workload in args.workloads:
+                with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+                    lua.write(WORKLOADS[workload])
+                url = one_target.url if workload == "allowed" else one["decision"]
+                result = measure(one_target, url, args.connections[0], args.duration, lua.name)
+                costs.setdefault(workload, []).append(result)
         # Exactness under load: a 1000/day consumer hammered while wrk runs (a run of
         # its own: the checker's CPU would skew the figures).
         checker = Exactness(two["decision"])
@@ -342,7 +444,31 @@ def run_http(
         wrk(targets["sidecar x2"].url, args.connections[0], args.duration, script)
         checker.join()
     results = {name: {c: median_run(r) for c, r in by_c.items()} for name, by_c in runs.items()}
-    return results, checker.result
+    return results, {w: median_run(r) for w, r in costs.items()}, checker.result
+
+
+def measure(target: Target, url: str, connections: int, duration: int, script: str) -> dict[str, float]:
+    """One wrk run against ``url`` (a server of ``target``) and what it cost: CPU time
+    per decision of the server and of Redis (from /proc), Redis commands and script
+    time per decision (INFO commandstats), decisions per Redis socket read."""
+    before = degraded(target.main_url) if target.main_url else 0.0
+    groups = (with_children(target.pid), target.redis.master_pids, target.redis.replica_pids)
+    cpu = [cpu_seconds(pids) for pids in groups]
+    read_before = reads(target.redis.master_ports)
+    stats_before = commandstats(target.redis.master_ports)
+    result = wrk(url, connections, duration, script)
+    decisions = max(1.0, result["rps"] * duration)  # the baseline fails at 256
+    batches = reads(target.redis.master_ports) - read_before
+    result["per_read"] = decisions / batches if batches else 0.0
+    spent = [(cpu_seconds(pids) - start) / decisions * 1e6 for pids, start in zip(groups, cpu, strict=True)]
+    result["server_us"], result["redis_us"], result["replicas_us"] = spent
+    stats = commandstats(target.redis.master_ports)
+    for field in stats:
+        per_decision = (stats[field] - stats_before.get(field, 0)) / decisions
+        if field in ("commands", "scripts", "script_usec") or per_decision > 0:
+            result[field if ":" in field else f"{field}_per_d"] = per_decision
+    result["degraded"] = degraded(target.main_url) - before if target.main_url else 0.0
+    return result
 
 
 class Exactness(threading.Thread):
@@ -457,6 +583,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each server; the median is shown")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--cluster-url", help="a Redis Cluster to measure (default: start two here)")
+    parser.add_argument(
+        "--workloads",
+        nargs="*",
+        default=list(WORKLOADS),
+        choices=list(WORKLOADS),
+        help="cost runs of one process (none: skip them)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
@@ -464,11 +597,13 @@ def main() -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
     with _clusters(args) as clusters:
-        http, exact = run_http(args, script.name, clusters)
+        http, costs, exact = run_http(args, script.name, clusters)
     grpc_results = run_grpc(args)
     if args.json:
         args.json.write_text(
-            json.dumps({"http": http, "grpc": grpc_results, "exactness": dict(exact)}, indent=2)
+            json.dumps(
+                {"http": http, "costs": costs, "grpc": grpc_results, "exactness": dict(exact)}, indent=2
+            )
         )
     print(
         f"\nmachine: {os.cpu_count()} cores; wrk -t1, {args.duration}s per run, median of {args.rounds} "
@@ -487,6 +622,28 @@ def main() -> int:
             _row(name, args.connections[0], r, _ratio(r["rps"], naive32))
             + f"   ({r['rps'] / echo:.0%} of echo)"
         )
+    print(f"\ncost per decision by workload (one process, {args.connections[0]} connections):")
+    columns = ("decisions/s", "x allowed", "p50 ms", "p99 ms", "errors", "server us/d", "redis us/d",
+               "script us/d", "scripts/d", "cmds/d")  # fmt: skip
+    print(f"{'workload':<28} " + " ".join(f"{c:>11}" for c in columns))
+    allowed_rps = costs["allowed"]["rps"] if "allowed" in costs else 0.0
+    for workload, r in costs.items():
+        cells = [f"{r['rps']:,.0f}", _ratio(r["rps"], allowed_rps),
+                 f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['errors']:.0f}", f"{r['server_us']:.0f}",
+                 f"{r['redis_us']:.1f}", f"{r['script_usec_per_d']:.1f}", f"{r['scripts_per_d']:.2f}",
+                 f"{r['commands_per_d']:.1f}"]  # fmt: skip
+        print(f"{workload:<28} " + " ".join(f"{c:>11}" for c in cells))
+    for workload, r in costs.items():
+        # The decision script's time by the commands it runs (their own time; the rest of
+        # the script's time is Lua and argument handling).
+        inner = sorted(
+            ((k.removeprefix("usec:"), v) for k, v in r.items() if k.startswith("usec:") and "eval" not in k),
+            key=lambda item: -item[1],
+        )
+        shown = ", ".join(
+            f"{name} {usec:.1f} ({r[f'calls:{name}']:.2f}x)" for name, usec in inner if usec >= 0.05
+        )
+        print(f"  {workload}: us per decision by command: {shown or 'none'}")
     for c in args.connections:
         scaling = http["sidecar x2"][c]["rps"] / http["sidecar"][c]["rps"]
         print(f"workers scaling at {c} connections: x{scaling:.2f}")
