@@ -3,6 +3,9 @@ late-apply guard; on one Redis, a cluster and a Sentinel set."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from redis.crc import key_slot
 
 from sidecar.authorizer import now_ms
@@ -109,5 +112,32 @@ async def test_a_plan_edit_reaches_bound_consumers_and_not_others(deployment_url
         await store.put_plan(Plan(id="p", windows={"day": 50}).validated())
         third = await store.decide(decision_call(request_id="c"))
         assert third.limits == (None, None, 1, None, None)
+    finally:
+        await store.close()
+
+
+async def test_a_burst_past_the_pool_waits_for_a_connection_and_a_long_wait_is_unavailable(
+    private_redis, prefix
+):
+    # Standalone: 4 connections, 200 admin-side calls at once all succeed (they wait);
+    # a redis-py pool without a wait failed 27 of them.
+    store = RedisStore(private_redis.url, prefix=prefix, max_connections=4, socket_timeout_s=0.5)
+    try:
+        await store.put_plan(Plan(id="p", tenant="t1"))
+        answers = await asyncio.gather(*(store.resolve_key("t1", "a" * 64) for _ in range(200)))
+        assert answers == [None] * 200
+        # Redis frozen: the calls holding the connections time out, and those waiting for
+        # one give up after the socket timeout too: all unavailable, none hangs.
+        private_redis.freeze()
+        try:
+            started = time.monotonic()
+            failed = await asyncio.gather(
+                *(store.resolve_key("t1", "a" * 64) for _ in range(8)), return_exceptions=True
+            )
+            assert all(isinstance(f, StoreUnavailable) for f in failed), failed
+            assert time.monotonic() - started < 5
+        finally:
+            private_redis.thaw()
+        assert await store.resolve_key("t1", "a" * 64) is None
     finally:
         await store.close()

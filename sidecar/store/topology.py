@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import msgspec
 import redis.exceptions as redis_errors
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -101,13 +101,23 @@ async def open_backend(target: RedisTarget, timeouts: Timeouts) -> Backend:
         return Backend(target, client, router)
     if target.topology == "sentinel":
         return _sentinel_backend(target, timeouts)
-    client = Redis(
+    settings = Redis(
         host=target.hosts[0][0] if target.hosts else "localhost",
         port=target.hosts[0][1] if target.hosts else 6379,
         unix_socket_path=target.unix_path,
         db=target.db,
         ssl=target.tls,
         **_common(target, timeouts),  # type: ignore[arg-type]
+    ).connection_pool  # its connection class and arguments (unix socket, TLS) only
+    # A burst of more non-decision calls than connections (an import of 1,000 consumers,
+    # listings) waits up to the socket timeout for a free connection instead of failing.
+    client = Redis.from_pool(
+        BlockingConnectionPool(
+            connection_class=settings.connection_class,
+            max_connections=timeouts.max_connections,
+            timeout=timeouts.socket_s,
+            **settings.connection_kwargs,
+        )
     )
     node = PipelinedConnection(
         target, target.hosts[0] if target.hosts else None, timeouts.connect_s, timeouts.cooldown_s
