@@ -131,18 +131,21 @@ def main() -> int:
 
         direct = direct_authorize(sidecar.grpc_target, min(count, 5_000))
         started = time.perf_counter()
-        default, lean = run(
+        lean_config = {
+            "timeout_ms": 50,
+            "product": "catalog",
+            "rate_limit_headers": False,
+            "balance_header": False,
+            "usage": False,
+        }
+        default, lean, lean_http, lean_port = run(
             server,
             [
                 sidecar_config(sidecar, timeout_ms=50, usage_flush_interval_ms=200),
-                sidecar_config(
-                    sidecar,
-                    timeout_ms=50,
-                    product="catalog",
-                    rate_limit_headers=False,
-                    balance_header=False,
-                    usage=False,
-                ),
+                sidecar_config(sidecar, **lean_config),
+                # The same over HTTP/1.1 keep-alive: the main port, then the decision port.
+                sidecar_config(sidecar, **lean_config, protocol="http"),
+                sidecar_config(sidecar, **lean_config, protocol="http", decision_url=sidecar.decision_url),
             ],
             count,
             request,
@@ -153,7 +156,7 @@ def main() -> int:
         events = count_events(args.redis_url, prefix)
         # A decision the sidecar made carries its window headers; a fail-open pass does not.
         degraded = sum(1 for e in default if e.header("X-RateLimit-Remaining-Day") is None)
-        proxied = sum(e.proxied for e in default + lean)
+        proxied = sum(e.proxied for e in default + lean + lean_http + lean_port)
     finally:
         server.cleanup()
         sidecar.stop()
@@ -162,7 +165,7 @@ def main() -> int:
 
     access = [e.access.seconds for e in default]
     log = [e.log.seconds for e in default if e.log is not None]
-    print(f"2 x {count} requests through the emulator in {elapsed:.1f}s (one at a time)")
+    print(f"4 x {count} requests through the emulator in {elapsed:.1f}s (one at a time)")
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print()
     print("| phase (µs) | p50 | p90 | p99 | mean | PDK round trips per request |")
@@ -177,12 +180,20 @@ def main() -> int:
         )
     )
     print(row("log, usage off", [e.log.seconds for e in lean if e.log], calls_summary(lean, "log")))
+    for name, exchanges in (("main port", lean_http), ("decision port", lean_port)):
+        print(
+            row(
+                f"access, as above, over HTTP/1.1 keep-alive ({name})",
+                [e.access.seconds for e in exchanges],
+                calls_summary(exchanges, "access"),
+            )
+        )
     print(row("sidecar Authorize alone (direct gRPC)", direct, "-"))
     plugin_share = percentiles(access)["p50"] - percentiles(direct)["p50"]
     print()
     print(f"added by the plugin in access beyond the sidecar's answer (p50): {plugin_share:.0f} µs")
     print(f"usage: {events} events stored for {count + WARM_UP} proxied requests (with warm-up); {stats}")
-    print(f"decisions: {proxied}/{2 * count} proxied, {degraded} past the 50 ms budget (fail-open passes)")
+    print(f"decisions: {proxied}/{4 * count} proxied, {degraded} past the 50 ms budget (fail-open passes)")
     # A fail-open pass (the 50 ms budget exceeded on a busy machine) is a figure, not a
     # failure; a lost or dropped usage event is.
     ok = events == count + WARM_UP and stats["dropped"] == 0
