@@ -15,6 +15,7 @@ import pytest
 
 from sidecar.core.api_keys import hash_api_key
 from sidecar.core.models import UsageEvent
+from sidecar.http import connections as connections_api
 from sidecar.integrations import sync_loop
 from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.kong.admin_client import KongAdminClient
@@ -341,7 +342,7 @@ async def test_the_reconciler_runs_the_periodic_sync(migrated_database, redis_ur
 
 
 async def test_a_suspension_is_pushed_to_kong_as_an_acl_deny_group_when_the_connection_says_so(
-    migrated_database, redis_url, prefix, kong
+    migrated_database, redis_url, prefix, kong, monkeypatch
 ):
     kong.state(**kong_catalog(3))
     async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
@@ -371,6 +372,15 @@ async def test_a_suspension_is_pushed_to_kong_as_an_acl_deny_group_when_the_conn
         assert writes == [("POST", "/consumers/c-0001/acls"), ("DELETE", f"/consumers/c-0001/acls/{acl}")]
         audited = await s.db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'kong.consumer_status'")
         assert audited == 2
+        # Kong answering 503 with a long Retry-After: the push gives up within its budget,
+        # the sidecar's status is changed all the same.
+        monkeypatch.setattr(connections_api, "PUSH_BUDGET_S", 0.5)
+        slow = [{"path": "/consumers/c-0002/acls", "status": 503, "retry_after": 2, "times": 100}]
+        kong.faults(token=TOKEN, faults=slow)
+        started = time.monotonic()
+        stuck = await s.http.post("/v1/admin/consumers/c-0002/suspend", json={}, headers=ADMIN)
+        assert time.monotonic() - started < 2
+        assert (stuck.json()["status"], stuck.json()["pushed"][0]["error"]) == ("suspended", "timeout")
         # A hand-made consumer no connection imported is never pushed anywhere.
         await seed(s.http, plan_id="hand", consumer_id="hand-made")
         hand = await s.http.post("/v1/admin/consumers/hand-made/suspend", json={}, headers=ADMIN)

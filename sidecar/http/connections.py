@@ -29,6 +29,7 @@ from sidecar.integrations.secret_box import SecretBox, SecretBoxError
 from sidecar.reconciler.catalog import PostgresCatalog
 
 TEST_BUDGET_S = 5.0
+PUSH_BUDGET_S = 5.0
 log = logging.getLogger("aforo.connections")
 
 
@@ -222,17 +223,25 @@ async def push_status(request: Request, tenant: str, consumer_id: str, active: b
             spec = await store.load(tenant, connection_id)
             if spec is None or not spec.pushes_status():
                 continue
-            result = await GATEWAYS[spec.type].set_status(spec, consumer_id, active)
-        except (GatewayError, SecretBoxError) as exc:
-            code = exc.code if isinstance(exc, GatewayError) else "secret_unavailable"
-            log.warning("status of %s/%s not pushed to %s: %s", tenant, consumer_id, connection_id, code)
-            pushes.append(StatusPush(connection_id, spec.type if spec else "?", error=code))
+            # Bounded: the admin call answers within PUSH_BUDGET_S per gateway, whatever
+            # the gateway's retries would have waited.
+            async with asyncio.timeout(PUSH_BUDGET_S):
+                result = await GATEWAYS[spec.type].set_status(spec, consumer_id, active)
+        except GatewayError as exc:
+            error = exc.code
+        except SecretBoxError:
+            error = "secret_unavailable"
+        except TimeoutError:
+            error = "timeout"
+        else:
+            detail = {"consumer_id": consumer_id, "active": active, "result": result}
+            if result != "unchanged":
+                action = f"{spec.type}.consumer_status"
+                await store.audit_push(tenant, connection_id, actor(request), action, detail)
+            pushes.append(StatusPush(connection_id, spec.type, result=result))
             continue
-        detail = {"consumer_id": consumer_id, "active": active, "result": result}
-        if result != "unchanged":
-            action = f"{spec.type}.consumer_status"
-            await store.audit_push(tenant, connection_id, actor(request), action, detail)
-        pushes.append(StatusPush(connection_id, spec.type, result=result))
+        log.warning("status of %s/%s not pushed to %s: %s", tenant, consumer_id, connection_id, error)
+        pushes.append(StatusPush(connection_id, spec.type if spec else "?", error=error))
     return pushes
 
 
