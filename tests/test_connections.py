@@ -112,6 +112,14 @@ async def test_a_secret_without_secret_keys_is_refused_and_nothing_is_stored(
         ({"type": "apigee", "base_url": "https://apigee.googleapis.com"}, "organization"),
         ({"type": "kong", "base_url": "http://kong", "mapping": {"consumer_field": "email"}}, "mapping"),
         ({"type": "kong", "base_url": "http://kong", "sync_interval_seconds": 1}, "sync_interval_seconds"),
+        (
+            {"type": "apigee", "base_url": "https://a", "organization": "o", "mapping": {"page_size": 1}},
+            "mapping",
+        ),
+        (
+            {"type": "apigee", "base_url": "https://a", "organization": "o", "mapping": {"groups": {}}},
+            "mapping",
+        ),
         ({"type": "kong", "base_url": "http://kong", "password_hint": "x"}, None),
     ],
 )

@@ -107,11 +107,13 @@ class ApigeeMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     default_plan_id: str | None = None
     # Push a consumer's suspension or revocation to Apigee (the app's status).
     push_status: bool = False
-    page_size: int = 1000  # objects per Management API page (1-1000)
+    page_size: int = 1000  # objects per Management API page (2-1000)
 
     def validated(self) -> ApigeeMapping:
-        if not 1 <= self.page_size <= 1000:
-            raise ValueError("page_size must be between 1 and 1000")
+        # A startKey page begins with the previous page's last object: pages of one
+        # would never move on.
+        if not 2 <= self.page_size <= 1000:
+            raise ValueError("page_size must be between 2 and 1000")
         return self
 
 
