@@ -14,7 +14,7 @@ median run of each:
   and, over gRPC with one Python client process: a bare grpc.aio echo server (the
   ceiling of grpc.aio here), unary Authorize, and AuthorizeBatch (100 per call)
 
-and prints decisions/s, P50/P95/P99, errors and the CPU time spent per decision by the
+and prints decisions/s, P50/P95/P99 and the longest, errors, the CPU time spent per decision by the
 server (its worker processes included) and by Redis (masters, and replicas apart; read
 from /proc for the servers on this machine), and the decisions per read of the Redis
 masters (how many pipelined commands each socket read takes in: INFO stats
@@ -77,7 +77,7 @@ done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("RESULT %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout, e.status, 0, 0))
+    e.connect + e.read + e.write + e.timeout, e.status, latency.max, 0))
 end
 """
 # For workloads whose answers are denials (4xx, which wrk counts as errors): the status
@@ -93,7 +93,7 @@ done = function(summary, latency, requests)
   for _, thread in ipairs(threads) do failed = failed + thread:get("failed") end
   io.write(string.format("RESULT %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout, failed, 0, 0))
+    e.connect + e.read + e.write + e.timeout, failed, latency.max, 0))
 end
 """
 _WRK_HEAD = """
@@ -190,12 +190,14 @@ def wrk(url: str, connections: int, duration: int, script: str) -> dict[str, flo
         check=True,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT"))
-    requests, duration_us, p50, p95, p99, socket_errors, status_errors, _, _ = map(int, line.split()[1:])
+    fields = map(int, line.split()[1:])
+    requests, duration_us, p50, p95, p99, socket_errors, status_errors, longest, _ = fields
     return {
         "rps": requests / (duration_us / 1e6),
         "p50_ms": p50 / 1000,
         "p95_ms": p95 / 1000,
         "p99_ms": p99 / 1000,
+        "max_ms": longest / 1000,
         "errors": socket_errors + status_errors,
     }
 
@@ -264,6 +266,19 @@ def with_children(pid: int) -> list[int]:
         found.append(current)
         todo += parents.get(current, [])
     return found
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of processes on this machine (VmRSS), in MB."""
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
+        total += rss[0] if rss else 0
+    return total / 1024
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -422,11 +437,15 @@ def run_http(
                 f"{urls['decision']}{SEED_PATH}", urls["main"], int(urls["pid"]), deployment
             )
         runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {} for name in targets}
+        # Memory of each server before its first run and after its last (it must stay flat).
+        memory = {name: [rss_mb(with_children(t.pid))] for name, t in targets.items()}
         for connections in args.connections:
             for _ in range(args.rounds):
                 for name, target in targets.items():
                     result = measure(target, target.url, connections, args.duration, script)
                     runs[name].setdefault(connections, []).append(result)
+        for name, target in targets.items():
+            memory[name].append(rss_mb(with_children(target.pid)))
         # What a decision costs by workload: one process, the first connection count.
         costs: dict[str, list[dict[str, float]]] = {}
         one_target = targets["sidecar"]
@@ -444,6 +463,9 @@ def run_http(
         wrk(targets["sidecar x2"].url, args.connections[0], args.duration, script)
         checker.join()
     results = {name: {c: median_run(r) for c, r in by_c.items()} for name, by_c in runs.items()}
+    for name, (first, last) in memory.items():
+        for by_connections in results[name].values():
+            by_connections["rss_start_mb"], by_connections["rss_end_mb"] = first, last
     return results, {w: median_run(r) for w, r in costs.items()}, checker.result
 
 
@@ -468,6 +490,7 @@ def measure(target: Target, url: str, connections: int, duration: int, script: s
         if field in ("commands", "scripts", "script_usec") or per_decision > 0:
             result[field if ":" in field else f"{field}_per_d"] = per_decision
     result["degraded"] = degraded(target.main_url) - before if target.main_url else 0.0
+    result["rss_mb"] = rss_mb(groups[0])
     return result
 
 
@@ -563,6 +586,7 @@ def _row(name: str, connections: int, r: dict[str, float], ratio: str) -> str:
         f"{r['p50_ms']:.2f}",
         f"{r['p95_ms']:.2f}",
         f"{r['p99_ms']:.2f}",
+        f"{r['max_ms']:.1f}" if "max_ms" in r else "",
         f"{r['errors']:.0f}",
         f"{r.get('degraded', 0):.0f}",
     ]
@@ -609,8 +633,8 @@ def main() -> int:
         f"\nmachine: {os.cpu_count()} cores; wrk -t1, {args.duration}s per run, median of {args.rounds} "
         f"rounds run in alternation; Redis {REDIS_URL}\n"
     )
-    columns = ("conns", "decisions/s", "x naive", "p50 ms", "p95 ms", "p99 ms", "errors", "degraded",
-               "server us/d", "redis us/d", "replica us/d", "cmds/read")  # fmt: skip
+    columns = ("conns", "decisions/s", "x naive", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors",
+               "degraded", "server us/d", "redis us/d", "replica us/d", "cmds/read")  # fmt: skip
     print(f"{'run':<28} " + " ".join(f"{c:>11}" for c in columns))
     for name, by_connections in http.items():
         for connections, r in by_connections.items():
@@ -644,6 +668,10 @@ def main() -> int:
             f"{name} {usec:.1f} ({r[f'calls:{name}']:.2f}x)" for name, usec in inner if usec >= 0.05
         )
         print(f"  {workload}: us per decision by command: {shown or 'none'}")
+    for name, by_connections in http.items():
+        r = next(iter(by_connections.values()))
+        before, after = r["rss_start_mb"], r["rss_end_mb"]
+        print(f"memory of {name}: {before:.0f} MB before its first run, {after:.0f} MB after its last")
     for c in args.connections:
         scaling = http["sidecar x2"][c]["rps"] / http["sidecar"][c]["rps"]
         print(f"workers scaling at {c} connections: x{scaling:.2f}")
