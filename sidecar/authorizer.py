@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 
+import msgspec
 from cachetools import TTLCache
 
 from sidecar import metrics
@@ -22,6 +23,7 @@ from sidecar.core.decision import DecisionPolicy, new_decision_id, present, unav
 from sidecar.core.models import AuthorizeRequest, Decision, Outcome
 from sidecar.core.reasons import Reason
 from sidecar.core.windows import WINDOWS, periods
+from sidecar.standing_denials import StandingDenials
 from sidecar.store.base import DecisionCall, Store, StoreDown, StoreUnavailable
 
 _NO_WINDOWS = (None,) * len(WINDOWS)
@@ -42,6 +44,12 @@ def _owner_key(tenant: str, key_hash: str) -> str:
     return f"{tenant}:{key_hash}"
 
 
+def _done(outcome: Outcome) -> asyncio.Future[Outcome]:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    future.set_result(outcome)
+    return future
+
+
 def _drop_outcome(future: asyncio.Future[Outcome]) -> None:
     if not future.cancelled():
         future.exception()
@@ -58,6 +66,7 @@ class Pending:
         "future",
         "moment",
         "periods",
+        "remembered",
         "request",
         "request_id",
         "started",
@@ -80,6 +89,7 @@ class Pending:
         self.caller_bound = caller_bound
         self.started = started
         self.consumer_id = request.consumer_id
+        self.remembered = False  # answered from the standing denials, not by the store
         self.future: asyncio.Future[Outcome]
 
 
@@ -98,6 +108,8 @@ class Authorizer:
         # reassigned); revocation is checked by the store on every decision, so this
         # cache can only save lookups, never admit a revoked key.
         self._key_owner: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=300)
+        # Used once the invalidation listener is up (server.py sets it live).
+        self.standing = StandingDenials()
 
     async def authorize(
         self, request: AuthorizeRequest, at_ms: int | None = None, deadline_s: float | None = None
@@ -146,6 +158,13 @@ class Authorizer:
         deadline = time.monotonic() + budget_s
         apply_by_ms = wall + int(budget_s * 1000) + self._apply_margin_ms
         if request.api_key is None:
+            if request.request_id is None and self.settings.standing_denials:
+                known = self.standing.recall(request.tenant, request.consumer_id, request.product, moment)  # type: ignore[arg-type]
+                if known is not None:
+                    pending.remembered = True
+                    pending.future = _done(msgspec.structs.replace(known, decision_id=decision_id))
+                    metrics.STANDING_DENIALS.inc()
+                    return pending
             pending.future = self.store.decide(self._call(pending, None, apply_by_ms, deadline))
             return pending
         key_hash = hash_api_key(request.api_key)
@@ -201,8 +220,11 @@ class Authorizer:
         consumer_id, request_id, decision_id = pending.consumer_id, pending.request_id, pending.decision_id
         failure = future.exception()
         if failure is None:
+            outcome = future.result()
+            if not pending.remembered and request.api_key is None and request.request_id is None:
+                self.standing.learn(request.tenant, consumer_id, request.product, outcome, pending.periods[1])  # type: ignore[arg-type]
             decision = present(
-                future.result(),
+                outcome,
                 tenant=request.tenant,
                 consumer_id=consumer_id,
                 product=request.product,
@@ -262,7 +284,9 @@ class Authorizer:
         self._key_owner.pop(_owner_key(tenant, key_hash), None)
 
     def forget_consumer(self, tenant: str, consumer_id: str) -> None:
-        """Drop every cached entry that names this consumer (admin-rate, so a scan)."""
+        """Drop every cached entry that names this consumer (admin-rate, so a scan);
+        ``*`` names every consumer of the tenant (a plan changed)."""
+        self.standing.forget(tenant, consumer_id)
         for ident, owner in list(self._key_owner.items()):
             if owner == consumer_id and ident.startswith(f"{tenant}:"):
                 self._key_owner.pop(ident, None)

@@ -12,6 +12,7 @@ from typing import Protocol
 from sidecar.authorizer import now_ms
 from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
 from sidecar.core.wallet_rules import Notice
+from sidecar.standing_denials import ALL_CONSUMERS
 from sidecar.store.base import Store, TopUpResult
 
 
@@ -69,16 +70,25 @@ class StoreCatalog:
     def __init__(self, store: Store) -> None:
         self.store = store
 
+    # Every change a process may remember a denial of is published, and waited for: the
+    # caller's next decision, in any process, sees it.
+
     async def put_plan(self, plan: Plan, actor: str) -> bool:
-        return await self.store.put_plan(plan)
+        created = await self.store.put_plan(plan)
+        await self.store.publish_invalidation(plan.tenant, ALL_CONSUMERS, wait=True)
+        return created
 
     async def put_consumer(self, spec: ConsumerSpec, actor: str) -> tuple[ConsumerView, bool]:
-        return await self.store.put_consumer(spec, now_ms())
+        answer = await self.store.put_consumer(spec, now_ms())
+        await self.store.publish_invalidation(spec.tenant, spec.id, wait=True)
+        return answer
 
     async def set_status(
         self, tenant: str, consumer_id: str, status: ConsumerStatus, actor: str
     ) -> ConsumerView:
-        return await self.store.set_status(tenant, consumer_id, status, now_ms())
+        view = await self.store.set_status(tenant, consumer_id, status, now_ms())
+        await self.store.publish_invalidation(tenant, consumer_id, wait=True)
+        return view
 
     async def top_up(
         self, tenant: str, consumer_id: str, amount: int, reference: str | None, actor: str
@@ -89,13 +99,17 @@ class StoreCatalog:
         await self.store.add_key(tenant, consumer_id, key_hash, now_ms())
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
-        return await self.store.revoke_key(tenant, consumer_id, key_hash)
+        revoked = await self.store.revoke_key(tenant, consumer_id, key_hash)
+        await self.store.publish_invalidation(tenant, consumer_id, wait=True)
+        return revoked
 
     async def delete_plan(self, tenant: str, plan_id: str, actor: str) -> bool:
         return await self.store.delete_plan(tenant, plan_id)
 
     async def delete_consumer(self, tenant: str, consumer_id: str, actor: str) -> bool:
-        return await self.store.delete_consumer(tenant, consumer_id, now_ms())
+        deleted = await self.store.delete_consumer(tenant, consumer_id, now_ms())
+        await self.store.publish_invalidation(tenant, consumer_id, wait=True)
+        return deleted
 
     async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
         return await self.store.consumer_keys(tenant, consumer_id)

@@ -61,6 +61,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # never rated twice): a day by default, the late-data window gateways re-send in.
     event_dedupe_ttl_seconds: int = 86_400
     deny_ttl_seconds: int = 5
+    # Answer denials that stand (suspended, revoked, unknown, a window used up) from this
+    # process's memory, without Redis, while the invalidation channel is up.
+    standing_denials: bool = True
     quota_ttl_cap_seconds: int = 60
     # Usage ingestion (Kong HTTP Log, Apigee analytics): a shared secret per tenant
     # ("tenant=secret,..."), sent in the X-Aforo-Ingest-Secret header; a tenant with no

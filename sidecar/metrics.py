@@ -20,6 +20,10 @@ from prometheus_client import (
 from sidecar.core.reasons import Reason
 
 DECISIONS = Counter("aforo_decisions_total", "Authorize decisions, by reason code.", ["reason"])
+STANDING_DENIALS = Counter(
+    "aforo_standing_denials_total",
+    "Decisions answered from this process's standing denials, without Redis.",
+)
 DEGRADED = Counter(
     "aforo_degraded_decisions_total", "Decisions answered by the fail mode (store unreachable)."
 )

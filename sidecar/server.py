@@ -39,14 +39,26 @@ async def _invalidations(settings: Settings, authorizer: Authorizer, store: Stor
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(store.keys.invalidations())
                     async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            tenant, _, consumer_id = message["data"].decode().partition(":")
+                        kind = message.get("type")
+                        if kind == "subscribe":
+                            # Subscribed (again): whatever was missed meanwhile is
+                            # unknown, so the standing denials start empty.
+                            authorizer.standing.clear()
+                            authorizer.standing.live = True
+                        elif kind == "message":
+                            message_id, _, target = message["data"].decode().rpartition(" ")
+                            tenant, _, consumer_id = target.partition(":")
                             authorizer.forget_consumer(tenant, consumer_id)
+                            if message_id:
+                                await store.acknowledge_invalidation(message_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the subscription is best effort; keep trying
                 log.warning("invalidation subscription lost (%s); resubscribing", exc)
                 await asyncio.sleep(1)
+            finally:
+                # Not listening: no denial may be answered from memory.
+                authorizer.standing.live = False
 
     async with in_background(listen()):
         yield

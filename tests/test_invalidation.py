@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from sidecar.authorizer import Authorizer
 from sidecar.server import _invalidations
+from sidecar.store import redis_store
 from sidecar.store.redis_store import RedisStore
 from tests.conftest import make_settings
 
@@ -54,5 +55,36 @@ async def test_an_invalidation_is_heard_by_every_process(deployment_url, prefix)
                     )
                     await direct.aclose()
     finally:
+        await listening.close()
+        await publishing.close()
+
+
+async def test_an_admin_change_waits_until_every_listener_has_dropped_it(redis_url, prefix, monkeypatch):
+    monkeypatch.setattr(redis_store, "INVALIDATION_WAIT_S", 2.0)  # far from an acknowledgement's time
+    listening = RedisStore(redis_url, prefix=prefix)
+    publishing = RedisStore(redis_url, prefix=prefix)
+    settings = make_settings(redis_url=redis_url, key_prefix=prefix)
+    authorizer = Authorizer(listening, settings)
+    silent = aioredis.Redis.from_url(redis_url).pubsub()
+    try:
+        async with _invalidations(settings, authorizer, listening):
+            authorizer._key_owner["default:" + "a" * 64] = "c1"
+            await _heard(
+                authorizer, "default:" + "a" * 64, lambda: publishing.publish_invalidation("default", "c1")
+            )
+            assert authorizer.standing.live  # subscribed: the standing denials are usable
+            started = time.monotonic()
+            await publishing.publish_invalidation("default", "c2", wait=True)
+            acknowledged = time.monotonic() - started
+            # A subscriber that never acknowledges: the wait runs to its bound, no longer.
+            await silent.subscribe(listening.keys.invalidations())
+            await silent.get_message(timeout=1)  # the subscription's confirmation
+            started = time.monotonic()
+            await publishing.publish_invalidation("default", "c3", wait=True)
+            unacknowledged = time.monotonic() - started
+        assert acknowledged < 1.5 and 2.0 <= unacknowledged < 4
+        assert not authorizer.standing.live  # not listening any more: not usable
+    finally:
+        await silent.aclose()
         await listening.close()
         await publishing.close()

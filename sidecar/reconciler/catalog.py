@@ -20,6 +20,7 @@ from sidecar.core.wallet_rules import Notice
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.report import Report, reconciliation_report
 from sidecar.reconciler.sync import apply_consumer
+from sidecar.standing_denials import ALL_CONSUMERS
 from sidecar.store.base import TopUpResult
 from sidecar.store.redis_store import RedisStore
 
@@ -90,13 +91,15 @@ class PostgresCatalog:
             ledger = await self._ledger()
             row, created = await ledger.put_plan(plan, actor)
         await self.store.apply_plan(row.plan, row.version)
+        # Its consumers' limits changed: what any process remembers of them goes.
+        await self.store.publish_invalidation(plan.tenant, ALL_CONSUMERS, wait=True)
         return created
 
     async def put_consumer(self, spec: ConsumerSpec, actor: str) -> tuple[ConsumerView, bool]:
         with _truth():
             ledger = await self._ledger()
             consumer, plan, created = await ledger.put_consumer(spec, actor)
-        await apply_consumer(self.store, consumer, plan)
+        await apply_consumer(self.store, consumer, plan, wait=True)
         # Created, or restored after a deletion: Redis takes the wallet Postgres has
         # (version-guarded, so a no-op for a consumer Redis already holds).
         with _truth():
@@ -111,7 +114,7 @@ class PostgresCatalog:
         with _truth():
             ledger = await self._ledger()
             consumer, plan = await ledger.set_status(tenant, consumer_id, status, actor)
-        await apply_consumer(self.store, consumer, plan)
+        await apply_consumer(self.store, consumer, plan, wait=True)
         return await self._view(tenant, consumer_id)
 
     async def top_up(
@@ -137,7 +140,7 @@ class PostgresCatalog:
             revoked = await ledger.revoke_key(tenant, consumer_id, key_hash, actor)
         if revoked:
             await self.store.revoke_key(tenant, consumer_id, key_hash)
-            await self.store.publish_invalidation(tenant, consumer_id)
+            await self.store.publish_invalidation(tenant, consumer_id, wait=True)
         return revoked
 
     async def delete_plan(self, tenant: str, plan_id: str, actor: str) -> bool:
@@ -153,7 +156,7 @@ class PostgresCatalog:
             ledger = await self._ledger()
             deleted = await ledger.delete_consumer(tenant, consumer_id, actor)
         await self.store.delete_consumer(tenant, consumer_id, now_ms())
-        await self.store.publish_invalidation(tenant, consumer_id)
+        await self.store.publish_invalidation(tenant, consumer_id, wait=True)
         return deleted
 
     async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:

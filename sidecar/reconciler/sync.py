@@ -14,9 +14,13 @@ log = logging.getLogger("aforo.reconciler")
 _PARALLEL = 32
 
 
-async def apply_consumer(store: RedisStore, consumer: ConsumerRow, plan: PlanRow) -> None:
+async def apply_consumer(
+    store: RedisStore, consumer: ConsumerRow, plan: PlanRow, *, wait: bool = False
+) -> None:
+    """``wait``: an admin change, answered once every process has dropped what it
+    remembered of the consumer (a full sync does not wait per consumer)."""
     await store.apply_consumer(consumer.spec(), plan.plan, plan.version, now_ms())
-    await store.publish_invalidation(consumer.tenant, consumer.id)
+    await store.publish_invalidation(consumer.tenant, consumer.id, wait=wait)
 
 
 async def apply_wallet(store: RedisStore, wallet: WalletRow, trim_before: str | None = None) -> bool:

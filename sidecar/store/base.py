@@ -109,6 +109,11 @@ class Store(Protocol):
         """Unregister a key hash; False if it was not registered to this consumer."""
         ...
 
+    async def publish_invalidation(self, tenant: str, consumer_id: str, *, wait: bool = False) -> None:
+        """Tell every sidecar process that this consumer (``*``: every consumer of the
+        tenant) changed; with ``wait``, once they have all dropped what they remembered."""
+        ...
+
     async def list_plans(self, tenant: str, after: str | None, limit: int) -> tuple[list[Plan], str | None]:
         """Up to ``limit`` plans of ``tenant`` with ids above ``after``, in id order, and
         the id to continue after (None: no more)."""

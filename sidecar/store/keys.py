@@ -14,7 +14,8 @@
     <prefix>plans:{t}              sorted set of the tenant's plan ids (listing)
     <prefix>consumers:{t}          sorted set of the tenant's consumer ids (listing)
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
-    <prefix>invalidate             pub/sub channel: "tenant:consumer" changed
+    <prefix>invalidate             pub/sub channel: "<message id> tenant:consumer" changed
+    <prefix>invalidate:ack:<id>    listeners that dropped what message <id> named (60 s)
     <prefix>dirty                  set of "u|g|n:tenant:consumer": streams with new entries
     <prefix>reconciler             the reconciler's heartbeat (ms of its last drain pass)
 """
@@ -76,6 +77,9 @@ class KeySpace:
 
     def invalidations(self) -> str:
         return f"{self.prefix}invalidate"
+
+    def invalidation_ack(self, message_id: str) -> str:
+        return f"{self.prefix}invalidate:ack:{message_id}"
 
     def api_key(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}key:{tenant}:{key_hash}"

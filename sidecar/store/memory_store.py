@@ -352,6 +352,9 @@ class MemoryStore:
         keys.setdefault(key_hash, created_ms or None)
         self._keys[(tenant, key_hash)] = consumer_id
 
+    async def publish_invalidation(self, tenant: str, consumer_id: str, *, wait: bool = False) -> None:
+        """One process, nobody else to tell (its standing denials are never live)."""
+
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
         consumer = self._consumers.get((tenant, consumer_id))
         if consumer is None or key_hash not in consumer.key_hashes:

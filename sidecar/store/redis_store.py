@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from importlib import resources
 
@@ -64,6 +66,9 @@ UNREACHABLE = (
 _plan_decoder = msgspec.json.Decoder(Plan)
 # Consumers whose decide-command parts are kept encoded (cleared whole when full).
 _PARTS_CACHE = 50_000
+# How long an admin change waits for every process to acknowledge its invalidation.
+INVALIDATION_WAIT_S = 0.25
+log = logging.getLogger("aforo.store")
 _event_encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(UsageEvent)
 _LIMIT_FIELDS = tuple(f"l_{w.value}" for w in WINDOWS)
@@ -996,12 +1001,38 @@ class RedisStore:
             values = await client.mget(self.keys.counters(tenant, consumer_id, starts_ms))
         return [int(v or 0) for v in values]
 
-    async def publish_invalidation(self, tenant: str, consumer_id: str) -> None:
-        """Tell every sidecar process to drop what it cached of this consumer. Plain
-        PUBLISH: a cluster forwards it to every node, so a subscriber on any node hears it."""
+    async def publish_invalidation(self, tenant: str, consumer_id: str, *, wait: bool = False) -> None:
+        """Tell every sidecar process to drop what it cached of this consumer (``*``:
+        of every consumer of the tenant). Plain PUBLISH: a cluster forwards it to every
+        node, so a subscriber on any node hears it.
+
+        With ``wait`` (an admin change), return once every process that heard it has
+        dropped it (each acknowledges on a counter), or after INVALIDATION_WAIT_S: the
+        caller's next decision, in any process, sees the change. PUBLISH counts the
+        listeners subscribed through the node it reached: all of them on one Redis or a
+        Sentinel primary, those of that node on a cluster (the wait is partial there)."""
         client = await self._client()
+        message_id = uuid.uuid4().hex
         with _guard():
-            await client.publish(self.keys.invalidations(), f"{tenant}:{consumer_id}")
+            heard = await client.publish(self.keys.invalidations(), f"{message_id} {tenant}:{consumer_id}")
+        if not wait or not heard:
+            return
+        key = self.keys.invalidation_ack(message_id)
+        deadline = time.monotonic() + INVALIDATION_WAIT_S
+        while time.monotonic() < deadline:
+            with _guard():
+                if int(await client.get(key) or 0) >= heard:
+                    return
+            await asyncio.sleep(0.001)
+        log.warning("invalidation of %s:%s: not every listener acknowledged it in time", tenant, consumer_id)
+
+    async def acknowledge_invalidation(self, message_id: str) -> None:
+        """A listener has dropped what an invalidation named (see publish_invalidation)."""
+        client = await self._client()
+        key = self.keys.invalidation_ack(message_id)
+        with _guard():
+            await client.incr(key)
+            await client.pexpire(key, 60_000)
 
     async def ping(self) -> None:
         """Ready: one Redis or the primary answers PING; on a cluster every slot has a
