@@ -20,7 +20,8 @@ from /proc for the servers on this machine), and the decisions per read of the R
 masters (how many pipelined commands each socket read takes in: INFO stats
 total_reads_processed), side by side, with ratios. While the
 two-worker run is under load, a 1000/day consumer is hammered with 1500 requests and
-must get exactly 1000 allows.
+must get exactly 1000 allows. Each server's memory (RSS) is printed as it was before its
+first run and after its last.
 
 Then what a decision costs by workload (one process, the first connection count, POST
 /v1/authorize): ``allowed`` (the seed body), ``denied`` (a flood at a suspended consumer
@@ -368,6 +369,15 @@ def sidecar_env(prefix: str, redis_url: str = REDIS_URL, **extra: str) -> dict[s
     return env
 
 
+@contextmanager
+def _lua(script: str) -> Iterator[str]:
+    """``script`` in a file for wrk (its path), removed afterwards."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        lua.write(script)
+        lua.flush()
+        yield lua.name
+
+
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     """The run with the median decisions/s (its latencies with it)."""
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
@@ -449,12 +459,11 @@ def run_http(
         # What a decision costs by workload: one process, the first connection count.
         costs: dict[str, list[dict[str, float]]] = {}
         one_target = targets["sidecar"]
+        scripts = {w: stack.enter_context(_lua(WORKLOADS[w])) for w in args.workloads}
         for _ in range(args.rounds):
-            for workload in args.workloads:
-                with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
-                    lua.write(WORKLOADS[workload])
+            for workload, lua in scripts.items():
                 url = one_target.url if workload == "allowed" else one["decision"]
-                result = measure(one_target, url, args.connections[0], args.duration, lua.name)
+                result = measure(one_target, url, args.connections[0], args.duration, lua)
                 costs.setdefault(workload, []).append(result)
         # Exactness under load: a 1000/day consumer hammered while wrk runs (a run of
         # its own: the checker's CPU would skew the figures).
@@ -618,10 +627,8 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT)
-    with _clusters(args) as clusters:
-        http, costs, exact = run_http(args, script.name, clusters)
+    with _lua(WRK_SCRIPT) as script, _clusters(args) as clusters:
+        http, costs, exact = run_http(args, script, clusters)
     grpc_results = run_grpc(args)
     if args.json:
         args.json.write_text(

@@ -44,6 +44,12 @@ def _owner_key(tenant: str, key_hash: str) -> str:
     return f"{tenant}:{key_hash}"
 
 
+def _rememberable(request: AuthorizeRequest) -> bool:
+    """Whether a standing denial may answer this request, and its answer be remembered:
+    a consumer named by id, no request id (one allowed earlier must replay its allow)."""
+    return request.api_key is None and request.request_id is None
+
+
 def _done(outcome: Outcome) -> asyncio.Future[Outcome]:
     future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
     future.set_result(outcome)
@@ -108,7 +114,8 @@ class Authorizer:
         # reassigned); revocation is checked by the store on every decision, so this
         # cache can only save lookups, never admit a revoked key.
         self._key_owner: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=300)
-        # Used once the invalidation listener is up (server.py sets it live).
+        # Used once the invalidation listener is up and the setting allows (server.py
+        # sets it live).
         self.standing = StandingDenials()
 
     async def authorize(
@@ -158,7 +165,7 @@ class Authorizer:
         deadline = time.monotonic() + budget_s
         apply_by_ms = wall + int(budget_s * 1000) + self._apply_margin_ms
         if request.api_key is None:
-            if request.request_id is None and self.settings.standing_denials:
+            if _rememberable(request):
                 known = self.standing.recall(request.tenant, request.consumer_id, request.product, moment)  # type: ignore[arg-type]
                 if known is not None:
                     pending.remembered = True
@@ -221,7 +228,7 @@ class Authorizer:
         failure = future.exception()
         if failure is None:
             outcome = future.result()
-            if not pending.remembered and request.api_key is None and request.request_id is None:
+            if not pending.remembered and _rememberable(request):
                 self.standing.learn(request.tenant, consumer_id, request.product, outcome, pending.periods[1])  # type: ignore[arg-type]
             decision = present(
                 outcome,

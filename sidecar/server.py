@@ -44,7 +44,7 @@ async def _invalidations(settings: Settings, authorizer: Authorizer, store: Stor
                             # Subscribed (again): whatever was missed meanwhile is
                             # unknown, so the standing denials start empty.
                             authorizer.standing.clear()
-                            authorizer.standing.live = True
+                            authorizer.standing.live = settings.standing_denials
                         elif kind == "message":
                             message_id, _, target = message["data"].decode().rpartition(" ")
                             tenant, _, consumer_id = target.partition(":")

@@ -329,3 +329,24 @@ async def test_a_suspension_is_pushed_to_apigee_as_a_revoked_app_and_read_back_a
             {"connection_id": "apigee", "type": "apigee", "error": "unauthorized"}
         ]
         assert (await s.decide("app-0004"))["reason"] == "revoked"
+
+
+async def test_a_bad_catalog_sync_is_refused_and_applies_nothing(
+    migrated_database, redis_url, prefix, apigee
+):
+    apigee.state(**apigee_catalog(apps=3))
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await s.http.post("/integrations/apigee/connect", json=_connection(apigee), headers=ADMIN)
+        kong = {"type": "kong", "base_url": "http://127.0.0.1:9"}
+        await s.http.put("/v1/admin/connections/kong-1", json=kong, headers=ADMIN)
+        bad = [
+            ({"token": ""}, 400, "invalid_request"),
+            ({"token": "0" * 32}, 409, "catalog_changed"),
+            ({"connection_id": "kong-1"}, 404, "connection_not_found"),  # not an Apigee one
+            ({"connection_id": "nope"}, 404, "connection_not_found"),
+            ({"preview": True}, 400, "invalid_field"),
+        ]
+        for body, status, code in bad:
+            response = await s.http.post("/integrations/apigee/catalog/sync", json=body, headers=ADMIN)
+            assert (response.status_code, response.json()["error"]["code"]) == (status, code), body
+        assert await s.db.fetchval("SELECT count(*) FROM consumers") == 0

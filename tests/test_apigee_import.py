@@ -184,6 +184,21 @@ async def test_set_quota_replaces_the_product_once_and_app_status_goes_through_t
     assert (put["quota"], put["quotaTimeUnit"]) == ("75", "hour")
 
 
+async def test_an_app_named_rather_than_by_id_is_found_once_or_not_at_all(apigee):
+    catalog = apigee_catalog(apps=3)
+    catalog["apps"].append({**catalog["apps"][2], "appId": "app-twin", "developerId": "d-000"})
+    apigee.state(**catalog)
+    client = _client(apigee)
+    try:
+        assert await client.app_id_named("app-1") == "app-0001"
+        for name in ("app-2", "app-9"):  # two apps of that name (other developers), none
+            with pytest.raises(GatewayError) as refused:
+                await client.app_id_named(name)
+            assert refused.value.code == "not_found"
+    finally:
+        await client.aclose()
+
+
 # --- the pure mapping ---------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from sidecar.core.api_keys import hash_api_key
 from sidecar.core.catalog_diff import Catalog, Change, Removal, diff
 from sidecar.core.models import ConsumerSpec, ConsumerStatus, Plan
 from sidecar.integrations.gateway_http import GatewayError, retry_after_seconds
-from sidecar.integrations.kong.admin_client import KongAdminClient
+from sidecar.integrations.kong.admin_client import KongAdminClient, set_denied
 from sidecar.integrations.kong.mapping import (
     KongConsumer,
     KongEntity,
@@ -302,3 +302,22 @@ def test_a_diff_of_a_catalog_already_in_place_is_empty_and_its_token_stable():
     assert first.changes == () and first.token == second.token
     moved = Catalog(plans={"p": Plan(id="p", price=1)}, consumers=catalog.consumers)
     assert diff(moved, catalog, frozenset(), Removal.REVOKE).token != first.token
+
+
+async def test_a_consumer_named_by_custom_id_joins_and_leaves_the_deny_group_once(kong):
+    kong.state(**kong_catalog(3))
+    client = KongAdminClient(kong.url, page_size=100, first_delay_s=0.01)
+    try:
+        assert await set_denied(client, "app-1", "custom_id", "blocked", True) == "updated"
+        assert await set_denied(client, "app-1", "custom_id", "blocked", True) == "unchanged"
+        state = kong.current()
+        assert [(a["group"], a["consumer"]["id"]) for a in state["acls"]] == [("blocked", "c-0001")]
+        assert await set_denied(client, "user2", "username", "blocked", False) == "unchanged"
+        assert await set_denied(client, "app-1", "custom_id", "blocked", False) == "updated"
+        assert kong.current()["acls"] == []
+        for consumer, field in (("app-9", "custom_id"), ("nobody", "id")):
+            with pytest.raises(GatewayError) as missing:
+                await set_denied(client, consumer, field, "blocked", True)
+            assert missing.value.code == "not_found"
+    finally:
+        await client.aclose()

@@ -67,7 +67,11 @@ async def guarded(work: Any) -> Any:
 async def put_connection(request: Request) -> Response:
     body = await admin_body(request)
     connection_id = _connection_id(request)
-    spec = decode_into(body, ConnectionSpec).validated()
+    return await _saved(request, connection_id, decode_into(body, ConnectionSpec).validated())
+
+
+async def _saved(request: Request, connection_id: str, spec: ConnectionSpec) -> Response:
+    """Store a validated connection: 201 created, 200 replaced."""
     _, store = await postgres(request)
     view, created = await guarded(store.put(connection_id, spec, actor(request)))
     record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
@@ -159,13 +163,10 @@ def seed_connection(kind: str, default_id: str) -> Any:
         if raw.get("type", kind) != kind:
             raise InvalidInput(f"this path creates {kind} connections", field="type")
         try:
-            spec = msgspec.convert({**raw, "type": kind}, ConnectionSpec).validated()
+            spec = msgspec.convert({**raw, "type": kind}, ConnectionSpec)
         except msgspec.ValidationError as exc:
             raise invalid_from(exc) from None
-        _, store = await postgres(request)
-        view, created = await guarded(store.put(connection_id, spec, actor(request)))
-        record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
-        return json_response(view, 201 if created else 200)
+        return await _saved(request, connection_id, spec.validated())
 
     return create
 
