@@ -6,7 +6,8 @@
 Process model: kong-pdk's default threading mode, enforced here (``-m``/``-g`` are
 refused). The sidecar client (a gRPC channel) and the usage sender thread live in this
 one process and are shared by every request thread; kong_plugin/README.md explains why
-gevent and multiprocessing do not fit.
+gevent and multiprocessing do not fit. Handler threads are kept between events instead
+of one started per event (kong_plugin/handler_threads.py).
 
 Python-style PDK results are enforced (``--no-lua-style``): a PDK error raises instead
 of returning ``(None, err)``, which the plugin's handlers catch.
@@ -77,11 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     # Heavy imports after the argument check, so a refused invocation fails fast.
+    import kong_pdk.cli
     from kong_pdk.cli import start_dedicated_server
 
     from kong_plugin import client, usage
     from kong_plugin.aforo_authorize import Plugin
+    from kong_plugin.handler_threads import PooledPluginServer
     from kong_plugin.schema import SCHEMA
+
+    # start_dedicated_server builds the server class its module names: handler threads
+    # kept between events instead of one started per event (handler_threads.py).
+    kong_pdk.cli.PluginServer = PooledPluginServer
 
     sys.argv = [sys.argv[0] if sys.argv else "aforo-kong-plugin", *args]
     if dump:

@@ -3,8 +3,8 @@
 Drives requests through the Kong emulator (tests/kong/emulator.py) into the real plugin
 server and a real sidecar process on Redis, and reports, per phase, the PDK calls and
 RPC round trips per request and the time Kong would wait on the plugin server. The
-sidecar's own answer time (a direct gRPC Authorize from this process) is measured too,
-so the plugin's share of the access phase is visible.
+sidecar's own answer time on each transport (the plugin's client called from this
+process, no Kong) is measured too, so the plugin's share of the access phase is visible.
 
     python loadtests/kong_plugin_bench.py                  # 10,000 requests, Redis at 127.0.0.1:6379
     python loadtests/kong_plugin_bench.py --requests 2000 --redis-url redis://127.0.0.1:6379/0
@@ -31,10 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import grpc  # noqa: E402
-
-from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2 as pb  # noqa: E402
-from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2_grpc as pb_grpc  # noqa: E402
+from kong_plugin.client import Ask, SidecarClient  # noqa: E402
 from sidecar.store.redis_store import RedisStore  # noqa: E402
 from tests.conftest import delete_prefix  # noqa: E402
 from tests.kong.emulator import Exchange, KongRequest  # noqa: E402
@@ -58,35 +55,43 @@ def row(label: str, samples: Sequence[float], extra: str = "") -> str:
 WARM_UP = 200
 
 
+def direct_clients(sidecar: Sidecar) -> dict[str, SidecarClient]:
+    """The plugin's own client on each transport, called from this process without the
+    plugin server or Kong: the sidecar's own answer, which the access phase adds to."""
+    return {
+        "grpc": SidecarClient(sidecar.grpc_target, sidecar.url, "grpc", False),
+        "http": SidecarClient(sidecar.grpc_target, sidecar.url, "http", False),
+        "decision port": SidecarClient(sidecar.grpc_target, sidecar.url, "http", False, sidecar.decision_url),
+    }
+
+
 def run(
-    server: PluginServer, configs: Sequence[dict], count: int, make: Callable[[int], KongRequest]
-) -> list[list[Exchange]]:
-    """``count`` requests through each configuration, interleaved, so a change in the
-    machine's load (it is shared) weighs on every configuration alike."""
+    server: PluginServer,
+    configs: Sequence[dict],
+    direct: dict[str, SidecarClient],
+    count: int,
+    make: Callable[[int], KongRequest],
+) -> tuple[list[list[Exchange]], dict[str, list[float]]]:
+    """``count`` requests through each configuration and each direct client,
+    interleaved, so a change in the machine's load (it is shared) weighs on every
+    configuration alike."""
     instances = [server.kong.start_instance(config) for config in configs]
-    for i in range(WARM_UP):  # the channel, the pools, the sidecar's caches
-        for instance in instances:
-            server.kong.play(instance, make(-i - 1))
+    ask = Ask(
+        tenant="default", product="catalog", consumer_id="bench-consumer", api_key=None, cost=None, hits=1
+    )
     results: list[list[Exchange]] = [[] for _ in instances]
-    for i in range(count):
+    answers: dict[str, list[float]] = {name: [] for name in direct}
+    for i in range(-WARM_UP, count):  # the warm-up: the channels, the pools, the caches
         for instance, exchanges in zip(instances, results, strict=True):
-            exchanges.append(server.kong.play(instance, make(i)))
-    return results
-
-
-def direct_authorize(target: str, count: int) -> list[float]:
-    """The sidecar's answer time seen by a plain gRPC client (no plugin, no Kong)."""
-    samples = []
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.SidecarStub(channel)
-        ask = pb.AuthorizeRequest(product="catalog", consumer_id="bench-consumer")
-        for _ in range(200):
-            stub.Authorize(ask, timeout=2)
-        for _ in range(count):
+            exchange = server.kong.play(instance, make(i))
+            if i >= 0:
+                exchanges.append(exchange)
+        for name, client in direct.items():
             started = time.perf_counter()
-            stub.Authorize(ask, timeout=2)
-            samples.append(time.perf_counter() - started)
-    return samples
+            client.authorize(ask, 2.0)
+            if i >= 0:
+                answers[name].append(time.perf_counter() - started)
+    return results, answers
 
 
 def count_events(redis_url: str, prefix: str) -> int:
@@ -120,6 +125,7 @@ def main() -> int:
     log_dir = tempfile.mkdtemp(prefix="kong-bench-")
     sidecar = Sidecar(log_dir, {"AFORO_REDIS_URL": args.redis_url, "AFORO_KEY_PREFIX": prefix}).start()
     server = PluginServer()
+    direct_to = direct_clients(sidecar)
     try:
         admin = sidecar.admin()
         admin.plan("bench", {"day": 10_000_000})
@@ -129,7 +135,6 @@ def main() -> int:
         def request(i: int) -> KongRequest:
             return KongRequest(consumer=consumer, headers={"user-agent": "bench", "accept": "*/*"})
 
-        direct = direct_authorize(sidecar.grpc_target, min(count, 5_000))
         started = time.perf_counter()
         lean_config = {
             "timeout_ms": 50,
@@ -138,7 +143,7 @@ def main() -> int:
             "balance_header": False,
             "usage": False,
         }
-        default, lean, lean_http, lean_port = run(
+        (default, lean, lean_http, lean_port), direct = run(
             server,
             [
                 sidecar_config(sidecar, timeout_ms=50, usage_flush_interval_ms=200),
@@ -147,6 +152,7 @@ def main() -> int:
                 sidecar_config(sidecar, **lean_config, protocol="http"),
                 sidecar_config(sidecar, **lean_config, protocol="http", decision_url=sidecar.decision_url),
             ],
+            direct_to,
             count,
             request,
         )
@@ -158,6 +164,8 @@ def main() -> int:
         degraded = sum(1 for e in default if e.header("X-RateLimit-Remaining-Day") is None)
         proxied = sum(e.proxied for e in default + lean + lean_http + lean_port)
     finally:
+        for client in direct_to.values():
+            client.close()
         server.cleanup()
         sidecar.stop()
         delete_prefix(args.redis_url, prefix)
@@ -165,7 +173,7 @@ def main() -> int:
 
     access = [e.access.seconds for e in default]
     log = [e.log.seconds for e in default if e.log is not None]
-    print(f"4 x {count} requests through the emulator in {elapsed:.1f}s (one at a time)")
+    print(f"4 x {count} requests through the emulator, 3 x {count} direct: {elapsed:.1f}s (one at a time)")
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print()
     print("| phase (µs) | p50 | p90 | p99 | mean | PDK round trips per request |")
@@ -188,10 +196,19 @@ def main() -> int:
                 calls_summary(exchanges, "access"),
             )
         )
-    print(row("sidecar Authorize alone (direct gRPC)", direct, "-"))
-    plugin_share = percentiles(access)["p50"] - percentiles(direct)["p50"]
+    for name, samples in direct.items():
+        print(row(f"the sidecar's answer alone, {name} (the plugin's client, no Kong)", samples, "-"))
     print()
-    print(f"added by the plugin in access beyond the sidecar's answer (p50): {plugin_share:.0f} µs")
+    print("added by the plugin in access beyond the sidecar's own answer on the same transport (p50):")
+    for label, exchanges, transport in (
+        ("default config, gRPC", default, "grpc"),
+        ("lean, gRPC", lean, "grpc"),
+        ("lean, HTTP main port", lean_http, "http"),
+        ("lean, HTTP decision port", lean_port, "decision port"),
+    ):
+        access_p50 = percentiles([e.access.seconds for e in exchanges])["p50"]
+        added = access_p50 - percentiles(direct[transport])["p50"]
+        print(f"  {label}: {added:.0f} µs")
     print(f"usage: {events} events stored for {count + WARM_UP} proxied requests (with warm-up); {stats}")
     print(f"decisions: {proxied}/{4 * count} proxied, {degraded} past the 50 ms budget (fail-open passes)")
     # A fail-open pass (the 50 ms budget exceeded on a busy machine) is a figure, not a
