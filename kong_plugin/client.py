@@ -24,10 +24,13 @@ from urllib.parse import urlsplit
 import grpc
 import msgspec
 
-# The sidecar names why it refused a request in these trailers.
-from sidecar.grpc.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY
 from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2 as pb
 from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+
+# The trailers in which the sidecar names why it refused a request (its
+# sidecar/grpc/errors.py; tests/test_boundaries.py keeps the two the same).
+ERROR_CODE_KEY = "aforo-error-code"
+ERROR_FIELD_KEY = "aforo-error-field"
 
 COOLDOWN_S = 1.0
 HTTP_POOL_SIZE = 32

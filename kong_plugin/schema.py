@@ -14,8 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core.models import PRODUCT_RE, TENANT_RE
-
+# The sidecar's own rules for a tenant and a product (sidecar/core/models.py), written
+# here because the plugin ships to Kong hosts without the service; tests/test_boundaries.py
+# keeps the two the same.
+TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PRODUCT_RE = re.compile(r"[^\s|{}]{1,200}")
 MAX_MICROS = 2**53 - 1
 IDENTITIES = ("consumer_id", "custom_id", "username", "credential", "api_key")
 # Headers that carry secrets never leave Kong in a usage event, whatever the allow-list says.

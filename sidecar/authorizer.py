@@ -19,6 +19,7 @@ from cachetools import TTLCache
 from sidecar import metrics
 from sidecar.config import Settings
 from sidecar.core.api_keys import hash_api_key
+from sidecar.core.clock import now_ms
 from sidecar.core.decision import DecisionPolicy, new_decision_id, present, unavailable
 from sidecar.core.models import AuthorizeRequest, Decision, Outcome
 from sidecar.core.reasons import Reason
@@ -27,10 +28,6 @@ from sidecar.standing_denials import StandingDenials
 from sidecar.store.base import DecisionCall, Store, StoreDown, StoreUnavailable
 
 _NO_WINDOWS = (None,) * len(WINDOWS)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class DeadlineExceeded(Exception):

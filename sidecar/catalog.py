@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from sidecar.authorizer import now_ms
+from sidecar.core.access import ApiToken
+from sidecar.core.clock import now_ms
 from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
 from sidecar.core.wallet_rules import Notice
 from sidecar.standing_denials import ALL_CONSUMERS
@@ -62,6 +63,17 @@ class Catalog(Protocol):
     async def reconciliation(self) -> object:
         """The reconciliation report; raises NeedsPostgres without Postgres."""
         ...
+
+    async def put_token(self, token: ApiToken, action: str, actor: str) -> None:
+        """Create or replace an API token (``action``: token.create / revoke / rotate, for
+        the audit log)."""
+        ...
+
+    async def get_token(self, token_id: str) -> ApiToken | None: ...
+
+    async def list_tokens(self, tenant: str) -> list[ApiToken]: ...
+
+    async def touch_token(self, token_id: str, used_ms: int) -> None: ...
 
 
 class StoreCatalog:
@@ -116,6 +128,18 @@ class StoreCatalog:
 
     async def notices(self, tenant: str, consumer_id: str) -> list[Notice] | None:
         return await self.store.notices(tenant, consumer_id)
+
+    async def put_token(self, token: ApiToken, action: str, actor: str) -> None:
+        await self.store.put_token(token)
+
+    async def get_token(self, token_id: str) -> ApiToken | None:
+        return await self.store.get_token(token_id)
+
+    async def list_tokens(self, tenant: str) -> list[ApiToken]:
+        return await self.store.list_tokens(tenant)
+
+    async def touch_token(self, token_id: str, used_ms: int) -> None:
+        await self.store.touch_token(token_id, used_ms)
 
     async def reconciliation(self) -> object:
         raise NeedsPostgres("the reconciliation report compares Redis with Postgres: set AFORO_DATABASE_URL")

@@ -155,7 +155,7 @@ def _run(settings: Settings, access_log: bool) -> None:
 
 
 def _demo(settings: Settings, access_log: bool) -> None:
-    from sidecar.authorizer import now_ms
+    from sidecar.core.clock import now_ms
     from sidecar.demo import curl_examples, load_demo
     from sidecar.server import build_app
     from sidecar.store.memory_store import MemoryStore

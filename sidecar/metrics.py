@@ -37,6 +37,12 @@ STORE_ERRORS = Counter(
     "Store calls that failed or timed out: decide, http (admin, usage, ingestion), grpc.",
     ["operation"],
 )
+AUTH_FAILURES = Counter(
+    "aforo_auth_failures_total",
+    "Refused authentications and authorisations of the admin API: missing, invalid, "
+    "admin_disabled, forbidden (a role short), rate_limited (too many failures from one address).",
+    ["reason"],
+)
 
 
 # Resolved once: labels() validates and locks on every call, the decision path need not.

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.authorizer import now_ms
 from sidecar.config import Settings
+from sidecar.core.clock import now_ms
 from sidecar.core.windows import Window, window_bounds
 from sidecar.http.app import create_app
 from sidecar.store.base import Store

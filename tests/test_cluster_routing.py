@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar.authorizer import now_ms
+from sidecar.core.clock import now_ms
 from sidecar.core.models import ConsumerSpec, Plan
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.redis_store import RedisStore

@@ -14,7 +14,7 @@ import threading
 import pytest
 import redis
 
-from sidecar.authorizer import now_ms
+from sidecar.core.clock import now_ms
 from sidecar.core.errors import Conflict
 from sidecar.core.models import ConsumerSpec, ConsumerStatus, Plan, UsageEvent
 from sidecar.store.redis_store import RedisStore

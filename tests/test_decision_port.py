@@ -10,7 +10,8 @@ import socket
 import httpx
 import pytest
 
-from sidecar.authorizer import Authorizer, now_ms
+from sidecar.authorizer import Authorizer
+from sidecar.core.clock import now_ms
 from sidecar.core.models import Outcome
 from sidecar.http.app import create_app
 from sidecar.http.decision_server import decision_server

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sidecar.authorizer import now_ms
+from sidecar.core.clock import now_ms
 from sidecar.core.models import ConsumerSpec, Plan
 from tests.conftest import ADMIN, seed, until
 from tests.test_postgres import Stack, _reason, stack
@@ -59,7 +59,7 @@ async def test_a_consumer_deleted_through_the_api_keeps_its_billing_history(
         audit = await s.db.fetchrow(
             "SELECT actor, after FROM audit_log WHERE action = 'consumers.update' ORDER BY id DESC LIMIT 1"
         )
-        assert audit["actor"].startswith("admin-api@") and '"deleted_at": "' in audit["after"]
+        assert audit["actor"].startswith("admin-token@") and '"deleted_at": "' in audit["after"]
         # Restored by writing it again: its wallet (history and balance) comes back.
         await seed(s.http, windows={"day": 100}, price=10_000, consumer_id="c1")
         back = await s.decide("c1")

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from sidecar.authorizer import Authorizer, now_ms
+from sidecar.authorizer import Authorizer
+from sidecar.core.clock import now_ms
 from sidecar.core.models import AuthorizeRequest, ConsumerSpec, Plan
 from sidecar.store.redis_store import RedisStore
 from tests.conftest import make_settings

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.authorizer import now_ms
+from sidecar.core.clock import now_ms
 from sidecar.store.base import Store
 from sidecar.store.redis_store import RedisStore
 from tests.conftest import ADMIN, seed

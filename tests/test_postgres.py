@@ -17,8 +17,9 @@ import asyncpg
 import httpx
 import pytest
 
-from sidecar.authorizer import Authorizer, now_ms
+from sidecar.authorizer import Authorizer
 from sidecar.config import Settings
+from sidecar.core.clock import now_ms
 from sidecar.core.models import AuthorizeRequest
 from sidecar.reconciler.migrations import migrate
 from sidecar.server import build_app
@@ -146,7 +147,7 @@ async def test_admin_writes_land_in_postgres_with_their_audit_rows(migrated_data
             "plans.insert", "consumers.insert", "wallets.insert", "wallets.update", "consumers.update",
             "api_keys.insert",
         ]  # fmt: skip
-        assert all(r["actor"].startswith("admin-api@") for r in audit)
+        assert all(r["actor"].startswith("admin-token@") for r in audit)
         suspension = audit[4]
         assert '"status": "active"' in suspension["before"] and '"status": "suspended"' in suspension["after"]
         assert (await s.decide("c1"))["reason"] == "suspended"

@@ -8,7 +8,7 @@ import time
 
 from redis.crc import key_slot
 
-from sidecar.authorizer import now_ms
+from sidecar.core.clock import now_ms
 from sidecar.core.decision import new_decision_id
 from sidecar.core.models import ConsumerSpec, Plan
 from sidecar.core.windows import all_bounds

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from sidecar.authorizer import now_ms
 from sidecar.config import SettingsError, load_settings
+from sidecar.core.clock import now_ms
 from sidecar.core.models import ConsumerSpec, Plan
 from sidecar.store.redis_store import RedisStore
 from sidecar.store.target import RedisTarget, RedisTargetError, parse_redis_target

@@ -22,7 +22,8 @@ from __future__ import annotations
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from sidecar.authorizer import Authorizer, DeadlineExceeded, now_ms
+from sidecar.authorizer import Authorizer, DeadlineExceeded
+from sidecar.core.clock import now_ms
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import TENANT_RE, AuthorizeRequest, Decision, WindowStatus, check_id
 from sidecar.core.windows import parse_window

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from sidecar import metrics
-from sidecar.authorizer import Authorizer, DeadlineExceeded, Pending, now_ms
+from sidecar.authorizer import Authorizer, DeadlineExceeded, Pending
 from sidecar.config import Settings
+from sidecar.core.clock import now_ms
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import CONSUMER_ID_RE, DEFAULT_TENANT, TENANT_RE, Decision, UsageEvent, check_id
 from sidecar.grpc import convert

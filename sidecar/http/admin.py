@@ -1,7 +1,8 @@
 """Admin endpoints: plans, consumers, wallets, API keys, suspension.
 
-Every endpoint checks the bearer token before it reads the body, so an unauthorised
-call learns nothing and changes nothing.
+Every endpoint's token is checked before it reads the body (http/access.py), so an
+unauthorised call learns nothing and changes nothing; each keeps to the tenants (and,
+for a developer token, the consumers) the token may see.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sidecar.authorizer import Authorizer, now_ms
+from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, NeedsPostgres
+from sidecar.core.access import Principal, Role
 from sidecar.core.api_keys import generate_api_key, hash_api_key
+from sidecar.core.clock import now_ms
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
     CONSUMER_ID_RE,
@@ -27,15 +30,17 @@ from sidecar.core.models import (
     TENANT_RE,
     ConsumerSpec,
     ConsumerStatus,
+    ConsumerView,
     Plan,
     check_id,
 )
 from sidecar.core.money import MAX_MICROS
+from sidecar.http.access import principal, scope, scope_consumer
 from sidecar.http.admin_request import actor, admin_body, json_response, record, tenant_param
-from sidecar.http.auth import require_admin
 from sidecar.http.bodies import decode_into
 from sidecar.http.connections import push_status
 from sidecar.http.errors import ApiError
+from sidecar.reconciler.report import Report
 from sidecar.store.base import Store
 
 _KEY_HASH_LEN = 64
@@ -60,6 +65,7 @@ def _check_target(tenant: str, consumer_id: str) -> None:
 async def put_plan(request: Request) -> Response:
     body = await admin_body(request)
     plan = decode_into(body, Plan, id=request.path_params["plan_id"]).validated()
+    scope(request, plan.tenant)
     created = await _catalog(request).put_plan(plan, actor(request))
     record(request, "plan.put", plan.tenant, plan.id, windows=plan.windows, price=plan.price)
     return json_response(plan, 201 if created else 200)
@@ -96,14 +102,12 @@ def _cursor(after: str | None) -> str | None:
 
 
 async def list_plans(request: Request) -> Response:
-    require_admin(request)
     after, limit = _page_request(request)
     plans, last = await _store(request).list_plans(tenant_param(request), after, limit)
     return json_response(_Page(plans, _cursor(last)))
 
 
 async def delete_plan(request: Request) -> Response:
-    require_admin(request)
     tenant = tenant_param(request)
     plan_id = check_id(request.path_params["plan_id"], PLAN_ID_RE, "plan_id")
     if not await _catalog(request).delete_plan(tenant, plan_id, actor(request)):
@@ -113,7 +117,6 @@ async def delete_plan(request: Request) -> Response:
 
 
 async def get_plan(request: Request) -> Response:
-    require_admin(request)
     plan_id = check_id(request.path_params["plan_id"], PLAN_ID_RE, "plan_id")
     plan = await _store(request).get_plan(tenant_param(request), plan_id)
     if plan is None:
@@ -127,22 +130,23 @@ async def get_plan(request: Request) -> Response:
 async def put_consumer(request: Request) -> Response:
     body = await admin_body(request)
     spec = decode_into(body, ConsumerSpec, id=request.path_params["consumer_id"]).validated()
+    scope(request, spec.tenant)
     view, created = await _catalog(request).put_consumer(spec, actor(request))
     record(request, "consumer.put", spec.tenant, spec.id, plan=spec.plan_id, status=spec.status)
     return json_response(view, 201 if created else 200)
 
 
 async def get_consumer(request: Request) -> Response:
-    require_admin(request)
+    tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
-    view = await _store(request).get_consumer(tenant_param(request), consumer_id, now_ms())
+    scope_consumer(request, tenant, consumer_id)
+    view = await _store(request).get_consumer(tenant, consumer_id, now_ms())
     if view is None:
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
     return json_response(view)
 
 
 async def list_consumers(request: Request) -> Response:
-    require_admin(request)
     after, limit = _page_request(request)
     params = request.query_params
     plan_id = params.get("plan_id")
@@ -153,8 +157,13 @@ async def list_consumers(request: Request) -> Response:
         raise InvalidInput(
             f"status {status!r} is not one of: {', '.join(s.value for s in ConsumerStatus)}", field="status"
         )
+    tenant = tenant_param(request)
+    who = principal(request)
+    if who.role is Role.DEVELOPER:
+        # Its own consumers only, whatever the page holds.
+        return json_response(_Page(await _own_consumers(request, tenant, who, plan_id, status), None))
     views, last = await _store(request).list_consumers(
-        tenant_param(request),
+        tenant,
         after,
         limit,
         now_ms(),
@@ -164,8 +173,21 @@ async def list_consumers(request: Request) -> Response:
     return json_response(_Page(views, _cursor(last)))
 
 
+async def _own_consumers(
+    request: Request, tenant: str, who: Principal, plan_id: str | None, status: str | None
+) -> list[ConsumerView]:
+    """The consumers a developer token names, filtered as a list call asks."""
+    views = []
+    for consumer_id in sorted(who.consumers):
+        view = await _store(request).get_consumer(tenant, consumer_id, now_ms())
+        if view is None or (plan_id is not None and view.plan_id != plan_id):
+            continue
+        if status is None or view.status == status:
+            views.append(view)
+    return views
+
+
 async def delete_consumer(request: Request) -> Response:
-    require_admin(request)
     tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
     if not await _catalog(request).delete_consumer(tenant, consumer_id, actor(request)):
@@ -183,7 +205,6 @@ class _KeyInfo(msgspec.Struct):
 
 
 async def list_keys(request: Request) -> Response:
-    require_admin(request)
     tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
     keys = await _catalog(request).consumer_keys(tenant, consumer_id)
@@ -201,9 +222,9 @@ async def list_keys(request: Request) -> Response:
 
 async def list_notices(request: Request) -> Response:
     """The consumer's wallet notices: suspended (wallet_empty), resumed, topup_requested."""
-    require_admin(request)
     tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
+    scope_consumer(request, tenant, consumer_id)
     notices = await _catalog(request).notices(tenant, consumer_id)
     if notices is None:
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
@@ -220,6 +241,7 @@ async def change_status(
     request: Request, tenant: str, consumer_id: str, status: ConsumerStatus, reason: str
 ) -> Response:
     _check_target(tenant, consumer_id)
+    scope(request, tenant)
     if len(reason) > 1000:
         raise InvalidInput("reason is longer than 1000 characters", field="reason")
     if status is ConsumerStatus.ACTIVE:
@@ -261,6 +283,7 @@ async def top_up(request: Request) -> Response:
     body = await admin_body(request)
     topup = decode_into(body, TopUp, consumer_id=request.path_params["consumer_id"])
     _check_target(topup.tenant, topup.consumer_id)
+    scope(request, topup.tenant)
     if not 0 < topup.amount <= MAX_MICROS:
         raise InvalidInput(
             f"amount must be between 1 and {MAX_MICROS} micros", code="invalid_amount", field="amount"
@@ -306,6 +329,7 @@ async def create_key(request: Request) -> Response:
     body = await admin_body(request)
     ask = decode_into(body, KeyRequest, consumer_id=request.path_params["consumer_id"])
     _check_target(ask.tenant, ask.consumer_id)
+    scope(request, ask.tenant)
     if ask.key_hash is not None and ask.api_key is not None:
         raise InvalidInput("give key_hash or api_key, not both", field="api_key")
     if ask.api_key is not None and not 8 <= len(ask.api_key) <= 512:
@@ -333,7 +357,6 @@ async def create_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    require_admin(request)
     tenant = tenant_param(request)
     consumer_id = check_id(request.path_params["consumer_id"], CONSUMER_ID_RE, "consumer_id")
     key_hash = _key_hash(request.path_params["key_hash"])
@@ -347,11 +370,15 @@ async def revoke_key(request: Request) -> Response:
 
 
 async def reconciliation(request: Request) -> Response:
-    require_admin(request)
     try:
         report = await _catalog(request).reconciliation()
     except NeedsPostgres as exc:
         raise ApiError(501, "postgres_required", str(exc)) from None
+    tenant = principal(request).tenant
+    if tenant is not None and isinstance(report, Report):
+        # A tenant's token sees its own tenant's rows only.
+        rows = [row for row in report.rows if row.tenant == tenant]
+        report = msgspec.structs.replace(report, rows=rows, flagged=sum(row.flagged for row in rows))
     return json_response(report)
 
 

@@ -1,6 +1,6 @@
-"""What every admin endpoint does with its request, whichever module serves it: check
-the admin token before reading the body, name the tenant and the actor, answer JSON,
-and log one line per change."""
+"""What every admin endpoint does with its request, whichever module serves it: read the
+body (the caller's token was checked before, by http/access.py), name the tenant (one
+the caller may see) and the actor, answer JSON, and log one line per change."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sidecar.core.models import DEFAULT_TENANT, TENANT_RE, check_id
-from sidecar.http.auth import require_admin
+from sidecar.http.access import principal, scope
 from sidecar.http.bodies import read_body
 
 log = logging.getLogger("aforo.admin")
@@ -24,30 +24,30 @@ def json_response(value: Any, status: int = 200) -> Response:
 
 
 def actor(request: Request) -> str:
-    """Who made a change, for the audit trail."""
-    return f"admin-api@{request.client.host if request.client else '-'}"
+    """Who made a change, for the audit trail: the token (id and name) and the address."""
+    client = request.client.host if request.client else "-"
+    return f"{principal(request).actor}@{client}"
 
 
 async def admin_body(request: Request) -> bytes:
-    """The body of an admin write, read only once the token is checked."""
-    require_admin(request)
+    """The body of an admin write."""
     body = await read_body(request, request.app.state.settings.max_body_bytes)
     return body or b"{}"
 
 
 def tenant_param(request: Request) -> str:
-    """The ``?tenant=`` of a read (default: the default tenant)."""
-    return check_id(request.query_params.get("tenant", DEFAULT_TENANT), TENANT_RE, "tenant")
+    """The ``?tenant=`` of a call (default: the default tenant), one the caller may see
+    (404 ``tenant_not_found`` otherwise)."""
+    return scope(request, check_id(request.query_params.get("tenant", DEFAULT_TENANT), TENANT_RE, "tenant"))
 
 
 def record(request: Request, action: str, tenant: str, target: str, **detail: Any) -> None:
     """One structured line per admin change (the Postgres audit log supersedes it)."""
-    client = request.client.host if request.client else "-"
     log.info(
-        "admin %s tenant=%s target=%s client=%s %s",
+        "admin %s tenant=%s target=%s actor=%s %s",
         action,
         tenant,
         target,
-        client,
+        actor(request),
         " ".join(f"{k}={v!r}" for k, v in detail.items()),
     )

@@ -12,7 +12,8 @@ from starlette.routing import Route
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
-from sidecar.http import admin, connections, decisions, ingest, probes, usage
+from sidecar.http import admin, connections, decisions, ingest, probes, tokens, usage
+from sidecar.http.access import Gate, protect
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.integrations.apigee import routes as apigee_routes
 from sidecar.integrations.kong import routes as kong_routes
@@ -60,6 +61,7 @@ def create_app(
 
     routes = [
         Route("/v1/authorize", decisions.authorize, methods=["POST"]),
+        *tokens.ROUTES,
         Route("/integrations/apigee/authorize", decisions.apigee_authorize, methods=["POST"]),
         Route("/v1/usage", usage.report_usage, methods=["POST"]),
         *admin.ROUTES,
@@ -70,7 +72,8 @@ def create_app(
         Route("/readyz", probes.readyz, methods=["GET"]),
         Route("/metrics", probes.metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(routes=protect(routes), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.state.gate = Gate()
     app.state.settings = settings
     app.state.store = active
     app.state.authorizer = authorizer

@@ -16,8 +16,8 @@ from starlette.routing import Route
 
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import check_id
+from sidecar.http.access import scope
 from sidecar.http.admin_request import actor, admin_body, json_response, record, tenant_param
-from sidecar.http.auth import require_admin
 from sidecar.http.bodies import decode, decode_into, invalid_from
 from sidecar.http.errors import ApiError
 from sidecar.integrations import catalog_import
@@ -72,6 +72,7 @@ async def put_connection(request: Request) -> Response:
 
 async def _saved(request: Request, connection_id: str, spec: ConnectionSpec) -> Response:
     """Store a validated connection: 201 created, 200 replaced."""
+    scope(request, spec.tenant)
     _, store = await postgres(request)
     view, created = await guarded(store.put(connection_id, spec, actor(request)))
     record(request, "connection.put", spec.tenant, connection_id, type=spec.type)
@@ -79,7 +80,6 @@ async def _saved(request: Request, connection_id: str, spec: ConnectionSpec) -> 
 
 
 async def get_connection(request: Request) -> Response:
-    require_admin(request)
     connection_id = _connection_id(request)
     _, store = await postgres(request)
     view = await store.get(tenant_param(request), connection_id)
@@ -89,13 +89,11 @@ async def get_connection(request: Request) -> Response:
 
 
 async def list_connections(request: Request) -> Response:
-    require_admin(request)
     _, store = await postgres(request)
     return json_response({"items": await store.list(tenant_param(request))})
 
 
 async def delete_connection(request: Request) -> Response:
-    require_admin(request)
     tenant, connection_id = tenant_param(request), _connection_id(request)
     _, store = await postgres(request)
     if not await store.delete(tenant, connection_id, actor(request)):
@@ -105,7 +103,6 @@ async def delete_connection(request: Request) -> Response:
 
 
 async def check_connection(request: Request) -> Response:
-    require_admin(request)
     tenant, connection_id = tenant_param(request), _connection_id(request)
     _, store = await postgres(request)
     try:
@@ -117,7 +114,6 @@ async def check_connection(request: Request) -> Response:
 
 
 async def preview_import(request: Request) -> Response:
-    require_admin(request)
     tenant, connection_id = tenant_param(request), _connection_id(request)
     catalog, store = await postgres(request)
     ledger = await catalog.ledger()
@@ -127,7 +123,7 @@ async def preview_import(request: Request) -> Response:
 async def apply_import(request: Request) -> Response:
     body = await admin_body(request)
     ask = decode_into(body, ApplyRequest)
-    tenant = ask.tenant or tenant_param(request)
+    tenant = scope(request, ask.tenant) if ask.tenant else tenant_param(request)
     connection_id = _connection_id(request)
     if not ask.token:
         raise InvalidInput("token is required: the token of the preview to apply", field="token")
@@ -288,7 +284,6 @@ def health_of(*types: str) -> Any:
     drain backlog."""
 
     async def health(request: Request) -> Response:
-        require_admin(request)
         tenant = tenant_param(request)
         _, store = await postgres(request)
         views = [v for v in await store.list(tenant) if v.type in types]

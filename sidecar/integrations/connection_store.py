@@ -17,6 +17,7 @@ from sidecar.integrations.connections import (
     SyncResult,
 )
 from sidecar.integrations.secret_box import SecretBox
+from sidecar.reconciler import audit
 
 _spec_decoder = msgspec.json.Decoder(ConnectionSpec)
 _secrets_decoder = msgspec.json.Decoder(dict[str, str])
@@ -89,7 +90,7 @@ class ConnectionStore:
                 await conn.execute(
                     "DELETE FROM connection_secrets WHERE tenant = $1 AND id = $2", spec.tenant, connection_id
                 )
-            await self._audit(
+            await audit.append(
                 conn, actor, "connections.put", spec.tenant, connection_id, before and before["spec"], public
             )
         view = await self.get(spec.tenant, connection_id)
@@ -105,27 +106,6 @@ class ConnectionStore:
         if self.box is None:
             raise EncryptionKeyMissing("the connection's secrets are sealed; AFORO_SECRET_KEYS opens them")
         return _secrets_decoder.decode(self.box.open(sealed, _context(tenant, connection_id)))
-
-    @staticmethod
-    async def _audit(
-        conn: asyncpg.Connection,
-        actor: str,
-        action: str,
-        tenant: str,
-        target: str,
-        before: str | None,
-        after: str | None,
-    ) -> None:
-        await conn.execute(
-            """INSERT INTO audit_log (actor, action, tenant, target, before, after, prev_hash, hash)
-               VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, '', '')""",
-            actor,
-            action,
-            tenant,
-            target,
-            before,
-            after,
-        )
 
     async def get(self, tenant: str, connection_id: str) -> ConnectionView | None:
         views = await self._views(tenant, connection_id)
@@ -197,7 +177,7 @@ class ConnectionStore:
                 tenant,
                 connection_id,
             )
-            await self._audit(conn, actor, "connections.delete", tenant, connection_id, before, None)
+            await audit.append(conn, actor, "connections.delete", tenant, connection_id, before, None)
         return True
 
     async def audit_push(
@@ -205,7 +185,7 @@ class ConnectionStore:
     ) -> None:
         """An audit row for a change pushed to the gateway through this connection."""
         async with self.pool.acquire() as conn:
-            await self._audit(
+            await audit.append(
                 conn, actor, action, tenant, connection_id, None, msgspec.json.encode(detail).decode()
             )
 

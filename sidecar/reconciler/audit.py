@@ -1,4 +1,4 @@
-"""Verify the audit log's hash chain."""
+"""The audit log: rows written by the admin API itself, and the check of its hash chain."""
 
 from __future__ import annotations
 
@@ -6,6 +6,29 @@ import hashlib
 
 import asyncpg
 import msgspec
+
+
+async def append(
+    conn: asyncpg.Connection,
+    actor: str,
+    action: str,
+    tenant: str,
+    target: str,
+    before: str | None,
+    after: str | None,
+) -> None:
+    """One audit row (JSON ``before`` / ``after``) for a change no trigger audits; the
+    insert trigger chains its hash."""
+    await conn.execute(
+        """INSERT INTO audit_log (actor, action, tenant, target, before, after, prev_hash, hash)
+           VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, '', '')""",
+        actor,
+        action,
+        tenant,
+        target,
+        before,
+        after,
+    )
 
 
 class AuditBreak(msgspec.Struct):

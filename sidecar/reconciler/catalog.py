@@ -12,14 +12,16 @@ from collections.abc import Iterator
 
 import asyncpg
 
-from sidecar.authorizer import now_ms
 from sidecar.catalog import TruthUnavailable
 from sidecar.config import Settings
+from sidecar.core.access import ApiToken
+from sidecar.core.clock import now_ms
 from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
 from sidecar.core.wallet_rules import Notice
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.report import Report, reconciliation_report
 from sidecar.reconciler.sync import apply_consumer
+from sidecar.reconciler.tokens import TokenTable
 from sidecar.standing_denials import ALL_CONSUMERS
 from sidecar.store.base import TopUpResult
 from sidecar.store.redis_store import RedisStore
@@ -174,6 +176,30 @@ class PostgresCatalog:
         seen = {n.id for n in drained}
         hot = await self.store.notices(tenant, consumer_id) or []
         return drained + [n for n in hot if n.id not in seen]
+
+    async def _tokens(self) -> TokenTable:
+        with _truth():
+            return TokenTable((await self._ledger()).pool)
+
+    async def put_token(self, token: ApiToken, action: str, actor: str) -> None:
+        table = await self._tokens()
+        with _truth():
+            await table.put(token, action, actor)
+
+    async def get_token(self, token_id: str) -> ApiToken | None:
+        table = await self._tokens()
+        with _truth():
+            return await table.get(token_id)
+
+    async def list_tokens(self, tenant: str) -> list[ApiToken]:
+        table = await self._tokens()
+        with _truth():
+            return await table.list(tenant)
+
+    async def touch_token(self, token_id: str, used_ms: int) -> None:
+        table = await self._tokens()
+        with _truth():
+            await table.touch(token_id, used_ms)
 
     async def reconciliation(self) -> Report:
         with _truth():

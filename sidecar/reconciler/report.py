@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from sidecar.authorizer import now_ms
+from sidecar.core.clock import now_ms
 from sidecar.core.windows import WINDOWS, all_bounds
 from sidecar.reconciler.ledger import Ledger
 from sidecar.store.redis_store import RedisStore

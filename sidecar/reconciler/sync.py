@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from sidecar.authorizer import now_ms
 from sidecar.background import gather_bounded
+from sidecar.core.clock import now_ms
 from sidecar.reconciler.ledger import ConsumerRow, Ledger, PlanRow, WalletRow
 from sidecar.store.redis_store import RedisStore
 

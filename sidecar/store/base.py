@@ -8,6 +8,7 @@ from typing import Protocol
 
 import msgspec
 
+from sidecar.core.access import ApiToken
 from sidecar.core.models import (
     ConsumerKey,
     ConsumerSpec,
@@ -167,6 +168,22 @@ class Store(Protocol):
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
         """The consumer's recorded gateway events, oldest first."""
+        ...
+
+    async def put_token(self, token: ApiToken) -> None:
+        """Create or replace an API token record (its last use is kept apart: see
+        touch_token)."""
+        ...
+
+    async def get_token(self, token_id: str) -> ApiToken | None: ...
+
+    async def list_tokens(self, tenant: str) -> list[ApiToken]:
+        """The tenant's tokens (revoked ones too), by creation time."""
+        ...
+
+    async def touch_token(self, token_id: str, used_ms: int) -> None:
+        """Note a token's last use without rewriting its record (a revocation racing
+        it is never undone)."""
         ...
 
     async def ping(self) -> None:

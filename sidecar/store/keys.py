@@ -14,6 +14,8 @@
     <prefix>plans:{t}              sorted set of the tenant's plan ids (listing)
     <prefix>consumers:{t}          sorted set of the tenant's consumer ids (listing)
     <prefix>key:<t>:<sha256>       API key hash -> consumer id (lookup index)
+    <prefix>token:<id>             API token hash: r = its record (JSON), u = last use (ms)
+    <prefix>tokens:{t}             set of the tenant's token ids (listing)
     <prefix>invalidate             pub/sub channel: "<message id> tenant:consumer" changed
     <prefix>invalidate:ack:<id>    listeners that dropped what message <id> named (60 s)
     <prefix>dirty                  set of "u|g|n:tenant:consumer": streams with new entries
@@ -83,3 +85,9 @@ class KeySpace:
 
     def api_key(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}key:{tenant}:{key_hash}"
+
+    def token(self, token_id: str) -> str:
+        return f"{self.prefix}token:{token_id}"
+
+    def tokens_index(self, tenant: str) -> str:
+        return f"{self.prefix}tokens:{{{tenant}}}"

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
+from sidecar.core.access import ApiToken
 from sidecar.core.decision import evaluate
 from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
@@ -108,6 +109,7 @@ class MemoryStore:
         self._usage_capacity = usage_capacity
         self._events: dict[tuple[str, str], collections.deque[UsageEvent]] = {}
         self._event_markers: _Expiring[tuple[str, str, str], bool] = _Expiring()
+        self._tokens: dict[str, ApiToken] = {}
 
     @staticmethod
     def _used(consumer: _Consumer, starts: tuple[int, ...]) -> list[int]:
@@ -480,6 +482,23 @@ class MemoryStore:
 
     async def events(self, tenant: str, consumer_id: str) -> list[UsageEvent]:
         return list(self._events.get((tenant, consumer_id), ()))
+
+    async def put_token(self, token: ApiToken) -> None:
+        held = self._tokens.get(token.id)
+        used = None if held is None else held.last_used_ms
+        self._tokens[token.id] = msgspec.structs.replace(token, last_used_ms=used)
+
+    async def get_token(self, token_id: str) -> ApiToken | None:
+        return self._tokens.get(token_id)
+
+    async def list_tokens(self, tenant: str) -> list[ApiToken]:
+        mine = [t for t in self._tokens.values() if t.tenant == tenant]
+        return sorted(mine, key=lambda t: (t.created_ms, t.id))
+
+    async def touch_token(self, token_id: str, used_ms: int) -> None:
+        held = self._tokens.get(token_id)
+        if held is not None:
+            self._tokens[token_id] = msgspec.structs.replace(held, last_used_ms=used_ms)
 
     async def ping(self) -> None:
         return None

@@ -24,6 +24,7 @@ import redis.exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from sidecar.background import gather_bounded
+from sidecar.core.access import ApiToken
 from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
     ConsumerKey,
@@ -125,6 +126,15 @@ def _usage_record(f: dict[bytes, bytes]) -> UsageRecord:
         cost=int(f[b"cost"]),
         hits=int(f[b"hits"]),
     )
+
+
+_token_encoder = msgspec.json.Encoder()
+_token_decoder = msgspec.json.Decoder(ApiToken)
+
+
+def _token(record: bytes, used: bytes | None) -> ApiToken:
+    token = _token_decoder.decode(record)
+    return token if used is None else msgspec.structs.replace(token, last_used_ms=int(used))
 
 
 def _now_ms() -> int:
@@ -1033,6 +1043,33 @@ class RedisStore:
         with _guard():
             await client.incr(key)
             await client.pexpire(key, 60_000)
+
+    async def put_token(self, token: ApiToken) -> None:
+        client = await self._client()
+        record = _token_encoder.encode(msgspec.structs.replace(token, last_used_ms=None))
+        with _guard():
+            # The record first: a listing skips an indexed id without one, never the reverse.
+            await client.hset(self.keys.token(token.id), "r", record)  # type: ignore[misc]
+            await client.sadd(self.keys.tokens_index(token.tenant), token.id)  # type: ignore[misc]
+
+    async def get_token(self, token_id: str) -> ApiToken | None:
+        client = await self._client()
+        with _guard():
+            record, used = await client.hmget(self.keys.token(token_id), ["r", "u"])  # type: ignore[misc]
+        return None if record is None else _token(record, used)
+
+    async def list_tokens(self, tenant: str) -> list[ApiToken]:
+        client = await self._client()
+        with _guard():
+            ids = sorted(m.decode() for m in await client.smembers(self.keys.tokens_index(tenant)))  # type: ignore[misc]
+            rows = await self._pipelined("HMGET", [self.keys.token(i) for i in ids], "r", "u")
+        tokens = [_token(record, used) for record, used in rows if record is not None]  # type: ignore[misc]
+        return sorted(tokens, key=lambda t: (t.created_ms, t.id))
+
+    async def touch_token(self, token_id: str, used_ms: int) -> None:
+        client = await self._client()
+        with _guard():
+            await client.hset(self.keys.token(token_id), "u", used_ms)  # type: ignore[misc]
 
     async def ping(self) -> None:
         """Ready: one Redis or the primary answers PING; on a cluster every slot has a

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, ConsumerStatus, check_id
 from sidecar.core.windows import parse_window
+from sidecar.http.access import scope
 from sidecar.http.admin import change_status
 from sidecar.http.admin_request import admin_body, json_response, record
 from sidecar.http.bodies import decode_into, invalid_from, read_body
@@ -49,6 +50,7 @@ async def catalog_sync(request: Request) -> Response:
     """The seed's ``POST /integrations/apigee/catalog/sync``: a change preview, then an
     apply of exactly that preview (409 ``catalog_changed`` if anything moved)."""
     ask = decode_into(await admin_body(request), CatalogSync)
+    scope(request, ask.tenant)
     check_id(ask.connection_id, CONNECTION_ID_RE, "connection_id")
     catalog, store = await postgres(request)
     await typed_connection(store, ask.tenant, ask.connection_id, ("apigee",))
@@ -102,6 +104,7 @@ async def enforce_quotas(request: Request) -> Response:
     """``POST /integrations/apigee/enforce/quotas``: make the API product's quota the
     plan's (or the one given): "updated", or "unchanged" without any write."""
     ask = decode_into(await admin_body(request), EnforceQuota)
+    scope(request, ask.tenant)
     check_id(ask.connection_id, CONNECTION_ID_RE, "connection_id")
     if not 1 <= len(ask.product) <= 200:
         raise InvalidInput("product must be 1 to 200 characters", field="product")

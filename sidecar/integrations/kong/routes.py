@@ -14,9 +14,9 @@ from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import DEFAULT_TENANT, PLAN_ID_RE, ConsumerStatus, check_id
 from sidecar.core.windows import parse_window
 from sidecar.http import connections
+from sidecar.http.access import scope
 from sidecar.http.admin import StatusChange, change_status
 from sidecar.http.admin_request import admin_body, json_response, tenant_param
-from sidecar.http.auth import require_admin
 from sidecar.http.bodies import decode, decode_into, read_body
 from sidecar.http.connections import (
     for_connection,
@@ -49,6 +49,7 @@ class EnforceGroup(msgspec.Struct, forbid_unknown_fields=True):
 
 async def enforce_groups(request: Request) -> Response:
     ask = decode_into(await admin_body(request), EnforceGroup)
+    scope(request, ask.tenant)
     check_id(ask.connection_id, CONNECTION_ID_RE, "connection_id")
     if not 1 <= len(ask.group) <= 200:
         raise InvalidInput("group must be 1 to 200 characters", field="group")
@@ -94,7 +95,6 @@ _KONNECT_LISTS = {
 async def konnect_list(request: Request) -> Response:
     """``GET /integrations/konnect/{services,routes,consumers,consumer-groups}``: the
     control plane's objects, every page."""
-    require_admin(request)
     kind = request.path_params["kind"]
     if kind not in _KONNECT_LISTS:
         raise NotFound(f"no such list {kind!r} (one of {', '.join(_KONNECT_LISTS)})", code="not_found")
