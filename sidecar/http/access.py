@@ -148,12 +148,13 @@ class Gate:
             )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         given = given.strip()
-        if scheme.lower() != "bearer" or not given:
-            self._failed(source, "missing")
-            raise ApiError(401, "unauthorized", "missing bearer token", headers=_CHALLENGE)
-        if given.startswith(TOKEN_PREFIX):
+        bearer = scheme.lower() == "bearer" and bool(given)
+        if bearer and given.startswith(TOKEN_PREFIX):
             return await self._token(request, source, given)
         expected: str | None = request.app.state.settings.admin_token
+        if not bearer and expected is not None:
+            self._failed(source, "missing")
+            raise ApiError(401, "unauthorized", "missing bearer token", headers=_CHALLENGE)
         if expected is None:
             self._failed(source, "admin_disabled")
             raise ApiError(
