@@ -15,6 +15,8 @@ README = ROOT / "README.md"
 # Exceptions the HTTP layer maps to a fixed status (sidecar/http/errors.py).
 FIXED_STATUS = {"InvalidInput": 400, "NotFound": 404, "Conflict": 409}
 DEFAULT_INVALID = "invalid_request"  # InvalidInput's default code
+# The decision port's own answers: (status, error_body(code, ...)).
+REPLIES = ("_reply_now", "_refuse")
 
 
 def _name(func: ast.expr) -> str:
@@ -58,7 +60,7 @@ def codes_in_source() -> dict[str, set[int | None]]:
                     found[code].add(FIXED_STATUS[name])
             elif name in ("ApiError", "error_response") and len(node.args) >= 2 and _text(node.args[1]):
                 found[_text(node.args[1])].add(_status(node.args[0]))  # type: ignore[index]
-            elif name == "_reply_now" and len(node.args) >= 2 and isinstance(node.args[1], ast.Call):
+            elif name in REPLIES and len(node.args) >= 2 and isinstance(node.args[1], ast.Call):
                 inner = node.args[1]
                 if _name(inner.func) == "error_body" and inner.args and _text(inner.args[0]):
                     found[_text(inner.args[0])].add(_status(node.args[0]))  # type: ignore[index]

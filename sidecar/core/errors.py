@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+SHOWN_CHARS = 64
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message quotes it: its repr, cut to a short prefix (an
+    error body must not echo a 60,000-character id back)."""
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:
+        return f"{value[:SHOWN_CHARS]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS + 2 else f"{text[:SHOWN_CHARS]}..."
+
 
 class InvalidInput(ValueError):
     """Input that breaks a rule of the domain; nothing was changed.

@@ -7,7 +7,7 @@ import re
 
 import msgspec
 
-from sidecar.core.errors import InvalidInput
+from sidecar.core.errors import InvalidInput, shown
 from sidecar.core.money import MAX_MICROS
 from sidecar.core.wallet_rules import AutoTopup
 from sidecar.core.windows import WINDOWS, parse_window
@@ -50,7 +50,7 @@ def check_id(value: str, pattern: re.Pattern[str], field: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         rule = _RULES.get(pattern.pattern, pattern.pattern)
         raise InvalidInput(
-            f"{field} {value!r} is not valid (allowed: {rule})",
+            f"{field} {shown(value)} is not valid (allowed: {rule})",
             code="invalid_identifier",
             field=field,
         )

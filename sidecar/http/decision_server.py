@@ -13,6 +13,13 @@ request. It serves:
 
 Everything else (admin, metrics, usage) stays on the main port. HTTP/1.1 keep-alive
 and pipelining are supported: responses leave in request order.
+
+Hostile input is cut off early, and the connection closed: a request line longer than
+``MAX_URL_BYTES`` (414), headers larger than ``MAX_HEADER_BYTES`` in all (431), a declared
+``Content-Length`` over the body limit (413, answered when the headers end, without
+waiting for the body), and a request not received whole within ``REQUEST_TIMEOUT_S`` of
+its first byte (slowloris: the connection is closed without an answer). A request that
+arrives in one read, as a gateway's does, never starts a timer.
 """
 
 from __future__ import annotations
@@ -46,12 +53,17 @@ _REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     413: b"Content Too Large",
+    414: b"URI Too Long",
     429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
 # Requests of one connection in flight at once before reading pauses (pipelining).
 _MAX_IN_FLIGHT = 64
+MAX_URL_BYTES = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024  # names and values of all headers of a request
+REQUEST_TIMEOUT_S = 5.0  # from a request's first byte to its last
 
 
 def _http_response(status: int, body: bytes, retry_after: int | None, keep_alive: bool) -> bytes:
@@ -114,6 +126,11 @@ class _Connection(asyncio.Protocol):
         self.too_large = False
         self.replies: collections.deque[_Reply] = collections.deque()  # oldest first
         self.paused = False
+        self.header_bytes = 0
+        self.declared = 0  # Content-Length of the request being read
+        self.in_message = False  # a request has begun and is not complete
+        self.refused = False  # an oversized request was answered: read nothing more
+        self.slow_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------
 
@@ -121,15 +138,45 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reply_now(400, error_body("bad_request", "protocol upgrades are not supported"), False)
         except httptools.HttpParserError as exc:
-            self._reply_now(400, error_body("bad_request", f"malformed HTTP request: {exc}"), False)
+            if not self.refused:
+                self._reply_now(400, error_body("bad_request", f"malformed HTTP request: {exc}"), False)
+        if self.in_message and self.slow_timer is None and not self.refused:
+            # Part of a request is in, the rest is not: it has REQUEST_TIMEOUT_S.
+            loop = asyncio.get_running_loop()
+            self.slow_timer = loop.call_later(REQUEST_TIMEOUT_S, self._too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._stop_timer()
+
+    def _stop_timer(self) -> None:
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+            self.slow_timer = None
+
+    def _too_slow(self) -> None:
+        self.slow_timer = None
+        if self.in_message and self.transport is not None:
+            log.info("decision port: a request took over %.0f s to arrive; closed", REQUEST_TIMEOUT_S)
+            self.refused = True
+            self.transport.close()
+
+    def _refuse(self, status: int, body: bytes) -> None:
+        """Answer an oversized request and read nothing more from this connection (its
+        rest may be megabytes): httptools stops at the raised error."""
+        self.refused = True
+        self._stop_timer()
+        self._reply_now(status, body, False)
+        if self.transport is not None:
+            self.transport.pause_reading()
+        raise httptools.HttpParserError(f"refused with {status}")
 
     # --- httptools callbacks -------------------------------------------------------
 
@@ -138,9 +185,26 @@ class _Connection(asyncio.Protocol):
         self.body = []
         self.size = 0
         self.too_large = False
+        self.header_bytes = 0
+        self.declared = 0
+        self.in_message = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        if len(self.url) > MAX_URL_BYTES:
+            self._refuse(414, error_body("uri_too_long", f"the request line is over {MAX_URL_BYTES} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            message = f"the request's headers are over {MAX_HEADER_BYTES} bytes"
+            self._refuse(431, error_body("headers_too_large", message))
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            self.declared = int(value)
+
+    def on_headers_complete(self) -> None:
+        if self.declared > self.max_body:
+            self._refuse(413, error_body("body_too_large", f"request body exceeds {self.max_body} bytes"))
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
@@ -150,6 +214,8 @@ class _Connection(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
+        self._stop_timer()
         keep_alive = self.parser.should_keep_alive()
         method = self.parser.get_method()
         path = self.url.split(b"?", 1)[0]
