@@ -143,8 +143,9 @@ def _usage_pb(event: dict[str, Any]) -> pb.UsageEvent:
 class _HttpPool:
     """Keep-alive HTTP/1.1 connections to one sidecar, shared by all threads."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str] | None = None) -> None:
         parts = urlsplit(base_url)
+        self.headers = {"Content-Type": "application/json", "Connection": "keep-alive", **(headers or {})}
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.https else 80)
@@ -179,7 +180,7 @@ class _HttpPool:
                     "POST",
                     self.base_path + path,
                     body=body,
-                    headers={"Content-Type": "application/json", "Connection": "keep-alive"},
+                    headers=self.headers,
                 )
                 response = conn.getresponse()
                 data = response.read()
@@ -217,13 +218,18 @@ class SidecarClient:
         protocol: str,
         http_fallback: bool,
         decision_url: str | None = None,
+        gateway_token: str | None = None,
     ) -> None:
         self.grpc_target = grpc_target
         self.use_grpc = protocol == "grpc"
         self.use_http = protocol == "http" or http_fallback
-        self._http = _HttpPool(http_url)
+        # The sidecar's gateway token (when it requires one), on every call: a header
+        # over HTTP, metadata over gRPC.
+        auth = {} if gateway_token is None else {"Authorization": f"Bearer {gateway_token}"}
+        self._metadata = tuple((k.lower(), v) for k, v in auth.items()) or None
+        self._http = _HttpPool(http_url, auth)
         # The sidecar's decision port serves decisions only (usage stays on http_url).
-        self._decisions = _HttpPool(decision_url) if decision_url else self._http
+        self._decisions = _HttpPool(decision_url, auth) if decision_url else self._http
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.SidecarStub | None = None
@@ -262,7 +268,7 @@ class SidecarClient:
                 hits=ask.hits,
             )
             try:
-                answer = self._sidecar_stub().Authorize(message, timeout=timeout_s)
+                answer = self._sidecar_stub().Authorize(message, timeout=timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
                 if code == grpc.StatusCode.INVALID_ARGUMENT and isinstance(exc, grpc.Call):
@@ -302,6 +308,10 @@ class SidecarClient:
         if isinstance(answer, dict) and "allow" in answer:
             self.http_calls += 1
             return _verdict_from_json(answer)
+        if status == 401:
+            # The sidecar wants a (valid) gateway token: the plugin's configuration is
+            # wrong, not the request; the fail mode answers.
+            raise SidecarUnavailable("http: the sidecar refused the plugin's gateway_token (401)")
         if isinstance(answer, dict) and isinstance(answer.get("error"), dict) and 400 <= status < 500:
             error = answer["error"]
             raise RequestRejected(
@@ -331,7 +341,7 @@ class SidecarClient:
         if self.use_grpc and time.monotonic() >= self._grpc_down_until:
             try:
                 ack = self._sidecar_stub().ReportUsage(
-                    (_usage_pb(event) for event in events), timeout=timeout_s
+                    (_usage_pb(event) for event in events), timeout=timeout_s, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -401,11 +411,16 @@ _clients_pid = os.getpid()
 
 
 def client_for(
-    grpc_target: str, http_url: str, protocol: str, http_fallback: bool, decision_url: str | None = None
+    grpc_target: str,
+    http_url: str,
+    protocol: str,
+    http_fallback: bool,
+    decision_url: str | None = None,
+    gateway_token: str | None = None,
 ) -> SidecarClient:
-    """The process's client for this sidecar address, created on first use."""
+    """The process's client for this sidecar address (and token), created on first use."""
     global _clients_pid
-    key = (grpc_target, http_url, protocol, http_fallback, decision_url)
+    key = (grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token)
     client = _clients.get(key)
     if client is not None and _clients_pid == os.getpid():
         return client
@@ -416,7 +431,9 @@ def client_for(
             _clients_pid = os.getpid()
         client = _clients.get(key)
         if client is None:
-            client = SidecarClient(grpc_target, http_url, protocol, http_fallback, decision_url)
+            client = SidecarClient(
+                grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token
+            )
             _clients[key] = client
         return client
 

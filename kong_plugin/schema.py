@@ -11,7 +11,7 @@ a message naming the field instead of misbehaving per request.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # The sidecar's own rules for a tenant and a product (sidecar/core/models.py), written
@@ -74,6 +74,16 @@ SCHEMA: list[dict[str, dict[str, Any]]] = [
             "With protocol grpc: use HTTP when the gRPC channel is unavailable.",
             default=True,
             required=True,
+        )
+    },
+    {
+        "gateway_token": _field(
+            "string",
+            "The gateway token a sidecar with require_gateway_token needs: an API token of "
+            "the tenant with the gateway role (aft_...), sent on every call. Keep it in a "
+            "Kong vault ({vault://...}).",
+            referenceable=True,
+            encrypted=True,
         )
     },
     {
@@ -242,6 +252,7 @@ class Config:
     decision_url: str | None
     protocol: str
     http_fallback: bool
+    gateway_token: str | None = field(repr=False)  # a secret: never in a log line
     timeout_ms: int
     fail_mode: str
     tenant: str

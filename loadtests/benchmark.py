@@ -218,6 +218,7 @@ class Target(NamedTuple):
     main_url: str | None  # the sidecar's HTTP port (None: the baseline)
     pid: int  # the server's process (its workers are its children)
     redis: Deployment
+    script: str | None = None  # a wrk script of its own (default: the run's)
 
 
 def reads(ports: list[int]) -> int:
@@ -384,9 +385,12 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 @contextmanager
-def sidecar(workers: int, grpc: bool = False, redis_url: str = REDIS_URL) -> Iterator[dict[str, str]]:
+def sidecar(
+    workers: int, grpc: bool = False, redis_url: str = REDIS_URL, gateway_token: bool = False
+) -> Iterator[dict[str, str]]:
     """A seeded `aforo-sidecar serve` with its own key prefix, deleted afterwards;
-    yields its URLs ("main", "decision") and gRPC target ("grpc")."""
+    yields its URLs ("main", "decision") and gRPC target ("grpc"); with
+    ``gateway_token`` it requires one, minted at start ("token")."""
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     main_port, decision_port, grpc_port = free_port(), free_port(), free_port()
     env = sidecar_env(
@@ -394,6 +398,7 @@ def sidecar(workers: int, grpc: bool = False, redis_url: str = REDIS_URL) -> Ite
         redis_url,
         AFORO_GRPC_PORT=str(grpc_port) if grpc else "0",
         AFORO_DECISION_PORT="0" if grpc else str(decision_port),
+        AFORO_REQUIRE_GATEWAY_TOKEN="true" if gateway_token else "false",
     )
     command = [
         sys.executable,
@@ -416,6 +421,14 @@ def sidecar(workers: int, grpc: bool = False, redis_url: str = REDIS_URL) -> Ite
             if not grpc:
                 wait_http(f"{urls['decision']}/healthz")
             seed(urls["main"])
+            if gateway_token:
+                minted = httpx.post(
+                    f"{urls['main']}/v1/admin/tokens",
+                    json={"role": "gateway", "name": "benchmark"},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                minted.raise_for_status()
+                urls["token"] = minted.json()["token"]
             yield urls
     finally:
         delete_prefix(redis_url, prefix)
@@ -436,9 +449,20 @@ def run_http(
         baseline = stack.enter_context(process(naive, naive_env, f"http://127.0.0.1:{port}/"))
         one = stack.enter_context(sidecar(1))
         two = stack.enter_context(sidecar(2))
+        guarded = stack.enter_context(sidecar(1, gateway_token=True))
+        with_token = stack.enter_context(
+            _lua(f'wrk.headers["Authorization"] = "Bearer {guarded["token"]}"\n' + WRK_SCRIPT)
+        )
         targets = {
             "naive": Target(f"http://127.0.0.1:{port}{SEED_PATH}", None, baseline.pid, one_redis),
             "sidecar": Target(f"{one['decision']}{SEED_PATH}", one["main"], int(one["pid"]), one_redis),
+            "sidecar, gateway token": Target(
+                f"{guarded['decision']}{SEED_PATH}",
+                guarded["main"],
+                int(guarded["pid"]),
+                one_redis,
+                with_token,
+            ),
             "sidecar x2": Target(f"{two['decision']}{SEED_PATH}", two["main"], int(two["pid"]), one_redis),
         }
         for name, deployment in clusters.items():
@@ -452,7 +476,7 @@ def run_http(
         for connections in args.connections:
             for _ in range(args.rounds):
                 for name, target in targets.items():
-                    result = measure(target, target.url, connections, args.duration, script)
+                    result = measure(target, target.url, connections, args.duration, target.script or script)
                     runs[name].setdefault(connections, []).append(result)
         for name, target in targets.items():
             memory[name].append(rss_mb(with_children(target.pid)))
@@ -682,6 +706,9 @@ def main() -> int:
     for c in args.connections:
         scaling = http["sidecar x2"][c]["rps"] / http["sidecar"][c]["rps"]
         print(f"workers scaling at {c} connections: x{scaling:.2f}")
+    for c in args.connections:
+        kept = http["sidecar, gateway token"][c]["rps"] / http["sidecar"][c]["rps"]
+        print(f"gateway token required, against none at {c} connections (one process each): {kept:.0%}")
     for name in (n for n in http if n.startswith("sidecar, cluster")):
         for c in args.connections:
             kept = http[name][c]["rps"] / http["sidecar"][c]["rps"]

@@ -24,6 +24,7 @@ from sidecar.core.decision import DecisionPolicy, new_decision_id, present, unav
 from sidecar.core.models import AuthorizeRequest, Decision, Outcome
 from sidecar.core.reasons import Reason
 from sidecar.core.windows import WINDOWS, periods
+from sidecar.gateway_tokens import GatewayTokens
 from sidecar.standing_denials import StandingDenials
 from sidecar.store.base import DecisionCall, Store, StoreDown, StoreUnavailable
 
@@ -114,6 +115,11 @@ class Authorizer:
         # Used once the invalidation listener is up and the setting allows (server.py
         # sets it live).
         self.standing = StandingDenials()
+        # The gateway token of a call, when required; create_app points its lookup at
+        # where tokens are kept (Postgres when configured).
+        self.gateway_tokens = GatewayTokens(
+            settings.require_gateway_token, settings.admin_token, store.get_token
+        )
 
     async def authorize(
         self, request: AuthorizeRequest, at_ms: int | None = None, deadline_s: float | None = None

@@ -99,6 +99,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     secret_keys: dict[str, str] = {}
     # Admin API: bearer token; unset disables every admin endpoint (401).
     admin_token: str | None = None
+    # Gateway-facing calls (decisions on every port, usage reports, the gRPC calls) need a
+    # gateway token of their tenant (sidecar/gateway_tokens.py). Off: whoever reaches
+    # the port may call them (a loopback sidecar).
+    require_gateway_token: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def fail_open(self, tenant: str) -> bool:

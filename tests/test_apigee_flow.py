@@ -27,7 +27,7 @@ def _flow_env(**values: str) -> dict[str, str]:
     return env
 
 
-def _start(start_sidecar, redis_url: str, prefix: str) -> SidecarProcess:
+def _start(start_sidecar, redis_url: str, prefix: str, **extra: str) -> SidecarProcess:
     # gRPC is not needed here; the decision port answers /integrations/apigee/authorize.
     # A generous store deadline: on a loaded test machine a slow Redis answer must not turn
     # into the sidecar's own degraded allow (which counts nothing).
@@ -36,8 +36,15 @@ def _start(start_sidecar, redis_url: str, prefix: str) -> SidecarProcess:
         "AFORO_KEY_PREFIX": prefix,
         "AFORO_GRPC_PORT": "0",
         "AFORO_DECISION_TIMEOUT_MS": "2000",
+        **extra,
     }
     return start_sidecar(env)
+
+
+def _gateway_token(url: str) -> str:
+    minted = httpx.post(f"{url}/v1/admin/tokens", json={"role": "gateway", "name": "apigee"}, headers=ADMIN)
+    assert minted.status_code == 201, minted.text
+    return minted.json()["token"]
 
 
 async def _seed_apps(url: str, apps: dict[str, str]) -> None:
@@ -73,8 +80,10 @@ async def _events(redis_url: str, prefix: str, consumer_id: str) -> list:
 def test_shared_flow_against_a_running_sidecar(start_sidecar, redis_url: str, prefix: str):
     """Acceptance 2: allowed calls proxied and never cached; 1000/day, the 1001st raises
     429 with Retry-After and the next one within ttl_seconds is answered from the cache;
-    a suspended app 403, an empty wallet 402; usage reported from the PostClientFlow."""
-    sidecar = _start(start_sidecar, redis_url, prefix)
+    a suspended app 403, an empty wallet 402; usage reported from the PostClientFlow.
+    The sidecar requires gateway tokens: the flow sends its own (the encrypted KVM
+    aforo-secrets) on both callouts, or nothing below would be counted nor stored."""
+    sidecar = _start(start_sidecar, redis_url, prefix, AFORO_REQUIRE_GATEWAY_TOKEN="true")
     unique = uuid.uuid4().hex[:8]
     apps = {kind: f"apigee-{kind}-{unique}" for kind in ("daily", "fresh", "suspended", "broke", "metered")}
     asyncio.run(_seed_apps(sidecar.url, apps))
@@ -87,6 +96,7 @@ def test_shared_flow_against_a_running_sidecar(start_sidecar, redis_url: str, pr
             AFORO_FLOW_SIDECAR_URL=sidecar.url,
             AFORO_FLOW_DECISION_URL=sidecar.decision_url,
             AFORO_FLOW_SEED=json.dumps(seed_doc),
+            AFORO_FLOW_GATEWAY_TOKEN=_gateway_token(sidecar.url),
         ),
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
@@ -11,7 +11,16 @@ from sidecar.authorizer import Authorizer, DeadlineExceeded, Pending
 from sidecar.config import Settings
 from sidecar.core.clock import now_ms
 from sidecar.core.errors import InvalidInput
-from sidecar.core.models import CONSUMER_ID_RE, DEFAULT_TENANT, TENANT_RE, Decision, UsageEvent, check_id
+from sidecar.core.models import (
+    CONSUMER_ID_RE,
+    DEFAULT_TENANT,
+    TENANT_RE,
+    AuthorizeRequest,
+    Decision,
+    UsageEvent,
+    check_id,
+)
+from sidecar.gateway_tokens import MISSING
 from sidecar.grpc import convert
 from sidecar.grpc.errors import abort_invalid
 from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2 as pb
@@ -31,13 +40,31 @@ class SidecarService(pb_grpc.SidecarServicer):
         self.max_batch = settings.max_batch_items
         self.event_ttl_ms = settings.event_dedupe_ttl_seconds * 1000
 
-    def _begin(
-        self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
-    ) -> Pending | InvalidInput:
+    async def _gateway(self, context: grpc.aio.ServicerContext, tenants: Iterable[str]) -> None:
+        """UNAUTHENTICATED unless the call's ``authorization`` metadata carries a gateway
+        token of each of ``tenants`` (when require_gateway_token is on)."""
+        tokens = self.authorizer.gateway_tokens
+        if not tokens.required:
+            return
+        auth = next((str(v) for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        for tenant in sorted(set(tenants)):
+            refused = await tokens.check(auth, tenant)
+            if refused is not None:
+                why = "needs a gateway token" if refused == MISSING else "has a bad gateway token"
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"this call {why}")
+
+    @staticmethod
+    def _convert(request: pb.AuthorizeRequest) -> AuthorizeRequest | InvalidInput:
         try:
-            query = convert.authorize_request(request)
+            return convert.authorize_request(request)
         except InvalidInput as exc:
             return exc
+
+    def _begin(
+        self, query: AuthorizeRequest | InvalidInput, context: grpc.aio.ServicerContext
+    ) -> Pending | InvalidInput:
+        if isinstance(query, InvalidInput):
+            return query
         return self.authorizer.begin(query, deadline_s=context.time_remaining())
 
     async def _wait(self, pending: Pending, context: grpc.aio.ServicerContext) -> Decision:
@@ -50,7 +77,10 @@ class SidecarService(pb_grpc.SidecarServicer):
             raise  # unreachable: abort raises
 
     async def Authorize(self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext) -> pb.Decision:
-        begun = self._begin(request, context)
+        query = self._convert(request)
+        if not isinstance(query, InvalidInput):
+            await self._gateway(context, (query.tenant,))
+        begun = self._begin(query, context)
         if isinstance(begun, InvalidInput):
             await abort_invalid(context, begun)
         return convert.decision_message(await self._wait(begun, context))
@@ -68,7 +98,9 @@ class SidecarService(pb_grpc.SidecarServicer):
                 ),
             )
         # Independent decisions: all begun first, so they share store round trips.
-        begun = [self._begin(item, context) for item in request.requests]
+        queries = [self._convert(item) for item in request.requests]
+        await self._gateway(context, (q.tenant for q in queries if not isinstance(q, InvalidInput)))
+        begun = [self._begin(query, context) for query in queries]
         results = []
         for at, item in enumerate(begun):
             if isinstance(item, InvalidInput):
@@ -92,6 +124,7 @@ class SidecarService(pb_grpc.SidecarServicer):
         pending: list[UsageEvent] = []
 
         async def flush() -> None:
+            await self._gateway(context, (event.tenant for event in pending))
             try:
                 stored = await self.store.record_events(pending, self.event_ttl_ms)
             except StoreUnavailable:
@@ -128,6 +161,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             check_id(request.consumer_id, CONSUMER_ID_RE, "consumer_id")
         except InvalidInput as exc:
             await abort_invalid(context, exc)
+        await self._gateway(context, (tenant,))
         try:
             view = await self.store.get_consumer(tenant, request.consumer_id, now_ms())
         except StoreUnavailable as exc:

@@ -43,7 +43,10 @@ from sidecar.core.clock import now_ms
 from sidecar.core.errors import NotFound
 from sidecar.http.errors import ApiError
 
-OPEN = "open"  # no token: the gateway-facing and probe endpoints
+OPEN = "open"  # no token: the probes
+# No admin token; a gateway token of the call's tenant when require_gateway_token is on
+# (checked by the endpoint itself, which knows the tenant: sidecar/gateway_tokens.py).
+GATEWAY = "gateway token when required"
 INGEST_SECRET = "ingest-secret"  # the tenant's ingestion shared secret (http/ingest.py)
 Rule = frozenset[Role] | str
 
@@ -51,9 +54,9 @@ _GET, _PUT, _POST, _DELETE = "GET", "PUT", "POST", "DELETE"
 
 # (method, path) -> who may call it. One row per route of the app.
 ACCESS: dict[tuple[str, str], Rule] = {
-    (_POST, "/v1/authorize"): OPEN,
-    (_POST, "/integrations/apigee/authorize"): OPEN,
-    (_POST, "/v1/usage"): OPEN,
+    (_POST, "/v1/authorize"): GATEWAY,
+    (_POST, "/integrations/apigee/authorize"): GATEWAY,
+    (_POST, "/v1/usage"): GATEWAY,
     (_GET, "/healthz"): OPEN,
     (_GET, "/readyz"): OPEN,
     (_GET, "/metrics"): OPEN,

@@ -12,6 +12,7 @@ from starlette.routing import Route
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
+from sidecar.gateway_tokens import GatewayTokens
 from sidecar.http import admin, connections, decisions, ingest, probes, tokens, usage
 from sidecar.http.access import Gate, protect
 from sidecar.http.errors import EXCEPTION_HANDLERS
@@ -79,4 +80,7 @@ def create_app(
     app.state.authorizer = authorizer
     app.state.ingest_in_flight = ingest.InFlight(settings.ingest_max_in_flight)
     app.state.catalog = StoreCatalog(active) if catalog is None else catalog
+    authorizer.gateway_tokens = GatewayTokens(
+        settings.require_gateway_token, settings.admin_token, app.state.catalog.get_token
+    )
     return app

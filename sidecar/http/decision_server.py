@@ -35,6 +35,8 @@ import httptools
 from sidecar.authorizer import Authorizer, Pending
 from sidecar.config import Settings
 from sidecar.core.errors import InvalidInput
+from sidecar.core.models import AuthorizeRequest
+from sidecar.gateway_tokens import MISSING
 from sidecar.http.decisions import APIGEE, V1, DecisionRoute
 from sidecar.http.errors import error_body
 from sidecar.store.base import Store
@@ -131,6 +133,8 @@ class _Connection(asyncio.Protocol):
         self.in_message = False  # a request has begun and is not complete
         self.refused = False  # an oversized request was answered: read nothing more
         self.slow_timer: asyncio.TimerHandle | None = None
+        self.auth: str | None = None  # the Authorization header of the request being read
+        self.gateway = authorizer.gateway_tokens
 
     # --- asyncio.Protocol ----------------------------------------------------------
 
@@ -188,6 +192,7 @@ class _Connection(asyncio.Protocol):
         self.header_bytes = 0
         self.declared = 0
         self.in_message = True
+        self.auth = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -199,8 +204,11 @@ class _Connection(asyncio.Protocol):
         if self.header_bytes > MAX_HEADER_BYTES:
             message = f"the request's headers are over {MAX_HEADER_BYTES} bytes"
             self._refuse(431, error_body("headers_too_large", message))
-        if name.lower() == b"content-length" and value.strip().isdigit():
+        lowered = name.lower()
+        if lowered == b"content-length" and value.strip().isdigit():
             self.declared = int(value)
+        elif lowered == b"authorization":
+            self.auth = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         if self.declared > self.max_body:
@@ -258,10 +266,35 @@ class _Connection(asyncio.Protocol):
             return
         reply = self._queue(keep_alive)
         reply.route = route
+        refused = self.gateway.check_now(self.auth, request.tenant)
+        if refused is False:
+            # This process does not hold the token yet: look it up, then decide (the
+            # reply keeps its place in the connection's order meanwhile).
+            task = asyncio.ensure_future(self.gateway.check(self.auth, request.tenant))
+            task.add_done_callback(lambda done: self._checked(reply, request, done))
+            return
+        self._begin(reply, request, refused)
+
+    def _checked(self, reply: _Reply, request: AuthorizeRequest, done: asyncio.Future[str | None]) -> None:
+        try:
+            refused = done.result()
+        except Exception:
+            self.ready(reply, _internal_error(reply.keep_alive))
+            return
+        self._begin(reply, request, refused)
+
+    def _begin(self, reply: _Reply, request: AuthorizeRequest, refused: str | None) -> None:
+        if refused is not None:
+            if refused == MISSING:
+                body = error_body("gateway_token_required", "this call needs a gateway token")
+            else:
+                body = error_body("unauthorized", "invalid, expired or revoked gateway token")
+            self.ready(reply, _http_response(401, body, None, reply.keep_alive))
+            return
         try:
             pending = reply.pending = self.authorizer.begin(request)
         except Exception:
-            self.ready(reply, _internal_error(keep_alive))
+            self.ready(reply, _internal_error(reply.keep_alive))
             return
         future = pending.future
         if future.done():

@@ -19,9 +19,12 @@ from sidecar.authorizer import Authorizer
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import DEFAULT_TENANT, AuthorizeRequest, Decision
 from sidecar.core.money import MoneyError, format_micros, to_micros
+from sidecar.gateway_tokens import MISSING, GatewayTokens
 from sidecar.http.bodies import decode, read_body
+from sidecar.http.errors import ApiError
 
 _authorize_decoder = msgspec.json.Decoder(AuthorizeRequest)
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="aforo-gateway"'}
 _encode = msgspec.json.Encoder(decimal_format="number").encode
 
 
@@ -41,9 +44,22 @@ class DecisionRoute(NamedTuple):
     render: Callable[[Decision], Answer]
 
 
-async def decide(authorizer: Authorizer, route: DecisionRoute, body: bytes) -> Answer:
-    """Parse, decide and render one request (raises InvalidInput for a bad body)."""
-    return route.render(await authorizer.authorize(route.parse(body)))
+async def decide(authorizer: Authorizer, route: DecisionRoute, body: bytes, auth: str | None) -> Answer:
+    """Parse, check the gateway token (``auth``: the Authorization header; when
+    required), decide and render one request (InvalidInput for a bad body)."""
+    request = route.parse(body)
+    await check_gateway(authorizer.gateway_tokens, auth, request.tenant)
+    return route.render(await authorizer.authorize(request))
+
+
+async def check_gateway(tokens: GatewayTokens, auth: str | None, tenant: str | None) -> None:
+    """401 unless the call carries a gateway token of ``tenant`` (None: of any tenant),
+    when one is required."""
+    refused = await tokens.check(auth, tenant)
+    if refused == MISSING:
+        raise ApiError(401, "gateway_token_required", "this call needs a gateway token", headers=_CHALLENGE)
+    if refused is not None:
+        raise ApiError(401, "unauthorized", "invalid, expired or revoked gateway token", headers=_CHALLENGE)
 
 
 def _parse_v1(body: bytes) -> AuthorizeRequest:
@@ -59,7 +75,8 @@ V1 = DecisionRoute(_parse_v1, _render_v1)
 
 async def authorize(request: Request) -> Response:
     body = await read_body(request, request.app.state.settings.max_body_bytes)
-    return _response(await decide(request.app.state.authorizer, V1, body))
+    auth = request.headers.get("authorization")
+    return _response(await decide(request.app.state.authorizer, V1, body, auth))
 
 
 class ApigeeAuthorize(msgspec.Struct, forbid_unknown_fields=True):
@@ -136,4 +153,5 @@ APIGEE = DecisionRoute(_parse_apigee, _render_apigee)
 
 async def apigee_authorize(request: Request) -> Response:
     body = await read_body(request, request.app.state.settings.max_body_bytes)
-    return _response(await decide(request.app.state.authorizer, APIGEE, body))
+    auth = request.headers.get("authorization")
+    return _response(await decide(request.app.state.authorizer, APIGEE, body, auth))

@@ -85,6 +85,7 @@ async def revoke_token(request: Request) -> Response:
     if token.revoked_ms is None:
         token = msgspec.structs.replace(token, revoked_ms=now_ms())
         await request.app.state.catalog.put_token(token, "token.revoke", actor(request))
+        request.app.state.authorizer.gateway_tokens.forget(token.id)
         record(request, "token.revoke", token.tenant, token.id)
     return json_response(view(token))
 
@@ -104,6 +105,7 @@ async def rotate_token(request: Request) -> Response:
         previous_until_ms=now + ask.grace_seconds * 1000 if ask.grace_seconds else None,
     )
     await request.app.state.catalog.put_token(token, "token.rotate", actor(request))
+    request.app.state.authorizer.gateway_tokens.forget(token.id)
     record(request, "token.rotate", token.tenant, token.id, grace_seconds=ask.grace_seconds)
     shown = msgspec.structs.asdict(view(token))
     return json_response({**shown, "token": raw_token(token.id, secret), "note": _SHOWN_ONCE})

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import UsageEvent
 from sidecar.http.bodies import decode, invalid_from, read_body
+from sidecar.http.decisions import check_gateway
 from sidecar.http.errors import ErrorBody
 
 # How many per-event errors an answer lists (the count is always complete).
@@ -31,6 +32,9 @@ async def report_usage(request: Request) -> Response:
     """One event (an object) or a batch (an array). Valid events are stored, each once
     per request id; invalid ones are counted and listed, not stored. 200 once stored."""
     settings = request.app.state.settings
+    tokens = request.app.state.authorizer.gateway_tokens
+    auth = request.headers.get("authorization")
+    await check_gateway(tokens, auth, None)  # before reading a byte of the body
     payload = decode(await read_body(request, settings.max_body_bytes), _events_decoder)
     items = payload if isinstance(payload, list) else [payload]
     if len(items) > settings.max_batch_items:
@@ -51,6 +55,8 @@ async def report_usage(request: Request) -> Response:
             if len(errors) < ANSWER_ERRORS:
                 field = f"[{index}].{exc.field}" if exc.field else f"[{index}]"
                 errors.append(ErrorBody(code=exc.code, message=exc.message, field=field))
+    for tenant in sorted({e.tenant for e in events}):
+        await check_gateway(tokens, auth, tenant)
     stored = await request.app.state.store.record_events(events, settings.event_dedupe_ttl_seconds * 1000)
     answer = UsageAnswer(
         accepted=sum(stored), duplicates=len(stored) - sum(stored), rejected=rejected, errors=errors

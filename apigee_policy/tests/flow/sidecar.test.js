@@ -17,6 +17,8 @@ const SIDECAR = process.env.AFORO_FLOW_SIDECAR_URL;
 // The sidecar's decision port, when given: decisions go there, usage to SIDECAR.
 const DECISION = process.env.AFORO_FLOW_DECISION_URL || "";
 const SEED = process.env.AFORO_FLOW_SEED ? JSON.parse(process.env.AFORO_FLOW_SEED) : null;
+// The gateway token of a sidecar that requires one (the encrypted KVM aforo-secrets).
+const SECRETS = process.env.AFORO_FLOW_GATEWAY_TOKEN ? { gateway_token: process.env.AFORO_FLOW_GATEWAY_TOKEN } : null;
 const skip = SIDECAR && SEED ? false : "needs a running sidecar: AFORO_FLOW_SIDECAR_URL and AFORO_FLOW_SEED (see tests/test_apigee_flow.py)";
 
 let backend;
@@ -31,6 +33,7 @@ test.before(async () => {
   player = makePlayer({
     // Configured the Apigee Edge way: the environment KVM aforo-config.
     config: { sidecar_url: SIDECAR, decision_url: DECISION, fail_mode: "closed", tenant: SEED.tenant, cost_header: "X-Aforo-Cost" },
+    secrets: SECRETS,
     apps,
     backendUrl: backend.url,
   });
@@ -232,6 +235,7 @@ test("a request without a valid API key never reaches the shared flow", { skip }
 test("configured the Apigee X way (a property set), the KVM is not read", { skip }, async () => {
   const xPlayer = makePlayer({
     propertySets: { aforo: { sidecar_url: SIDECAR, decision_url: DECISION, tenant: SEED.tenant } },
+    secrets: SECRETS,
     apps,
     backendUrl: backend.url,
   });

@@ -98,14 +98,14 @@ async function closedPortUrl() {
 /**
  * A player over the real shared flow and example proxy. `config` goes into the
  * environment KVM aforo-config (the Apigee Edge way) unless `propertySets` is given (the
- * Apigee X way).
+ * Apigee X way). `secrets` goes into the encrypted KVM aforo-secrets (gateway_token).
  */
-function makePlayer({ config = null, propertySets = null, apps = {}, backendUrl = "http://127.0.0.1:9" } = {}) {
+function makePlayer({ config = null, propertySets = null, secrets = null, apps = {}, backendUrl = "http://127.0.0.1:9" } = {}) {
   return new FlowPlayer({
     sharedFlows: { "aforo-authorize": SHARED_FLOW },
     proxy: PROXY,
     environment: {
-      kvms: config ? { "aforo-config": config } : {},
+      kvms: { ...(config ? { "aforo-config": config } : {}), ...(secrets ? { "aforo-secrets": secrets } : {}) },
       propertySets: propertySets || {},
       targetServers: { "aforo-example-backend": backendUrl },
     },

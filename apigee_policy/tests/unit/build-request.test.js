@@ -179,3 +179,15 @@ test("a failure inside the script follows the fail mode instead of breaking the 
   assert.equal(JSON.parse(v(ctx, "aforo.fault.body")).reason, "policy_error");
   assert.match(v(ctx, "aforo.error"), /boom/);
 });
+
+test("the gateway token comes from the encrypted KVM only, and goes to a private variable", () => {
+  let ctx = build({ "private.aforo.gateway_token": " aft_0123456789abcdef_secret " });
+  assert.equal(v(ctx, "private.aforo.authorization"), "Bearer aft_0123456789abcdef_secret");
+  // Never from the settings (a property set or aforo.config is no place for a secret).
+  ctx = build({ "aforo.config.gateway_token": "aft_x", "propertyset.aforo.gateway_token": "aft_y" });
+  assert.equal(v(ctx, "private.aforo.authorization"), "");
+  // Set even when the flow is switched off or denies without asking (the usage callout reads it).
+  ctx = build({ "private.aforo.gateway_token": "aft_z", "aforo.config.enabled": "false" });
+  assert.equal(v(ctx, "private.aforo.authorization"), "Bearer aft_z");
+  assert.ok(!String(v(ctx, "aforo.authorize.body") || "").includes("aft_z"));
+});

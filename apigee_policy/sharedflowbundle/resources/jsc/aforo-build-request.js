@@ -52,6 +52,9 @@
     context.removeVariable("request.header.X-Aforo-Degraded-Reason");
     aforo.set("aforo.degraded", "false");
     aforo.set("aforo.fail_mode", s.failMode);
+    // Both callouts (authorize, and usage in the PostClientFlow) send it; empty when no
+    // token is configured. A private. variable: masked in traces.
+    aforo.set("private.aforo.authorization", s.gatewayToken === "" ? "" : "Bearer " + s.gatewayToken);
     if (!s.enabled) {
       aforo.set("aforo.state", "off");
       return;

@@ -135,7 +135,9 @@ var aforo = (function () {
       estimatedCost: setting("estimated_cost"),
       costHeader: setting("cost_header"),
       usage: flag(setting("usage"), true),
-      usageHeaders: setting("usage_headers")
+      usageHeaders: setting("usage_headers"),
+      // From the encrypted KVM aforo-secrets (KVM-Aforo-Secrets), never from settings.
+      gatewayToken: trim(context.getVariable("private.aforo.gateway_token"))
     };
   }
 
