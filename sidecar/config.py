@@ -103,6 +103,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # gateway token of their tenant (sidecar/gateway_tokens.py). Off: whoever reaches
     # the port may call them (a loopback sidecar).
     require_gateway_token: bool = False
+    # API key introspection calls each caller (a token) may make a second.
+    introspect_per_second: int = 1000
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def fail_open(self, tenant: str) -> bool:
@@ -161,6 +163,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("idempotency_ttl_seconds", 1, 90 * 86_400),
             ("event_dedupe_ttl_seconds", 1, 90 * 86_400),
             ("max_batch_items", 1, 100_000),
+            ("introspect_per_second", 1, 1_000_000),
             ("ingest_max_body_bytes", 1024, 512 * 1024 * 1024),
             ("ingest_max_events", 1, 1_000_000),
             ("ingest_max_in_flight", 1, 100_000_000),

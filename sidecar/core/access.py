@@ -214,4 +214,5 @@ def principal_of(token: ApiToken) -> Principal:
 READ = frozenset({Role.ADMIN, Role.BILLING, Role.VIEWER})
 READ_CONSUMERS = READ | {Role.DEVELOPER}
 BILLING = frozenset({Role.ADMIN, Role.BILLING})
+GATEWAY_OR_ADMIN = frozenset({Role.ADMIN, Role.GATEWAY})
 ADMIN = frozenset({Role.ADMIN})

@@ -29,6 +29,7 @@ from sidecar.core.access import (
     ADMIN,
     BILLING,
     BOOTSTRAP,
+    GATEWAY_OR_ADMIN,
     READ,
     READ_CONSUMERS,
     TOKEN_PREFIX,
@@ -60,6 +61,8 @@ ACCESS: dict[tuple[str, str], Rule] = {
     (_GET, "/healthz"): OPEN,
     (_GET, "/readyz"): OPEN,
     (_GET, "/metrics"): OPEN,
+    (_POST, "/internal/api-keys/introspect"): GATEWAY_OR_ADMIN,
+    (_POST, "/v1/api-keys/introspect"): GATEWAY_OR_ADMIN,
     (_POST, "/integrations/kong/ingest"): INGEST_SECRET,
     (_POST, "/integrations/apigee/ingest"): INGEST_SECRET,
     # API tokens

@@ -8,7 +8,6 @@ for a developer token, the consumers) the token may see.
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -20,7 +19,7 @@ from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, NeedsPostgres
 from sidecar.core.access import Principal, Role
 from sidecar.core.api_keys import generate_api_key, hash_api_key
-from sidecar.core.clock import now_ms
+from sidecar.core.clock import iso_utc, now_ms
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
     CONSUMER_ID_RE,
@@ -210,13 +209,7 @@ async def list_keys(request: Request) -> Response:
     keys = await _catalog(request).consumer_keys(tenant, consumer_id)
     if keys is None:
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
-    items = [
-        _KeyInfo(
-            k.key_hash,
-            None if k.created_ms is None else datetime.fromtimestamp(k.created_ms / 1000, UTC).isoformat(),
-        )
-        for k in keys
-    ]
+    items = [_KeyInfo(k.key_hash, iso_utc(k.created_ms)) for k in keys]
     return json_response({"tenant": tenant, "consumer_id": consumer_id, "keys": items})
 
 

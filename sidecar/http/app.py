@@ -13,7 +13,7 @@ from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
 from sidecar.gateway_tokens import GatewayTokens
-from sidecar.http import admin, connections, decisions, ingest, probes, tokens, usage
+from sidecar.http import admin, connections, decisions, ingest, introspection, probes, tokens, usage
 from sidecar.http.access import Gate, protect
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.integrations.apigee import routes as apigee_routes
@@ -63,6 +63,7 @@ def create_app(
     routes = [
         Route("/v1/authorize", decisions.authorize, methods=["POST"]),
         *tokens.ROUTES,
+        *introspection.ROUTES,
         Route("/integrations/apigee/authorize", decisions.apigee_authorize, methods=["POST"]),
         Route("/v1/usage", usage.report_usage, methods=["POST"]),
         *admin.ROUTES,
@@ -75,6 +76,7 @@ def create_app(
     ]
     app = Starlette(routes=protect(routes), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.gate = Gate()
+    app.state.introspection_limit = introspection.PerSecond(settings.introspect_per_second)
     app.state.settings = settings
     app.state.store = active
     app.state.authorizer = authorizer
