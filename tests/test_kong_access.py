@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import delete_prefix
 from tests.kong.emulator import KongRequest
 from tests.kong.harness import (
     Admin,
@@ -17,6 +16,7 @@ from tests.kong.harness import (
     Sidecar,
     closed_port,
     fresh_minute,
+    module_sidecar,
     plugin_server,
     sidecar_config,
     unique,
@@ -33,15 +33,8 @@ DEFAULT_ACCESS_CALLS = [
 
 @pytest.fixture(scope="module")
 def sidecar(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
-    # One sidecar for the module; tests isolate their data with consumer ids of their own.
-    prefix = f"test:{unique('kong')}:"
-    process = Sidecar(
-        str(tmp_path_factory.mktemp("sidecar")), {"AFORO_REDIS_URL": redis_url, "AFORO_KEY_PREFIX": prefix}
-    )
-    process.start()
-    yield process
-    process.stop()
-    delete_prefix(redis_url, prefix)
+    with module_sidecar(redis_url, str(tmp_path_factory.mktemp("sidecar")), "kong") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

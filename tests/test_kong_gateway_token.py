@@ -9,25 +9,25 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import delete_prefix
 from tests.kong.emulator import KongRequest
-from tests.kong.harness import PluginServer, Sidecar, plugin_server, sidecar_config, unique, wait_for_events
+from tests.kong.harness import (
+    PluginServer,
+    Sidecar,
+    module_sidecar,
+    plugin_server,
+    sidecar_config,
+    unique,
+    wait_for_events,
+)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def sidecar(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
-    prefix = f"test:{unique('kongtoken')}:"
-    process = Sidecar(
-        str(tmp_path_factory.mktemp("sidecar")),
-        {"AFORO_REDIS_URL": redis_url, "AFORO_KEY_PREFIX": prefix, "AFORO_REQUIRE_GATEWAY_TOKEN": "true"},
-    )
-    process.prefix = prefix  # type: ignore[attr-defined]
-    process.start()
-    yield process
-    process.stop()
-    delete_prefix(redis_url, prefix)
+    folder = str(tmp_path_factory.mktemp("sidecar"))
+    with module_sidecar(redis_url, folder, "kongtoken", AFORO_REQUIRE_GATEWAY_TOKEN="true") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

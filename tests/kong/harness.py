@@ -24,7 +24,7 @@ import httpx
 
 from sidecar.core.models import UsageEvent
 from sidecar.store.redis_store import RedisStore
-from tests.conftest import ADMIN, ADMIN_TOKEN, free_port, stop_process
+from tests.conftest import ADMIN, ADMIN_TOKEN, delete_prefix, free_port, stop_process
 from tests.kong.emulator import KongEmulator, PluginServerProcess, query_plugin_info
 
 
@@ -89,6 +89,21 @@ class Sidecar:
 
     def admin(self) -> Admin:
         return Admin(self.url)
+
+
+@contextlib.contextmanager
+def module_sidecar(redis_url: str, folder: str, label: str, **env: str) -> Iterator[Sidecar]:
+    """One sidecar process for a test module, on a key prefix of its own (deleted after);
+    tests isolate their data with ids of their own. ``prefix`` is set on it."""
+    prefix = f"test:{unique(label)}:"
+    process = Sidecar(folder, {"AFORO_REDIS_URL": redis_url, "AFORO_KEY_PREFIX": prefix, **env})
+    process.prefix = prefix  # type: ignore[attr-defined]
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        delete_prefix(redis_url, prefix)
 
 
 @contextlib.contextmanager
