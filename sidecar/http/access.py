@@ -9,9 +9,9 @@ README's table is checked against this one (tests/test_access.py).
 
 Authentication: ``Authorization: Bearer <token>`` where the token is an API token
 (``aft_...``, looked up by id, its secret compared constant-time) or the environment's
-admin token (the bootstrap super-admin). A source address that fails
-``MAX_FAILURES`` times within ``FAILURE_WINDOW_S`` gets 429 until the window passes,
-before any lookup (so a guessing client costs neither Redis nor Postgres).
+admin token (the bootstrap super-admin). A source address's failures are counted until
+``FAILURE_WINDOW_S`` pass without one; at ``MAX_FAILURES`` it gets 429 before any lookup
+(so a guessing client costs neither Redis nor Postgres) until that much time has passed.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ ACCESS: dict[tuple[str, str], Rule] = {
     (_GET, "/integrations/apigee/health"): READ,
 }
 
-MAX_FAILURES = 20  # failed authentications per source address ...
-FAILURE_WINDOW_S = 60  # ... within this many seconds, then 429 until it has passed
+MAX_FAILURES = 20  # failed authentications of a source address, each within ...
+FAILURE_WINDOW_S = 60  # ... this many seconds of the one before; then 429 until it passes
 # A token's last use is written at most this often per process (not on every call).
 TOUCH_EVERY_MS = 60_000
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="aforo"'}
