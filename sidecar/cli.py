@@ -132,6 +132,8 @@ def _settings(args: argparse.Namespace, extra: dict[str, object]) -> Settings:
 def _run(settings: Settings, access_log: bool) -> None:
     import uvicorn
 
+    from sidecar.tls import uvicorn_options
+
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -141,6 +143,7 @@ def _run(settings: Settings, access_log: bool) -> None:
         "log_level": settings.log_level,
         "access_log": access_log,
         "timeout_graceful_shutdown": 5,
+        **uvicorn_options(settings),
     }
     if settings.workers == 1:
         from sidecar.server import build_app

@@ -103,6 +103,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # gateway token of their tenant (sidecar/gateway_tokens.py). Off: whoever reaches
     # the port may call them (a loopback sidecar).
     require_gateway_token: bool = False
+    # TLS on the HTTP port, the decision port and gRPC (PEM files; sidecar/tls.py): a
+    # certificate and its key turn it on; a client CA requires client certificates it
+    # signed (mutual TLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
     # API key introspection calls each caller (a token) may make a second.
     introspect_per_second: int = 1000
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -202,6 +208,24 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise SettingsError(
                 "database_url needs redis_url: Postgres is synced into Redis, not the embedded store"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise SettingsError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise SettingsError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise SettingsError(f"{name}: no such file {path!r}")
+        if self.tls_cert_file is not None:
+            import ssl
+
+            try:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+                if self.tls_client_ca_file is not None:
+                    context.load_verify_locations(self.tls_client_ca_file)
+            except (ssl.SSLError, ValueError) as exc:
+                raise SettingsError(f"the TLS files do not load: {exc}") from None
         return self
 
     def to_env(self) -> dict[str, str]:
@@ -252,7 +276,15 @@ def load_settings(
     if isinstance(raw.get("ingest_header_allowlist"), str):
         text = raw["ingest_header_allowlist"]
         raw["ingest_header_allowlist"] = [h.strip().lower() for h in text.split(",") if h.strip()]
-    for key in ("redis_url", "admin_token", "database_url", "redis_sentinel_password"):
+    for key in (
+        "redis_url",
+        "admin_token",
+        "database_url",
+        "redis_sentinel_password",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+    ):
         if raw.get(key) == "":
             raw[key] = None
     try:

@@ -178,7 +178,10 @@ def start_sidecar(tmp_path: Any, prefix: str) -> Iterator[Callable[..., SidecarP
     make their last writes) before the test's keys are deleted."""
     started: list[SidecarProcess] = []
 
-    def start(env: dict[str, str] | None = None, *args: str) -> SidecarProcess:
+    def start(
+        env: dict[str, str] | None = None, *args: str, probe: Callable[[SidecarProcess], bool] | None = None
+    ) -> SidecarProcess:
+        """``probe``: whether it is up (default: GET /healthz in plain HTTP answers 200)."""
         port, grpc_port, decision_port = free_port(), free_port(), free_port()
         log_path = str(tmp_path / f"sidecar-{port}.log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
@@ -205,12 +208,16 @@ def start_sidecar(tmp_path: Any, prefix: str) -> Iterator[Callable[..., SidecarP
             if proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited: {_read(log_path)}")
             try:
-                if httpx.get(f"{sidecar.url}/healthz", timeout=0.5).status_code == 200 and (
-                    full_env["AFORO_GRPC_PORT"] == "0" or _accepts(int(full_env["AFORO_GRPC_PORT"]))
-                ):
+                up = (
+                    probe(sidecar)
+                    if probe
+                    else httpx.get(f"{sidecar.url}/healthz", timeout=0.5).status_code == 200
+                )
+                if up and (full_env["AFORO_GRPC_PORT"] == "0" or _accepts(int(full_env["AFORO_GRPC_PORT"]))):
                     return sidecar
             except httpx.HTTPError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise RuntimeError(f"sidecar did not start: {_read(log_path)}")
 
     yield start

@@ -19,6 +19,7 @@ from sidecar.grpc.gen.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from sidecar.grpc.ratelimit_service import RateLimitService
 from sidecar.grpc.sidecar_service import SidecarService
 from sidecar.store.base import Store, StoreUnavailable
+from sidecar.tls import grpc_credentials
 
 log = logging.getLogger("aforo.grpc")
 SIDECAR = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
@@ -59,7 +60,13 @@ async def grpc_server(settings: Settings, authorizer: Authorizer, store: Store) 
     reflection.enable_server_reflection(
         (SIDECAR, RATE_LIMIT, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    credentials = grpc_credentials(settings)
+    port = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
     await server.start()
     log.info("grpc listening on %s:%d", settings.host, port)
     try:

@@ -40,6 +40,7 @@ from sidecar.gateway_tokens import MISSING
 from sidecar.http.decisions import APIGEE, V1, DecisionRoute
 from sidecar.http.errors import error_body
 from sidecar.store.base import Store
+from sidecar.tls import server_context
 
 log = logging.getLogger("aforo.http")
 _ROUTES: dict[bytes, DecisionRoute] = {
@@ -330,6 +331,7 @@ async def decision_server(settings: Settings, authorizer: Authorizer, store: Sto
         settings.decision_port,
         reuse_port=settings.workers > 1,
         backlog=4096,
+        ssl=server_context(settings),
     )
     port = server.sockets[0].getsockname()[1]
     log.info("decision port listening on %s:%d", settings.host, port)
