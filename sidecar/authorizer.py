@@ -24,7 +24,7 @@ from sidecar.core.decision import DecisionPolicy, new_decision_id, present, unav
 from sidecar.core.models import AuthorizeRequest, Decision, Outcome
 from sidecar.core.reasons import Reason
 from sidecar.core.windows import WINDOWS, periods
-from sidecar.gateway_tokens import GatewayTokens
+from sidecar.gateway_tokens import GatewayTokens, Lookup
 from sidecar.standing_denials import StandingDenials
 from sidecar.store.base import DecisionCall, Store, StoreDown, StoreUnavailable
 
@@ -98,7 +98,7 @@ class Pending:
 
 
 class Authorizer:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, token_lookup: Lookup | None = None) -> None:
         self.store = store
         self.settings = settings
         self.policy = DecisionPolicy(
@@ -115,10 +115,10 @@ class Authorizer:
         # Used once the invalidation listener is up and the setting allows (server.py
         # sets it live).
         self.standing = StandingDenials()
-        # The gateway token of a call, when required; create_app points its lookup at
-        # where tokens are kept (Postgres when configured).
+        # The gateway token of a call, when required, looked up where tokens are kept:
+        # ``token_lookup`` (create_app passes its catalog's: Postgres when configured).
         self.gateway_tokens = GatewayTokens(
-            settings.require_gateway_token, settings.admin_token, store.get_token
+            settings.require_gateway_token, settings.admin_token, token_lookup or store.get_token
         )
 
     async def authorize(

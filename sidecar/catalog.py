@@ -60,8 +60,9 @@ class Catalog(Protocol):
         """The consumer's wallet notices, oldest first; None: no such consumer."""
         ...
 
-    async def reconciliation(self) -> object:
-        """The reconciliation report; raises NeedsPostgres without Postgres."""
+    async def reconciliation(self, tenant: str | None = None) -> object:
+        """The reconciliation report (of ``tenant``'s consumers; None: every tenant);
+        raises NeedsPostgres without Postgres."""
         ...
 
     async def put_token(self, token: ApiToken, action: str, actor: str) -> None:
@@ -141,5 +142,5 @@ class StoreCatalog:
     async def touch_token(self, token_id: str, used_ms: int) -> None:
         await self.store.touch_token(token_id, used_ms)
 
-    async def reconciliation(self) -> object:
+    async def reconciliation(self, tenant: str | None = None) -> object:
         raise NeedsPostgres("the reconciliation report compares Redis with Postgres: set AFORO_DATABASE_URL")

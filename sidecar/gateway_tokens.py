@@ -29,6 +29,8 @@ _Held = tuple[float, ApiToken | None]  # until when (monotonic) a record read is
 
 MISSING = "gateway_token_required"
 INVALID = "unauthorized"
+# What every transport says with each refusal (its error code, or gRPC UNAUTHENTICATED).
+REFUSALS = {MISSING: "this call needs a gateway token", INVALID: "invalid, expired or revoked gateway token"}
 
 
 class GatewayTokens:

@@ -208,6 +208,24 @@ async def test_revoked_rotated_and_expired_tokens(client: httpx.AsyncClient) -> 
     assert (await client.get("/v1/admin/consumers", headers=bearer("aft_short"))).status_code == 401
 
 
+async def test_a_token_another_tenant_holds_or_none_holds_is_not_found(client: httpx.AsyncClient) -> None:
+    admin = bearer(await mint(client, "admin"))
+    theirs = (await mint(client, "viewer", tenant="other")).split("_")[1]
+    for token_id in (theirs, "0123456789abcdef"):
+        for method, path in (("GET", ""), ("DELETE", ""), ("POST", "/rotate")):
+            response = await client.request(
+                method, f"/v1/admin/tokens/{token_id}{path}", json={}, headers=admin
+            )
+            assert (response.status_code, response.json()["error"]["code"]) == (404, "token_not_found"), path
+    # The other tenant's token is untouched (not revoked, not rotated).
+    listed = (await client.get("/v1/admin/tokens?tenant=other", headers=ADMIN)).json()["items"]
+    assert [(t["id"], t["revoked_at_ms"], t["previous_valid_until_ms"]) for t in listed] == [
+        (theirs, None, None)
+    ]
+    bad = await client.get("/v1/admin/tokens/NOT-AN-ID", headers=admin)
+    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_identifier")
+
+
 async def test_no_response_shows_a_secret_or_its_hash(client: httpx.AsyncClient) -> None:
     raw = await mint(client, "billing")
     token_id = raw.split("_")[1]
@@ -269,5 +287,7 @@ async def test_failed_authentications_are_rate_limited_per_address(client: httpx
     assert counts["invalid"] >= MAX_FAILURES and counts["rate_limited"] >= 1
 
 
-def test_roles_are_the_five_the_readme_names() -> None:
-    assert [r.value for r in Role] == ["admin", "billing", "viewer", "developer", "gateway"]
+def test_the_roles_are_the_ones_the_readme_names() -> None:
+    text = README.read_text()
+    table = text[text.index("| role | may |") : text.index("A token of one tenant never sees another")]
+    assert re.findall(r"^\| `([a-z]+)` \|", table, re.M) == [r.value for r in Role]

@@ -52,3 +52,17 @@ async def test_tokens_live_in_postgres_and_the_audit_log_names_them(migrated_dat
         assert [t["id"] for t in listed] == [token_id] and listed[0]["revoked_at_ms"] is not None
         # The hot store holds no token when Postgres is the truth.
         assert await one.store.get_token(token_id) is None
+
+
+async def test_a_tenant_token_gets_the_reconciliation_of_its_own_tenant(migrated_database, redis_url, prefix):
+    async with stack(migrated_database, redis_url, prefix, decision_port=0) as s:
+        await seed(s.http, windows={"day": 10}, consumer_id="a1")
+        await seed(s.http, windows={"day": 10}, consumer_id="b1", tenant="other")
+        everyone = (await s.http.get("/v1/admin/reconciliation", headers=ADMIN)).json()
+        assert {(r["tenant"], r["consumer_id"]) for r in everyone["rows"]} == {
+            ("default", "a1"),
+            ("other", "b1"),
+        }
+        viewer = bearer(await mint(s.http, "viewer", tenant="other"))
+        own = (await s.http.get("/v1/admin/reconciliation", headers=viewer)).json()
+        assert {(r["tenant"], r["consumer_id"]) for r in own["rows"]} == {("other", "b1")}

@@ -20,7 +20,7 @@ from sidecar.core.models import (
     UsageEvent,
     check_id,
 )
-from sidecar.gateway_tokens import MISSING
+from sidecar.gateway_tokens import REFUSALS
 from sidecar.grpc import convert
 from sidecar.grpc.errors import abort_invalid
 from sidecar.grpc.gen.aforo.sidecar.v1 import sidecar_pb2 as pb
@@ -50,8 +50,7 @@ class SidecarService(pb_grpc.SidecarServicer):
         for tenant in sorted(set(tenants)):
             refused = await tokens.check(auth, tenant)
             if refused is not None:
-                why = "needs a gateway token" if refused == MISSING else "has a bad gateway token"
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"this call {why}")
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSALS[refused])
 
     @staticmethod
     def _convert(request: pb.AuthorizeRequest) -> AuthorizeRequest | InvalidInput:

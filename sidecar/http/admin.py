@@ -39,7 +39,6 @@ from sidecar.http.admin_request import actor, admin_body, json_response, record,
 from sidecar.http.bodies import decode_into
 from sidecar.http.connections import push_status
 from sidecar.http.errors import ApiError
-from sidecar.reconciler.report import Report
 from sidecar.store.base import Store
 
 _KEY_HASH_LEN = 64
@@ -364,14 +363,10 @@ async def revoke_key(request: Request) -> Response:
 
 async def reconciliation(request: Request) -> Response:
     try:
-        report = await _catalog(request).reconciliation()
+        # A tenant's token sees its own tenant's consumers only (the bootstrap token all).
+        report = await _catalog(request).reconciliation(principal(request).tenant)
     except NeedsPostgres as exc:
         raise ApiError(501, "postgres_required", str(exc)) from None
-    tenant = principal(request).tenant
-    if tenant is not None and isinstance(report, Report):
-        # A tenant's token sees its own tenant's rows only.
-        rows = [row for row in report.rows if row.tenant == tenant]
-        report = msgspec.structs.replace(report, rows=rows, flagged=sum(row.flagged for row in rows))
     return json_response(report)
 
 

@@ -12,7 +12,6 @@ from starlette.routing import Route
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
-from sidecar.gateway_tokens import GatewayTokens
 from sidecar.http import admin, connections, decisions, ingest, introspection, probes, tokens, usage
 from sidecar.http.access import Gate, protect
 from sidecar.http.errors import EXCEPTION_HANDLERS
@@ -41,7 +40,8 @@ def create_app(
     ``catalog`` is the admin write path; by default the store alone."""
     owned = store is None
     active: Store = build_store(settings) if store is None else store
-    authorizer = Authorizer(active, settings)
+    writes: Catalog = StoreCatalog(active) if catalog is None else catalog
+    authorizer = Authorizer(active, settings, writes.get_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -81,8 +81,5 @@ def create_app(
     app.state.store = active
     app.state.authorizer = authorizer
     app.state.ingest_in_flight = ingest.InFlight(settings.ingest_max_in_flight)
-    app.state.catalog = StoreCatalog(active) if catalog is None else catalog
-    authorizer.gateway_tokens = GatewayTokens(
-        settings.require_gateway_token, settings.admin_token, app.state.catalog.get_token
-    )
+    app.state.catalog = writes
     return app

@@ -36,7 +36,7 @@ from sidecar.authorizer import Authorizer, Pending
 from sidecar.config import Settings
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import AuthorizeRequest
-from sidecar.gateway_tokens import MISSING
+from sidecar.gateway_tokens import INVALID, MISSING, REFUSALS
 from sidecar.http.decisions import APIGEE, V1, DecisionRoute
 from sidecar.http.errors import error_body
 from sidecar.store.base import Store
@@ -287,9 +287,9 @@ class _Connection(asyncio.Protocol):
     def _begin(self, reply: _Reply, request: AuthorizeRequest, refused: str | None) -> None:
         if refused is not None:
             if refused == MISSING:
-                body = error_body("gateway_token_required", "this call needs a gateway token")
+                body = error_body("gateway_token_required", REFUSALS[MISSING])
             else:
-                body = error_body("unauthorized", "invalid, expired or revoked gateway token")
+                body = error_body("unauthorized", REFUSALS[INVALID])
             self.ready(reply, _http_response(401, body, None, reply.keep_alive))
             return
         try:

@@ -19,7 +19,7 @@ from sidecar.authorizer import Authorizer
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import DEFAULT_TENANT, AuthorizeRequest, Decision
 from sidecar.core.money import MoneyError, format_micros, to_micros
-from sidecar.gateway_tokens import MISSING, GatewayTokens
+from sidecar.gateway_tokens import INVALID, MISSING, REFUSALS, GatewayTokens
 from sidecar.http.bodies import decode, read_body
 from sidecar.http.errors import ApiError
 
@@ -57,9 +57,9 @@ async def check_gateway(tokens: GatewayTokens, auth: str | None, tenant: str | N
     when one is required."""
     refused = await tokens.check(auth, tenant)
     if refused == MISSING:
-        raise ApiError(401, "gateway_token_required", "this call needs a gateway token", headers=_CHALLENGE)
+        raise ApiError(401, "gateway_token_required", REFUSALS[MISSING], headers=_CHALLENGE)
     if refused is not None:
-        raise ApiError(401, "unauthorized", "invalid, expired or revoked gateway token", headers=_CHALLENGE)
+        raise ApiError(401, "unauthorized", REFUSALS[INVALID], headers=_CHALLENGE)
 
 
 def _parse_v1(body: bytes) -> AuthorizeRequest:

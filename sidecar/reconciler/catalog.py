@@ -201,7 +201,7 @@ class PostgresCatalog:
         with _truth():
             await table.touch(token_id, used_ms)
 
-    async def reconciliation(self) -> Report:
+    async def reconciliation(self, tenant: str | None = None) -> Report:
         with _truth():
             ledger = await self._ledger()
-            return await reconciliation_report(ledger, self.store, self.settings.drift_threshold_pct)
+            return await reconciliation_report(ledger, self.store, self.settings.drift_threshold_pct, tenant)

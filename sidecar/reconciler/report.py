@@ -37,13 +37,16 @@ def _dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-async def reconciliation_report(ledger: Ledger, store: RedisStore, threshold_pct: float) -> Report:
+async def reconciliation_report(
+    ledger: Ledger, store: RedisStore, threshold_pct: float, tenant: str | None = None
+) -> Report:
+    """Redis's window counters against the ledger, per consumer (of ``tenant``; None: all)."""
     moment = now_ms()
     bounds = all_bounds(moment)
     starts = tuple(start for start, _ in bounds)
     plans = {(p.plan.tenant, p.plan.id): p.plan for p in await ledger.plans()}
     rows: list[ReportRow] = []
-    for consumer in await ledger.consumers():
+    for consumer in await ledger.consumers(tenant):
         limits = plans[(consumer.tenant, consumer.plan_id)].limits()
         if all(limit is None for limit in limits):
             continue
