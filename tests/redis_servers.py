@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,10 +27,27 @@ NODE_TIMEOUT_MS = 1000  # cluster and Sentinel: how long before a silent node is
 SERVICE = "mymaster"
 
 
+# Ports below the kernel's ephemeral range (32768-60999 by default): a port picked there
+# and released can be taken by any outgoing connection's local end before the server we
+# start binds it (a CI run lost a cluster node that way). Below the range only a listener
+# can take it, and each port is handed out once per test process.
+_PORTS_FROM, _PORTS_TO = 20000, 32000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    for _ in range(1000):
+        port = random.randint(_PORTS_FROM, _PORTS_TO)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port between {_PORTS_FROM} and {_PORTS_TO}")
 
 
 def _binary(name: str) -> str:
@@ -83,7 +101,17 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(lambda: self.client().ping(), 10, f"redis-server on port {self.port}")
+        wait_for(self._ping, 10, f"redis-server on port {self.port}")
+
+    def _ping(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            # Say why at once (the log holds the reason: a port taken, a bad option)
+            # instead of waiting out the timeout.
+            with open(os.path.join(self.dir, "redis.log"), errors="replace") as log:
+                tail = log.read()[-2000:]
+            raise AssertionError(f"redis-server on port {self.port} exited: {tail}")
+        return bool(self.client().ping())
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=5)
