@@ -55,6 +55,8 @@ _MESSAGES = {
     "revoked": "Consumer revoked",
     "unknown_consumer": "Unknown consumer",
     "invalid_key": "Invalid API key",
+    "key_expired": "API key expired",
+    "scope_denied": "API key not allowed for this product",
     "product_not_allowed": "Product not included in the plan",
     "store_unavailable": "Quota service unavailable",
     "sidecar_unavailable": "Quota service unavailable",

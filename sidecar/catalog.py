@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import msgspec
+
 from sidecar.core.access import ApiToken
 from sidecar.core.clock import now_ms
 from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, ConsumerView, Plan
@@ -40,7 +42,9 @@ class Catalog(Protocol):
         self, tenant: str, consumer_id: str, amount: int, reference: str | None, actor: str
     ) -> TopUpResult: ...
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None: ...
+    async def add_key(self, tenant: str, consumer_id: str, key: ConsumerKey, actor: str) -> None:
+        """Register ``key`` (its ``created_ms`` is set here) to the consumer."""
+        ...
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool: ...
 
@@ -108,8 +112,8 @@ class StoreCatalog:
     ) -> TopUpResult:
         return await self.store.top_up(tenant, consumer_id, amount, reference)
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
-        await self.store.add_key(tenant, consumer_id, key_hash, now_ms())
+    async def add_key(self, tenant: str, consumer_id: str, key: ConsumerKey, actor: str) -> None:
+        await self.store.add_key(tenant, consumer_id, msgspec.structs.replace(key, created_ms=now_ms()))
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
         revoked = await self.store.revoke_key(tenant, consumer_id, key_hash)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sidecar.core.api_keys import generate_api_key, hash_api_key
-from sidecar.core.models import ConsumerSpec, Plan, WalletMode
+from sidecar.core.models import ConsumerKey, ConsumerSpec, Plan, WalletMode
 from sidecar.store.base import Store
 
 PLANS = (
@@ -33,7 +33,7 @@ async def load_demo(store: Store, now_ms: int) -> str:
         await store.put_consumer(consumer.validated(), now_ms)
     await store.top_up("default", "app-pro", PRO_BALANCE, "demo-initial-credit")
     raw = generate_api_key()
-    await store.add_key("default", "app-pro", hash_api_key(raw))
+    await store.add_key("default", "app-pro", ConsumerKey(hash_api_key(raw)))
     return raw
 
 

@@ -16,7 +16,7 @@ import redis
 
 from sidecar.core.clock import now_ms
 from sidecar.core.errors import Conflict
-from sidecar.core.models import ConsumerSpec, ConsumerStatus, Plan, UsageEvent
+from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus, Plan, UsageEvent
 from sidecar.store.redis_store import RedisStore
 from sidecar.store.slots import key_slot
 from tests.redis_servers import RedisServer
@@ -90,13 +90,15 @@ async def _every_store_operation(store: RedisStore) -> None:
         Plan(id="gold", windows={"minute": 60}, price=10).validated(), None
     )  # binds members
     await store.put_consumer(ConsumerSpec(id="c5", plan_id="free").validated(), now)  # leaves gold
-    await store.add_key("default", "c0", "a" * 64)
+    await store.add_key("default", "c0", ConsumerKey("a" * 64))
     assert await store.resolve_key("default", "a" * 64) == "c0"
     for i in range(6):
         await store.decide(decision_call(consumer_id=f"c{i}", request_id=f"r{i}"))
         await store.decide(decision_call(consumer_id=f"c{i}", request_id="", idempotency_ttl_ms=0))
     await store.decide(decision_call(consumer_id="c0", key_hash="a" * 64, request_id="keyed"))
-    await store.apply_keys("default", "c0", {"b" * 64})  # adds b, revokes a
+    await store.apply_keys(
+        "default", "c0", {"b" * 64: ConsumerKey("b" * 64, scopes=("api",))}
+    )  # adds b, revokes a
     await store.revoke_key("default", "c0", "b" * 64)
     await store.set_status("default", "c1", ConsumerStatus.SUSPENDED, now)
     await store.get_consumer("default", "c1", now)
@@ -130,7 +132,7 @@ async def _every_store_operation(store: RedisStore) -> None:
     assert len(page) == 3 and after is not None
     assert await store.consumer_keys("default", "c0") == []
     assert len(await store.scan_consumers()) == 6 and len(await store.scan_plans()) == 2
-    await store.add_key("default", "c3", "c" * 64, now)
+    await store.add_key("default", "c3", ConsumerKey("c" * 64, now))
     for tenant, key_hash, owner in await store.scan_key_index():
         await store.drop_key_index(tenant, key_hash, owner)
     with pytest.raises(Conflict):

@@ -66,10 +66,10 @@ def _state(**overrides) -> ConsumerState:
     return ConsumerState(**values)
 
 
-def _evaluate(state, *, key_valid=True, product="api", cost=None, used=(0, 0, 0, 0, 0)):
+def _evaluate(state, *, key_refusal=None, product="api", cost=None, used=(0, 0, 0, 0, 0)):
     return evaluate(
         state,
-        key_valid=key_valid,
+        key_refusal=key_refusal,
         product=product,
         cost=cost,
         hits=1,
@@ -83,7 +83,9 @@ def test_the_rule_checks_in_a_fixed_order():
     broke = {"base": 0, "used": (0, 0, 10, 0, 0)}
     assert _evaluate(None).reason is Reason.UNKNOWN_CONSUMER
     suspended = _state(status=ConsumerStatus.SUSPENDED, products=("other",), base=0)
-    assert _evaluate(suspended, key_valid=False).reason is Reason.INVALID_KEY
+    assert _evaluate(None, key_refusal=Reason.INVALID_KEY).reason is Reason.INVALID_KEY
+    for refusal in (Reason.INVALID_KEY, Reason.KEY_EXPIRED, Reason.SCOPE_DENIED):
+        assert _evaluate(suspended, key_refusal=refusal).reason is refusal
     assert _evaluate(suspended).reason is Reason.SUSPENDED
     revoked = _state(status=ConsumerStatus.REVOKED, base=0)
     assert _evaluate(revoked).reason is Reason.REVOKED

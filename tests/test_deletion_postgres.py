@@ -6,15 +6,13 @@ topology, real reconciler processes."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import pytest
 
 from sidecar.core.clock import now_ms
-from sidecar.core.models import ConsumerSpec, Plan
+from sidecar.core.models import ConsumerKey, ConsumerSpec, Plan
 from tests.conftest import ADMIN, seed, until
-from tests.test_postgres import Stack, _reason, stack
+from tests.test_postgres import Stack, _reason, reconcile_once, stack
 
 pytestmark = pytest.mark.slow
 
@@ -90,16 +88,11 @@ async def test_the_full_sync_removes_what_postgres_no_longer_has(migrated_databa
         await s.db.execute("UPDATE plans SET deleted_at = now() WHERE id = 'unused'")
         await s.store.put_plan(Plan(id="ghost-plan").validated())
         await s.store.put_consumer(ConsumerSpec(id="ghost", plan_id="ghost-plan").validated(), now_ms())
-        await s.store.add_key("default", "ghost", "e" * 64)
+        await s.store.add_key("default", "ghost", ConsumerKey("e" * 64))
         assert (await s.decide("c1"))["reason"] == "ok"  # nobody told Redis yet: it still decides
         assert (await s.decide("ghost"))["reason"] == "ok"
 
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "sidecar.cli", "reconcile", "--once",
-             "--database-url", migrated_database, "--redis-url", deployment_url, "--key-prefix", prefix],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        result = await asyncio.to_thread(reconcile_once, migrated_database, deployment_url, prefix)
         assert result.returncode == 0, result.stderr
         assert (await s.decide("c1"))["reason"] == "unknown_consumer"
         assert await _keyed(s, raw) == "invalid_key"

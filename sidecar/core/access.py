@@ -26,6 +26,7 @@ import secrets
 
 import msgspec
 
+from sidecar.core.clock import check_lifetime
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import CONSUMER_ID_RE, TENANT_RE, check_id
 
@@ -124,8 +125,7 @@ class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
                 check_id(consumer_id, CONSUMER_ID_RE, "consumers")
         elif self.consumers:
             raise InvalidInput("only a developer token names consumers", field="consumers")
-        if self.expires_in_seconds is not None and not 1 <= self.expires_in_seconds <= 10 * 365 * 86_400:
-            raise InvalidInput("expires_in_seconds must be 1 to 10 years", field="expires_in_seconds")
+        check_lifetime(self.expires_in_seconds)
         return self
 
 

@@ -42,7 +42,7 @@ class Verdict(NamedTuple):
 def evaluate(
     state: ConsumerState | None,
     *,
-    key_valid: bool,
+    key_refusal: Reason | None,
     product: str,
     cost: int | None,
     hits: int,
@@ -51,14 +51,18 @@ def evaluate(
 ) -> Verdict:
     """Decide one call. ``used`` is each window's count before the call (WINDOWS order).
 
+    ``key_refusal`` is None for a consumer named by id or by a key that may make this
+    call, else why the key may not (``invalid_key``: not registered to the consumer;
+    ``key_expired``, ``scope_denied``: sidecar/core/api_keys.py:key_refusal).
+
     All-or-nothing: the caller applies the increments (``hits`` on every limited window)
     and the debit (``charged``) only when the reason is ``ok``.
     """
     if state is None:
         # A key that names no consumer (deleted, or never there) is an invalid key.
-        return Verdict(Reason.UNKNOWN_CONSUMER if key_valid else Reason.INVALID_KEY, 0, 0)
-    if not key_valid:
-        return Verdict(Reason.INVALID_KEY, 0, 0)
+        return Verdict(Reason.UNKNOWN_CONSUMER if key_refusal is None else Reason.INVALID_KEY, 0, 0)
+    if key_refusal is not None:
+        return Verdict(key_refusal, 0, 0)
     if state.status is ConsumerStatus.SUSPENDED:
         return Verdict(Reason.SUSPENDED, 0, 0)
     if state.status is ConsumerStatus.REVOKED:

@@ -157,12 +157,16 @@ class ConsumerView(msgspec.Struct):
     auto_topup: AutoTopup | None = None
 
 
-class ConsumerKey(msgspec.Struct):
-    """An API key of a consumer as the admin API lists it: its hash (the raw key is
-    never kept) and when it was registered (None: before the sidecar kept that)."""
+class ConsumerKey(msgspec.Struct, frozen=True, order=True):
+    """An API key of a consumer: its hash (the raw key is never kept), when it was
+    registered (None: before the sidecar kept that), when it stops working (None:
+    never) and the scopes it is limited to (empty: every product of the plan; see
+    sidecar/core/api_keys.py for what a scope matches)."""
 
     key_hash: str
     created_ms: int | None = None
+    expires_ms: int | None = None
+    scopes: tuple[str, ...] = ()
 
 
 class AuthorizeRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -15,6 +15,8 @@ class Reason(enum.StrEnum):
     REVOKED = "revoked"
     UNKNOWN_CONSUMER = "unknown_consumer"
     INVALID_KEY = "invalid_key"
+    KEY_EXPIRED = "key_expired"
+    SCOPE_DENIED = "scope_denied"
     PRODUCT_NOT_ALLOWED = "product_not_allowed"
     QUOTA_EXCEEDED = "quota_exceeded"
     INSUFFICIENT_BALANCE = "insufficient_balance"
@@ -27,6 +29,8 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.REVOKED: 403,
     Reason.UNKNOWN_CONSUMER: 403,
     Reason.INVALID_KEY: 401,
+    Reason.KEY_EXPIRED: 401,
+    Reason.SCOPE_DENIED: 403,
     Reason.PRODUCT_NOT_ALLOWED: 403,
     Reason.QUOTA_EXCEEDED: 429,
     Reason.INSUFFICIENT_BALANCE: 402,

@@ -18,8 +18,8 @@ from starlette.routing import Route
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, NeedsPostgres
 from sidecar.core.access import Principal, Role
-from sidecar.core.api_keys import generate_api_key, hash_api_key
-from sidecar.core.clock import iso_utc, now_ms
+from sidecar.core.api_keys import checked_scopes, generate_api_key, hash_api_key
+from sidecar.core.clock import check_lifetime, iso_utc, now_ms
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
     CONSUMER_ID_RE,
@@ -27,6 +27,7 @@ from sidecar.core.models import (
     PLAN_ID_RE,
     REQUEST_ID_RE,
     TENANT_RE,
+    ConsumerKey,
     ConsumerSpec,
     ConsumerStatus,
     ConsumerView,
@@ -196,10 +197,16 @@ async def delete_consumer(request: Request) -> Response:
     return json_response({"deleted": True, "tenant": tenant, "id": consumer_id})
 
 
-class _KeyInfo(msgspec.Struct):
+class KeyInfo(msgspec.Struct):
     key_hash: str
     created_at: str | None  # ISO 8601 UTC; None: registered before the sidecar kept the time
+    expires_at: str | None  # None: never
+    scopes: tuple[str, ...]  # empty: every product of the plan
     last_used_at: None = None  # not tracked: it would cost a write per decision
+
+
+def key_info(key: ConsumerKey) -> KeyInfo:
+    return KeyInfo(key.key_hash, iso_utc(key.created_ms), iso_utc(key.expires_ms), key.scopes)
 
 
 async def list_keys(request: Request) -> Response:
@@ -208,7 +215,7 @@ async def list_keys(request: Request) -> Response:
     keys = await _catalog(request).consumer_keys(tenant, consumer_id)
     if keys is None:
         raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
-    items = [_KeyInfo(k.key_hash, iso_utc(k.created_ms)) for k in keys]
+    items = [key_info(k) for k in keys]
     return json_response({"tenant": tenant, "consumer_id": consumer_id, "keys": items})
 
 
@@ -308,6 +315,8 @@ class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     tenant: str = DEFAULT_TENANT
     key_hash: str | None = None
     api_key: str | None = None
+    scopes: list[str] = []  # product ids or product:operation; empty: every product
+    expires_in_seconds: int | None = None  # None: never
 
 
 def _key_hash(value: str) -> str:
@@ -326,26 +335,25 @@ async def create_key(request: Request) -> Response:
         raise InvalidInput("give key_hash or api_key, not both", field="api_key")
     if ask.api_key is not None and not 8 <= len(ask.api_key) <= 512:
         raise InvalidInput("api_key must be 8 to 512 characters", code="invalid_key", field="api_key")
+    scopes = checked_scopes(ask.scopes)
+    check_lifetime(ask.expires_in_seconds)
+    expires_ms = None if ask.expires_in_seconds is None else now_ms() + ask.expires_in_seconds * 1000
+    raw = None
     if ask.key_hash is not None or ask.api_key is not None:
         key_hash = _key_hash(ask.key_hash) if ask.key_hash is not None else hash_api_key(ask.api_key or "")
-        await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, actor(request))
-        record(request, "key.import", ask.tenant, ask.consumer_id, key_hash=key_hash)
-        body = {"key_hash": key_hash, "consumer_id": ask.consumer_id, "tenant": ask.tenant, "imported": True}
-        return json_response(body, 201)
-    raw = generate_api_key()
-    key_hash = hash_api_key(raw)
-    await _catalog(request).add_key(ask.tenant, ask.consumer_id, key_hash, actor(request))
-    record(request, "key.create", ask.tenant, ask.consumer_id, key_hash=key_hash)
-    return json_response(
-        {
-            "api_key": raw,
-            "key_hash": key_hash,
-            "consumer_id": ask.consumer_id,
-            "tenant": ask.tenant,
-            "note": "the raw key is shown only now; the sidecar keeps its SHA-256 hash",
-        },
-        201,
-    )
+    else:
+        raw = generate_api_key()
+        key_hash = hash_api_key(raw)
+    key = ConsumerKey(key_hash, None, expires_ms, scopes)
+    await _catalog(request).add_key(ask.tenant, ask.consumer_id, key, actor(request))
+    shown = {"scopes": list(scopes), "expires_at": iso_utc(expires_ms)}
+    action = "key.import" if raw is None else "key.create"
+    record(request, action, ask.tenant, ask.consumer_id, key_hash=key_hash, **shown)
+    body = {"key_hash": key_hash, "consumer_id": ask.consumer_id, "tenant": ask.tenant, **shown}
+    if raw is None:
+        return json_response({**body, "imported": True}, 201)
+    note = "the raw key is shown only now; the sidecar keeps its SHA-256 hash"
+    return json_response({"api_key": raw, **body, "note": note}, 201)
 
 
 async def revoke_key(request: Request) -> Response:

@@ -5,8 +5,9 @@ what a raw API key stands for, without counting or charging anything.
     POST /v1/api-keys/introspect           the same
 
 A live key answers ``{"active": true, ...}`` with its consumer's context (tenant,
-consumer, status, plan, wallet mode, the key's hash and registration time); an unknown
-or revoked key, or one whose consumer is gone, answers 200 ``{"active": false}`` and
+consumer, status, plan, wallet mode, the key's hash, registration time, expiry and
+scopes); an unknown, expired or revoked key, or one whose consumer is gone, answers 200
+``{"active": false}`` and
 nothing else, as token introspection does. Only reads: no window, wallet or usage
 record moves. For the ``gateway`` and ``admin`` roles (http/access.py), each caller (a
 token) at most ``introspect_per_second`` calls a second (429 ``rate_limited`` past it).
@@ -47,6 +48,8 @@ class Introspection(msgspec.Struct):
     wallet_mode: str
     key_hash: str
     key_created_at: str | None  # ISO 8601 UTC; None: registered before the sidecar kept it
+    key_expires_at: str | None  # None: never
+    scopes: tuple[str, ...]  # empty: every product of the plan
 
 
 class PerSecond:
@@ -82,8 +85,11 @@ async def introspect(request: Request) -> Response:
         return json_response(_INACTIVE)
     keys = await store.consumer_keys(ask.tenant, consumer_id)
     key = next((k for k in keys or () if k.key_hash == key_hash), None)
-    view = await store.get_consumer(ask.tenant, consumer_id, now_ms())
+    now = now_ms()
+    view = await store.get_consumer(ask.tenant, consumer_id, now)
     if key is None or view is None:  # revoked, or its consumer deleted
+        return json_response(_INACTIVE)
+    if key.expires_ms is not None and now >= key.expires_ms:
         return json_response(_INACTIVE)
     return json_response(
         Introspection(
@@ -95,6 +101,8 @@ async def introspect(request: Request) -> Response:
             wallet_mode=view.wallet_mode.value,
             key_hash=key_hash,
             key_created_at=iso_utc(key.created_ms),
+            key_expires_at=iso_utc(key.expires_ms),
+            scopes=key.scopes,
         )
     )
 

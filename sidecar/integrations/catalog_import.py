@@ -17,7 +17,7 @@ import msgspec
 
 from sidecar.core.catalog_diff import Catalog, Change, Diff, Mapped, Skipped, diff
 from sidecar.core.errors import Conflict, NotFound
-from sidecar.core.models import ConsumerSpec, ConsumerStatus
+from sidecar.core.models import ConsumerKey, ConsumerSpec, ConsumerStatus
 from sidecar.integrations.apigee import importer as apigee_importer
 from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.connections import ConnectionSpec, SyncResult
@@ -72,7 +72,7 @@ async def current_catalog(ledger: Ledger, tenant: str) -> Catalog:
     return Catalog(
         plans=plans,
         consumers=consumers,
-        keys={consumer_id: frozenset(hashes) for (_, consumer_id), hashes in keys.items()},
+        keys={consumer_id: frozenset(by_hash) for (_, consumer_id), by_hash in keys.items()},
     )
 
 
@@ -154,7 +154,7 @@ async def _write(catalog: PostgresCatalog, desired: Catalog, tenant: str, change
         if change.action == "revoke":
             await catalog.revoke_key(tenant, consumer_id, key_hash, actor)
         else:
-            await catalog.add_key(tenant, consumer_id, key_hash, actor)
+            await catalog.add_key(tenant, consumer_id, ConsumerKey(key_hash), actor)
 
 
 def _result(ok: bool, counts: dict[str, int], error: GatewayError | None) -> SyncResult:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 
 import asyncpg
+import msgspec
 
 from sidecar.catalog import TruthUnavailable
 from sidecar.config import Settings
@@ -130,11 +131,11 @@ class PostgresCatalog:
         view = await self._view(tenant, consumer_id)
         return TopUpResult(balance=view.balance, applied=applied)
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
+    async def add_key(self, tenant: str, consumer_id: str, key: ConsumerKey, actor: str) -> None:
         with _truth():
             ledger = await self._ledger()
-            await ledger.add_key(tenant, consumer_id, key_hash, actor)
-        await self.store.add_key(tenant, consumer_id, key_hash, now_ms())
+            await ledger.add_key(tenant, consumer_id, key, actor)
+        await self.store.add_key(tenant, consumer_id, msgspec.structs.replace(key, created_ms=now_ms()))
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> bool:
         with _truth():

@@ -98,6 +98,14 @@ def _ts(ms: int) -> datetime:
 
 _PLAN_COLUMNS = "tenant, id, name, windows::text AS windows, price, products, version"
 _WALLET_COLUMNS = "tenant, consumer_id, balance, settled_debits, version"
+_KEY_COLUMNS = (
+    "k.key_hash, (extract(epoch FROM k.created_at) * 1000)::bigint AS created_ms,"
+    " (extract(epoch FROM k.expires_at) * 1000)::bigint AS expires_ms, k.scopes"
+)
+
+
+def _key(row: asyncpg.Record) -> ConsumerKey:
+    return ConsumerKey(row["key_hash"], row["created_ms"], row["expires_ms"], tuple(row["scopes"]))
 
 
 class Ledger:
@@ -219,7 +227,7 @@ class Ledger:
             )
         return _wallet(row), True
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, actor: str) -> None:
+    async def add_key(self, tenant: str, consumer_id: str, key: ConsumerKey, actor: str) -> None:
         async with self._change(actor) as conn:
             exists = await conn.fetchval(
                 "SELECT 1 FROM consumers WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL",
@@ -229,15 +237,20 @@ class Ledger:
             if exists is None:
                 raise NotFound(f"consumer {consumer_id!r} does not exist", code="consumer_not_found")
             # Registered again to its own consumer: kept (and restored if it was revoked,
-            # an imported key back in the gateway); another consumer's: refused.
+            # an imported key back in the gateway) with the expiry and scopes given now;
+            # another consumer's: refused.
             owner = await conn.fetchval(
-                """INSERT INTO api_keys (tenant, key_hash, consumer_id) VALUES ($1, $2, $3)
-                   ON CONFLICT (tenant, key_hash) DO UPDATE SET revoked_at = NULL
+                """INSERT INTO api_keys (tenant, key_hash, consumer_id, expires_at, scopes)
+                   VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT (tenant, key_hash) DO UPDATE
+                   SET revoked_at = NULL, expires_at = EXCLUDED.expires_at, scopes = EXCLUDED.scopes
                    WHERE api_keys.consumer_id = EXCLUDED.consumer_id
                    RETURNING consumer_id""",
                 tenant,
-                key_hash,
+                key.key_hash,
                 consumer_id,
+                None if key.expires_ms is None else _ts(key.expires_ms),
+                list(key.scopes),
             )
             if owner is None:
                 raise Conflict("this key is registered to another consumer", code="key_in_use")
@@ -324,18 +337,19 @@ class Ledger:
 
     async def active_keys(
         self, tenant: str | None = None, consumer_id: str | None = None
-    ) -> dict[tuple[str, str], set[str]]:
+    ) -> dict[tuple[str, str], dict[str, ConsumerKey]]:
+        """The unrevoked keys of undeleted consumers, by consumer then hash."""
         rows = await self.pool.fetch(
-            """SELECT k.tenant, k.consumer_id, k.key_hash FROM api_keys k
+            f"""SELECT k.tenant, k.consumer_id, {_KEY_COLUMNS} FROM api_keys k
                    JOIN consumers c ON c.tenant = k.tenant AND c.id = k.consumer_id AND c.deleted_at IS NULL
                    WHERE k.revoked_at IS NULL
                    AND ($1::text IS NULL OR k.tenant = $1) AND ($2::text IS NULL OR k.consumer_id = $2)""",
             tenant,
             consumer_id,
         )
-        keys: dict[tuple[str, str], set[str]] = {}
+        keys: dict[tuple[str, str], dict[str, ConsumerKey]] = {}
         for r in rows:
-            keys.setdefault((r["tenant"], r["consumer_id"]), set()).add(r["key_hash"])
+            keys.setdefault((r["tenant"], r["consumer_id"]), {})[r["key_hash"]] = _key(r)
         return keys
 
     async def consumer_keys(self, tenant: str, consumer_id: str) -> list[ConsumerKey] | None:
@@ -350,12 +364,12 @@ class Ledger:
             if exists is None:
                 return None
             rows = await conn.fetch(
-                """SELECT key_hash, created_at FROM api_keys
+                f"""SELECT {_KEY_COLUMNS} FROM api_keys k
                    WHERE tenant = $1 AND consumer_id = $2 AND revoked_at IS NULL ORDER BY key_hash""",
                 tenant,
                 consumer_id,
             )
-        return [ConsumerKey(r["key_hash"], int(r["created_at"].timestamp() * 1000)) for r in rows]
+        return [_key(r) for r in rows]
 
     async def wallets(self, tenant: str | None = None, consumer_id: str | None = None) -> list[WalletRow]:
         rows = await self.pool.fetch(

@@ -44,7 +44,7 @@ async def full_sync(ledger: Ledger, store: RedisStore) -> dict[str, int]:
         (apply_consumer(store, c, plans[(c.tenant, c.plan_id)]) for c in consumers), _PARALLEL
     )
     await gather_bounded(
-        (store.apply_keys(c.tenant, c.id, keys.get((c.tenant, c.id), set())) for c in consumers), _PARALLEL
+        (store.apply_keys(c.tenant, c.id, keys.get((c.tenant, c.id), {})) for c in consumers), _PARALLEL
     )
     await gather_bounded((apply_wallet(store, w) for w in wallets), _PARALLEL)
     counts = {"plans": len(plans), "consumers": len(consumers), "wallets": len(wallets)}
@@ -107,13 +107,13 @@ async def apply_change(ledger: Ledger, store: RedisStore, table: str, tenant: st
             (plan,) = await ledger.plans(tenant, consumer.plan_id)
             await apply_consumer(store, consumer, plan)
             await store.apply_keys(
-                tenant, target, (await ledger.active_keys(tenant, target)).get((tenant, target), set())
+                tenant, target, (await ledger.active_keys(tenant, target)).get((tenant, target), {})
             )
             for wallet in await ledger.wallets(tenant, target):  # a restored consumer's
                 await apply_wallet(store, wallet)
     elif table == "api_keys":
         active = await ledger.active_keys(tenant, target)
-        await store.apply_keys(tenant, target, active.get((tenant, target), set()))
+        await store.apply_keys(tenant, target, active.get((tenant, target), {}))
         await store.publish_invalidation(tenant, target)
     elif table == "wallets":
         for wallet in await ledger.wallets(tenant, target):

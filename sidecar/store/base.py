@@ -101,8 +101,9 @@ class Store(Protocol):
         """Credit the wallet; a repeated ``reference`` is applied once. NotFound if unknown."""
         ...
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
-        """Register an API key hash to a consumer (``created_ms``: when; 0 unknown);
+    async def add_key(self, tenant: str, consumer_id: str, key: ConsumerKey) -> None:
+        """Register an API key hash to a consumer, with its expiry and scopes (a key
+        registered again takes the new ones and keeps its first registration time);
         NotFound if unknown; Conflict ``key_in_use`` if another consumer holds it."""
         ...
 

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from sidecar.core.access import ApiToken
+from sidecar.core.api_keys import key_refusal
 from sidecar.core.decision import evaluate
 from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
@@ -85,7 +86,7 @@ class _Consumer:
     # Debits not yet settled: the embedded store has no Postgres, so nothing settles.
     pending: int = 0
     version: int = 0
-    key_hashes: dict[str, int | None] = field(default_factory=dict)  # hash -> registered ms
+    keys: dict[str, ConsumerKey] = field(default_factory=dict)  # by hash
     # Per window index: (period start ms, count in that period).
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)
     held_at: int | None = None  # the wallet hold (wallet_empty): since when
@@ -119,6 +120,15 @@ class MemoryStore:
             used.append(period[1] if period is not None and period[0] == start else 0)
         return used
 
+    @staticmethod
+    def _key_refusal(consumer: _Consumer | None, call: DecisionCall) -> Reason | None:
+        if call.key_hash is None:
+            return None
+        key = None if consumer is None else consumer.keys.get(call.key_hash)
+        if key is None:
+            return Reason.INVALID_KEY
+        return key_refusal(key, call.product, call.operation, call.now_ms)
+
     def decide(self, call: DecisionCall) -> asyncio.Future[Outcome]:
         """Decided at once: the future is already resolved."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -150,8 +160,7 @@ class MemoryStore:
             used = self._used(consumer, call.window_starts_ms)
         verdict = evaluate(
             state,
-            key_valid=call.key_hash is None
-            or (consumer is not None and call.key_hash in consumer.key_hashes),
+            key_refusal=self._key_refusal(consumer, call),
             product=call.product,
             cost=call.cost,
             hits=call.hits,
@@ -346,22 +355,25 @@ class MemoryStore:
         self._credited(consumer, time.time_ns() // 1_000_000)
         return TopUpResult(balance=consumer.base - consumer.pending, applied=True)
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
-        keys = self._existing(tenant, consumer_id).key_hashes
-        owner = self._keys.get((tenant, key_hash))
+    async def add_key(self, tenant: str, consumer_id: str, key: ConsumerKey) -> None:
+        keys = self._existing(tenant, consumer_id).keys
+        owner = self._keys.get((tenant, key.key_hash))
         if owner is not None and owner != consumer_id:
             raise Conflict("this key is registered to another consumer", code="key_in_use")
-        keys.setdefault(key_hash, created_ms or None)
-        self._keys[(tenant, key_hash)] = consumer_id
+        first = keys.get(key.key_hash)
+        if first is not None:  # registered again: its first registration time stays
+            key = msgspec.structs.replace(key, created_ms=first.created_ms)
+        keys[key.key_hash] = key
+        self._keys[(tenant, key.key_hash)] = consumer_id
 
     async def publish_invalidation(self, tenant: str, consumer_id: str, *, wait: bool = False) -> None:
         """One process, nobody else to tell (its standing denials are never live)."""
 
     async def revoke_key(self, tenant: str, consumer_id: str, key_hash: str) -> bool:
         consumer = self._consumers.get((tenant, consumer_id))
-        if consumer is None or key_hash not in consumer.key_hashes:
+        if consumer is None or key_hash not in consumer.keys:
             return False
-        del consumer.key_hashes[key_hash]
+        del consumer.keys[key_hash]
         self._keys.pop((tenant, key_hash), None)
         return True
 
@@ -394,7 +406,7 @@ class MemoryStore:
         consumer = self._consumers.get((tenant, consumer_id))
         if consumer is None:
             return None
-        return [ConsumerKey(h, created) for h, created in sorted(consumer.key_hashes.items())]
+        return sorted(consumer.keys.values())
 
     async def delete_plan(self, tenant: str, plan_id: str, force: bool = False) -> bool:
         if (tenant, plan_id) not in self._plans:
@@ -414,7 +426,7 @@ class MemoryStore:
         consumer = self._consumers.pop((tenant, consumer_id), None)
         if consumer is None:
             return False
-        for key_hash in consumer.key_hashes:
+        for key_hash in consumer.keys:
             if self._keys.get((tenant, key_hash)) == consumer_id:
                 del self._keys[(tenant, key_hash)]
         return True

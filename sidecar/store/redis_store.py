@@ -25,6 +25,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from sidecar.background import gather_bounded
 from sidecar.core.access import ApiToken
+from sidecar.core.api_keys import SCOPE_SEPARATOR
 from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
     ConsumerKey,
@@ -209,6 +210,27 @@ class _DecideReply:
             future.set_result(self.store._outcome(reply, self.dirty))  # type: ignore[arg-type]
         except Exception as exc:  # StoreUnavailable; anything else is a bug, answered as one
             future.set_exception(exc)
+
+
+def key_field(key: ConsumerKey) -> str:
+    """A key's value in its consumer's hash, as key.lua stores and decide.lua reads it:
+    the registration time alone, or with the expiry and the scopes when it has either."""
+    created = str(key.created_ms or 1)  # '1': not known
+    if key.expires_ms is None and not key.scopes:
+        return created
+    scopes = SCOPE_SEPARATOR.join(("", *key.scopes, "")) if key.scopes else ""
+    return f"{created};{'' if key.expires_ms is None else key.expires_ms};{scopes}"
+
+
+def parse_key_field(key_hash: str, value: str) -> ConsumerKey:
+    created, _, rest = value.partition(";")
+    expires, _, scopes = rest.partition(";")
+    return ConsumerKey(
+        key_hash,
+        None if created == "1" else int(created),
+        int(expires) if expires else None,
+        tuple(s for s in scopes.split(SCOPE_SEPARATOR) if s),
+    )
 
 
 class RedisStore:
@@ -598,7 +620,8 @@ class RedisStore:
             )
         return TopUpResult(balance=balance, applied=code == 1)
 
-    async def add_key(self, tenant: str, consumer_id: str, key_hash: str, created_ms: int = 0) -> None:
+    async def add_key(self, tenant: str, consumer_id: str, key: ConsumerKey) -> None:
+        key_hash = key.key_hash
         index = self.keys.api_key(tenant, key_hash)
         client = await self._client()
         with _guard():
@@ -610,7 +633,7 @@ class RedisStore:
                     raise Conflict("this key is registered to another consumer", code="key_in_use")
                 await client.set(index, consumer_id)
         done = await self._run(
-            self._key, [self.keys.consumer(tenant, consumer_id)], ["add", key_hash, created_ms or 1]
+            self._key, [self.keys.consumer(tenant, consumer_id)], ["add", key_hash, key_field(key)]
         )
         if done == -1:
             with _guard():
@@ -682,7 +705,7 @@ class RedisStore:
         if not fields:
             return None
         return sorted(
-            ConsumerKey(name.decode()[2:], None if value == b"1" else int(value))
+            parse_key_field(name.decode()[2:], value.decode())
             for name, value in fields.items()
             if name.startswith(b"k:")
         )
@@ -792,16 +815,15 @@ class RedisStore:
 
     # --- used by the reconciler (Postgres is the truth) -------------------------------
 
-    async def apply_keys(self, tenant: str, consumer_id: str, active: set[str]) -> None:
-        """Make the consumer's registered key hashes exactly ``active``."""
-        consumer_key = self.keys.consumer(tenant, consumer_id)
-        client = await self._client()
-        with _guard():
-            fields = await client.hkeys(consumer_key)
-        present = {f.decode()[2:] for f in fields if f.startswith(b"k:")}
-        for key_hash in active - present:
-            await self.add_key(tenant, consumer_id, key_hash)
-        for key_hash in present - active:
+    async def apply_keys(self, tenant: str, consumer_id: str, active: dict[str, ConsumerKey]) -> None:
+        """Make the consumer's registered keys exactly ``active`` (by hash), with their
+        expiry and scopes."""
+        present = {k.key_hash: k for k in await self.consumer_keys(tenant, consumer_id) or ()}
+        for key_hash, key in active.items():
+            here = present.get(key_hash)
+            if here is None or (here.expires_ms, here.scopes) != (key.expires_ms, key.scopes):
+                await self.add_key(tenant, consumer_id, key)
+        for key_hash in present.keys() - active.keys():
             await self.revoke_key(tenant, consumer_id, key_hash)
 
     async def settle(

@@ -11,7 +11,9 @@
 --   8 now_ms  9 request_id  10 decision_id  11 product  12 operation
 --   13 cost in micros ('' = the plan's price)  14 hits
 --   15 idempotency ttl ms ('0' = no record: the caller gave no request id)
---   16 api key hash ('' = consumer named by id)
+--   16 api key hash ('' = consumer named by id): the key must be registered on the
+--      consumer, not expired at ARGV 8 and, when it has scopes, hold the product or
+--      product:operation (else invalid_key, key_expired, scope_denied)
 --   17 apply-by ms (Redis clock; '0' = no limit): a decision that reaches Redis later is
 --      refused with reason 'expired' and changes nothing, since its caller has already
 --      answered from the fail mode and must not be charged behind its back
@@ -74,8 +76,26 @@ for i = 1, 5 do
   end
 end
 
-if ARGV[16] ~= '' and redis.call('HEXISTS', KEYS[1], 'k:' .. ARGV[16]) == 0 then
-  return reply('invalid_key', 0, balance, 0)
+if ARGV[16] ~= '' then
+  -- The key's field (key.lua): '<created>' or '<created>;<expires>;<|scope|...|>'.
+  local k = redis.call('HGET', KEYS[1], 'k:' .. ARGV[16])
+  if not k then
+    return reply('invalid_key', 0, balance, 0)
+  end
+  local sep = string.find(k, ';', 1, true)
+  if sep then
+    local sep2 = string.find(k, ';', sep + 1, true)
+    local expires = string.sub(k, sep + 1, sep2 - 1)
+    if expires ~= '' and tonumber(ARGV[8]) >= tonumber(expires) then
+      return reply('key_expired', 0, balance, 0)
+    end
+    -- A scope is a product, or product:operation compared whole (sidecar/core/api_keys.py).
+    local scopes = string.sub(k, sep2 + 1)
+    if scopes ~= '' and not string.find(scopes, '|' .. ARGV[11] .. '|', 1, true)
+        and (ARGV[12] == '' or not string.find(scopes, '|' .. ARGV[11] .. ':' .. ARGV[12] .. '|', 1, true)) then
+      return reply('scope_denied', 0, balance, 0)
+    end
+  end
 end
 if c[1] ~= 'active' then
   return reply(c[1], 0, balance, 0)
