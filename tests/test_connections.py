@@ -255,6 +255,8 @@ async def test_an_existing_key_is_registered_by_hash_or_raw_and_never_moved(clie
         "key_hash": hash_api_key(raw),
         "consumer_id": "a",
         "tenant": "default",
+        "scopes": [],
+        "expires_at": None,
         "imported": True,
     }
     assert raw not in by_raw.text

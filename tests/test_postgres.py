@@ -81,6 +81,7 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
             "0005_wallet_rules.sql",
             "0006_connections.sql",
             "0007_api_tokens.sql",
+            "0008_api_key_scopes.sql",
         ]
         tables = {
             r["tablename"]
@@ -90,7 +91,7 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
         assert {"gateway_events", "audit_log", "tenants", "schema_migrations", "wallet_notices"} <= tables
         assert {"connections", "connection_secrets", "api_tokens"} <= tables
         assert await migrate(conn) == []
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 7
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 8
         # An applied migration edited afterwards is refused, not skipped.
         await conn.execute("UPDATE schema_migrations SET checksum = 'x'")
         with pytest.raises(Exception, match="applied with different content"):
