@@ -37,6 +37,11 @@ STORE_ERRORS = Counter(
     "Store calls that failed or timed out: decide, http (admin, usage, ingestion), grpc.",
     ["operation"],
 )
+TLS_RELOADS = Counter(
+    "aforo_tls_reloads_total",
+    "Certificate reloads on SIGHUP: ok, or failed (the files did not load; the certificates in use stay).",
+    ["result"],
+)
 AUTH_FAILURES = Counter(
     "aforo_auth_failures_total",
     "Refused authentications and authorisations of the admin API: missing, invalid, "

@@ -20,6 +20,7 @@ from sidecar.http.decision_server import decision_server
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.factory import build_store
 from sidecar.store.redis_store import RedisStore
+from sidecar.tls import reload_on_sighup
 
 log = logging.getLogger("aforo.server")
 
@@ -95,6 +96,8 @@ def build_app(settings: Settings, store: Store | None = None) -> Starlette:
                 await store.close()
 
         services.append(closing)  # entered first, so closed after every other service
+    if settings.tls_cert_file is not None:
+        services.append(reload_on_sighup)
     if settings.decision_port:
         services.append(decision_server)
     if settings.grpc_port:

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +83,7 @@ class Pki:
     server: Pair
     client: Pair
     stranger: Pair  # a client certificate of another CA
+    signer: Signer | None = None  # the CA's certificate and key, to issue more
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     client, _, _ = _issue(folder, "client", "kong-gateway", (ca_cert, ca_key))
     _, other_cert, other_key = _issue(folder, "other-ca", "another CA", None, ca=True)
     stranger, _, _ = _issue(folder, "stranger", "kong-gateway", (other_cert, other_key))
-    return Pki(ca, server, client, stranger)
+    return Pki(ca, server, client, stranger, (ca_cert, ca_key))
 
 
 def _https(pki: Pki, client: Pair | None) -> httpx.Client:
@@ -182,3 +189,166 @@ def test_tls_settings_that_cannot_work_are_refused_at_start(pki, tmp_path):
         with pytest.raises(SettingsError, match=message):
             load_settings(values, environ={}).check_serving()
     assert load_settings({"tls_cert_file": cert, "tls_key_file": key}, environ={}).check_serving()
+
+
+# --- reload on SIGHUP -----------------------------------------------------------------
+
+
+def _served(port: int, pki_ca: Path, client: Pair | None, alpn: list[str] | None = None) -> int:
+    """The serial number of the certificate a listener presents to a new connection."""
+    context = ssl.create_default_context(cafile=str(pki_ca))
+    if client is not None:
+        context.load_cert_chain(str(client.cert), str(client.key))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+class _KeptAlive:
+    """One HTTP/1.1 connection, kept open across requests (a gateway's pooled connection)."""
+
+    def __init__(self, port: int, ca: Path, client: Pair) -> None:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.load_cert_chain(str(client.cert), str(client.key))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.tls = context.wrap_socket(raw, server_hostname="localhost")
+        self.file = self.tls.makefile("rb")
+
+    def ask(self) -> int:
+        body = json.dumps(ASK).encode()
+        head = (
+            "POST /v1/authorize HTTP/1.1\r\nHost: sidecar\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.tls.sendall(head.encode() + body)
+        status = int(self.file.readline().split()[1])
+        length = 0
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        self.file.read(length)
+        return status
+
+    def close(self) -> None:
+        self.file.close()
+        self.tls.close()
+
+
+def test_sighup_reloads_certificates_and_client_ca_without_dropping_connections(
+    start_sidecar, redis_url, prefix, pki, tmp_path
+):
+    live = Pair(tmp_path / "live.crt", tmp_path / "live.key")
+    live_ca = tmp_path / "clients-ca.crt"
+    shutil.copy(pki.server.cert, live.cert)
+    shutil.copy(pki.server.key, live.key)
+    shutil.copy(pki.ca.cert, live_ca)
+    env = {
+        "AFORO_REDIS_URL": redis_url,
+        "AFORO_KEY_PREFIX": prefix,
+        "AFORO_TLS_CERT_FILE": str(live.cert),
+        "AFORO_TLS_KEY_FILE": str(live.key),
+        "AFORO_TLS_CLIENT_CA_FILE": str(live_ca),
+    }
+    sidecar = start_sidecar(env, probe=_probe(pki, pki.client))
+    grpc_port = int(sidecar.grpc_target.rpartition(":")[2])
+    listeners = [(sidecar.port, None), (sidecar.decision_port, None), (grpc_port, ["h2"])]
+    first = x509.load_pem_x509_certificate(pki.server.cert.read_bytes()).serial_number
+    assert {_served(port, pki.ca.cert, pki.client, alpn) for port, alpn in listeners} == {first}
+    kept = [_KeptAlive(port, pki.ca.cert, pki.client) for port in (sidecar.port, sidecar.decision_port)]
+    assert [k.ask() for k in kept] == [403, 403]
+
+    # A new CA: a new server certificate, and client certificates now signed by it.
+    folder = tmp_path / "rotated"
+    folder.mkdir()
+    ca, ca_cert, ca_key = _issue(folder, "ca", "aforo test CA 2", None, ca=True)
+    server, server_cert, _ = _issue(folder, "server", "localhost", (ca_cert, ca_key), server=True)
+    client, _, _ = _issue(folder, "client", "kong-gateway", (ca_cert, ca_key))
+    shutil.copy(server.cert, live.cert)
+    shutil.copy(server.key, live.key)
+    shutil.copy(ca.cert, live_ca)
+    os.kill(sidecar.proc.pid, signal.SIGHUP)
+
+    def rotated() -> bool:
+        try:
+            return all(_served(p, ca.cert, client, a) == server_cert.serial_number for p, a in listeners)
+        except (OSError, ssl.SSLError):
+            return False
+
+    _wait(rotated, "the new certificate on every listener")
+    # The connections made before the reload go on.
+    assert [k.ask() for k in kept] == [403, 403]
+    # The new client CA is the one trusted, on every listener.
+    assert _grpc_decide(sidecar, Pki(ca, server, client, pki.client), client).reason == "unknown_consumer"
+    rotated_pki = Pki(ca, server, client, pki.client)  # pki.client: the CA no longer trusted
+    with _https(rotated_pki, pki.client) as http:
+        for port in (sidecar.port, sidecar.decision_port):
+            with pytest.raises(httpx.HTTPError):
+                http.post(f"https://127.0.0.1:{port}/v1/authorize", json=ASK)
+    with pytest.raises(grpc.RpcError) as refused:
+        _grpc_decide(sidecar, rotated_pki, pki.client)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # Files that do not load: logged, counted, and the certificates in use stay.
+    live.cert.write_text("not a certificate")
+    os.kill(sidecar.proc.pid, signal.SIGHUP)
+
+    def failure_counted() -> bool:
+        with _https(rotated_pki, client) as http:
+            text = http.get(f"https://127.0.0.1:{sidecar.port}/metrics").text
+        return 'aforo_tls_reloads_total{result="failed"} 1.0' in text
+
+    _wait(failure_counted, "the failed reload in the metrics")
+    assert all(_served(p, ca.cert, client, a) == server_cert.serial_number for p, a in listeners)
+    assert [k.ask() for k in kept] == [403, 403]
+    for k in kept:
+        k.close()
+    assert "TLS reload failed" in Path(sidecar.log_path).read_text()
+
+
+def _wait(check, what: str, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sighup_with_workers_brings_up_workers_with_the_new_certificate(
+    start_sidecar, redis_url, prefix, pki, tmp_path
+):
+    # Several workers: uvicorn's supervisor answers SIGHUP by starting new workers (which
+    # load the files) before retiring the old ones.
+    live = Pair(tmp_path / "live.crt", tmp_path / "live.key")
+    shutil.copy(pki.server.cert, live.cert)
+    shutil.copy(pki.server.key, live.key)
+    env = _env(redis_url, prefix, pki, mutual=False) | {
+        "AFORO_TLS_CERT_FILE": str(live.cert),
+        "AFORO_TLS_KEY_FILE": str(live.key),
+        "AFORO_WORKERS": "2",
+    }
+    sidecar = start_sidecar(env, probe=_probe(pki, None))
+    grpc_port = int(sidecar.grpc_target.rpartition(":")[2])
+    listeners = [(sidecar.port, None), (sidecar.decision_port, None), (grpc_port, ["h2"])]
+    server, server_cert, _ = _issue(tmp_path, "next", "localhost", pki.signer, server=True)
+    shutil.copy(server.cert, live.cert)
+    shutil.copy(server.key, live.key)
+    os.kill(sidecar.proc.pid, signal.SIGHUP)
+
+    def rotated() -> bool:
+        # Ten connections to each listener: the kernel spreads them over the workers.
+        try:
+            served = {_served(p, pki.ca.cert, None, a) for p, a in listeners for _ in range(10)}
+        except (OSError, ssl.SSLError):
+            return False
+        return served == {server_cert.serial_number}
+
+    _wait(rotated, "every worker serving the new certificate", within=30)
+    with _https(pki, None) as http:
+        answer = http.post(f"https://127.0.0.1:{sidecar.decision_port}/v1/authorize", json=ASK)
+        assert answer.status_code == 403
