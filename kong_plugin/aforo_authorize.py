@@ -115,6 +115,7 @@ class Plugin:
             cfg.http_fallback,
             cfg.decision_url,
             cfg.gateway_token,
+            cfg.tls,
         )
         self.client = client_for(*address)
         self.batcher = (

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import http.client
 import os
+import ssl
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -140,22 +142,55 @@ def _usage_pb(event: dict[str, Any]) -> pb.UsageEvent:
     return pb.UsageEvent(**event)
 
 
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """How the plugin server speaks TLS to the sidecar: over gRPC when ``grpc`` is set,
+    over HTTP for every ``https://`` URL. ``ca_file`` is the CA that signed the
+    sidecar's certificate (None: the system's CAs); ``cert_file`` and ``key_file`` the
+    plugin's client certificate, for a sidecar that requires mutual TLS."""
+
+    grpc: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For HTTPS: the sidecar's certificate verified, host name included."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+PLAIN = Tls()
+
+
 class _HttpPool:
     """Keep-alive HTTP/1.1 connections to one sidecar, shared by all threads."""
 
-    def __init__(self, base_url: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str] | None = None, tls: Tls = PLAIN) -> None:
         parts = urlsplit(base_url)
         self.headers = {"Content-Type": "application/json", "Connection": "keep-alive", **(headers or {})}
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.https else 80)
         self.base_path = parts.path.rstrip("/")
+        # One context for the pool: loading the CA and the key pair is done once.
+        self._context = tls.ssl_context() if self.https else None
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
     def _new(self, timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=timeout)
+        if self._context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
         """POST and read the answer within ``timeout`` seconds. A pooled connection the
@@ -219,17 +254,19 @@ class SidecarClient:
         http_fallback: bool,
         decision_url: str | None = None,
         gateway_token: str | None = None,
+        tls: Tls = PLAIN,
     ) -> None:
         self.grpc_target = grpc_target
+        self.tls = tls
         self.use_grpc = protocol == "grpc"
         self.use_http = protocol == "http" or http_fallback
         # The sidecar's gateway token (when it requires one), on every call: a header
         # over HTTP, metadata over gRPC.
         auth = {} if gateway_token is None else {"Authorization": f"Bearer {gateway_token}"}
         self._metadata = tuple((k.lower(), v) for k, v in auth.items()) or None
-        self._http = _HttpPool(http_url, auth)
+        self._http = _HttpPool(http_url, auth, tls)
         # The sidecar's decision port serves decisions only (usage stays on http_url).
-        self._decisions = _HttpPool(decision_url, auth) if decision_url else self._http
+        self._decisions = _HttpPool(decision_url, auth, tls) if decision_url else self._http
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.SidecarStub | None = None
@@ -244,7 +281,11 @@ class SidecarClient:
         if stub is None:
             with self._lock:
                 if self._stub is None:
-                    self._channel = grpc.insecure_channel(self.grpc_target, options=_CHANNEL_OPTIONS)
+                    self._channel = (
+                        grpc.secure_channel(self.grpc_target, self.tls.grpc_credentials(), _CHANNEL_OPTIONS)
+                        if self.tls.grpc
+                        else grpc.insecure_channel(self.grpc_target, options=_CHANNEL_OPTIONS)
+                    )
                     self._stub = pb_grpc.SidecarStub(self._channel)
                 stub = self._stub
         return stub
@@ -417,10 +458,11 @@ def client_for(
     http_fallback: bool,
     decision_url: str | None = None,
     gateway_token: str | None = None,
+    tls: Tls = PLAIN,
 ) -> SidecarClient:
-    """The process's client for this sidecar address (and token), created on first use."""
+    """The process's client for this sidecar address (and token and TLS), created on first use."""
     global _clients_pid
-    key = (grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token)
+    key = (grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token, tls)
     client = _clients.get(key)
     if client is not None and _clients_pid == os.getpid():
         return client
@@ -432,7 +474,7 @@ def client_for(
         client = _clients.get(key)
         if client is None:
             client = SidecarClient(
-                grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token
+                grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token, tls
             )
             _clients[key] = client
         return client

@@ -11,8 +11,11 @@ a message naming the field instead of misbehaving per request.
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
+
+from kong_plugin.client import Tls
 
 # The sidecar's own rules for a tenant and a product (sidecar/core/models.py), written
 # here because the plugin ships to Kong hosts without the service; tests/test_boundaries.py
@@ -84,6 +87,35 @@ SCHEMA: list[dict[str, dict[str, Any]]] = [
             "Kong vault ({vault://...}).",
             referenceable=True,
             encrypted=True,
+        )
+    },
+    {
+        "grpc_tls": _field(
+            "boolean",
+            "Speak TLS to the sidecar's gRPC port (a sidecar with AFORO_TLS_CERT_FILE). "
+            "HTTP uses TLS for https:// URLs.",
+            default=False,
+            required=True,
+        )
+    },
+    {
+        "tls_ca_file": _field(
+            "string",
+            "PEM file of the CA that signed the sidecar's certificate, on the Kong host; "
+            "unset: the system's CAs.",
+        )
+    },
+    {
+        "tls_client_cert_file": _field(
+            "string",
+            "PEM file of the plugin's client certificate, for a sidecar that requires "
+            "mutual TLS (AFORO_TLS_CLIENT_CA_FILE); with tls_client_key_file.",
+        )
+    },
+    {
+        "tls_client_key_file": _field(
+            "string",
+            "PEM file of that certificate's private key.",
         )
     },
     {
@@ -253,6 +285,10 @@ class Config:
     protocol: str
     http_fallback: bool
     gateway_token: str | None = field(repr=False)  # a secret: never in a log line
+    grpc_tls: bool
+    tls_ca_file: str | None
+    tls_client_cert_file: str | None
+    tls_client_key_file: str | None
     timeout_ms: int
     fail_mode: str
     tenant: str
@@ -313,6 +349,23 @@ class Config:
         for name in (self.api_key_header, self.cost_header, *self.usage_headers):
             if name is not None and not HEADER_NAME_RE.fullmatch(name):
                 raise ConfigError(f"{name!r} is not a valid header name")
+        self._check_tls()
+
+    @property
+    def tls(self) -> Tls:
+        return Tls(self.grpc_tls, self.tls_ca_file, self.tls_client_cert_file, self.tls_client_key_file)
+
+    def _check_tls(self) -> None:
+        """Files that do not load fail here, naming the field, not on every request."""
+        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
+            raise ConfigError("tls_client_cert_file and tls_client_key_file go together")
+        try:
+            self.tls.ssl_context()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"TLS file not found: {exc.filename}") from None
+        except (OSError, ssl.SSLError) as exc:
+            names = "tls_ca_file / tls_client_cert_file / tls_client_key_file"
+            raise ConfigError(f"{names} do not load: {exc}") from None
 
 
 def _check(name: str, spec: dict[str, Any], value: Any) -> Any:

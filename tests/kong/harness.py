@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -41,12 +42,18 @@ def short_dir() -> str:
 class Sidecar:
     """`aforo-sidecar serve` as a process, stoppable and restartable on the same ports."""
 
-    def __init__(self, log_dir: str, env: dict[str, str], grpc: bool = True) -> None:
+    def __init__(
+        self, log_dir: str, env: dict[str, str], grpc: bool = True, verify: ssl.SSLContext | None = None
+    ) -> None:
+        """``verify``: the sidecar speaks TLS (its env names the certificates); the
+        context the tests' own calls trust it with (and present a client certificate)."""
         self.port = free_port()
         self.grpc_port = free_port() if grpc else 0
         self.decision_port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.decision_url = f"http://127.0.0.1:{self.decision_port}"
+        self.verify = verify
+        scheme = "http" if verify is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.decision_url = f"{scheme}://127.0.0.1:{self.decision_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = Path(log_dir) / f"sidecar-{self.port}.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AFORO_")}
@@ -76,7 +83,10 @@ class Sidecar:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited: {self.log_path.read_text()}")
             try:
-                healthy = httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200
+                healthy = (
+                    httpx.get(f"{self.url}/healthz", timeout=0.5, verify=self.verify or True).status_code
+                    == 200
+                )
             except httpx.HTTPError:
                 healthy = False
             if healthy and (not self.grpc_port or _accepts(self.grpc_port)) and _accepts(self.decision_port):
@@ -88,15 +98,19 @@ class Sidecar:
         stop_process(self.proc)
 
     def admin(self) -> Admin:
-        return Admin(self.url)
+        return Admin(self.url, self.verify)
 
 
 @contextlib.contextmanager
-def module_sidecar(redis_url: str, folder: str, label: str, **env: str) -> Iterator[Sidecar]:
+def module_sidecar(
+    redis_url: str, folder: str, label: str, verify: ssl.SSLContext | None = None, **env: str
+) -> Iterator[Sidecar]:
     """One sidecar process for a test module, on a key prefix of its own (deleted after);
     tests isolate their data with ids of their own. ``prefix`` is set on it."""
     prefix = f"test:{unique(label)}:"
-    process = Sidecar(folder, {"AFORO_REDIS_URL": redis_url, "AFORO_KEY_PREFIX": prefix, **env})
+    process = Sidecar(
+        folder, {"AFORO_REDIS_URL": redis_url, "AFORO_KEY_PREFIX": prefix, **env}, verify=verify
+    )
     process.prefix = prefix  # type: ignore[attr-defined]
     process.start()
     try:
@@ -133,8 +147,8 @@ def _accepts(port: int) -> bool:
 class Admin:
     """The sidecar's admin API, synchronously."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, headers=ADMIN, timeout=10)
+    def __init__(self, url: str, verify: ssl.SSLContext | None = None) -> None:
+        self.http = httpx.Client(base_url=url, headers=ADMIN, timeout=10, verify=verify or True)
 
     def _ok(self, response: httpx.Response) -> dict[str, Any]:
         assert response.status_code in (200, 201), response.text
