@@ -322,6 +322,25 @@ class PrivatePostgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
 
+    def require_tls(self, cert: str, key: str) -> None:
+        """Serve TLS with this certificate and refuse every connection without it (the
+        server reads the files as its own user, the key private to it)."""
+        for source, name in ((cert, "server.crt"), (key, "server.key")):
+            target = os.path.join(self.data, name)
+            shutil.copy(source, target)
+            os.chmod(target, 0o600)
+            if self._as_postgres:
+                shutil.chown(target, "postgres", "postgres")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
+            conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+        with open(os.path.join(self.data, "pg_hba.conf"), "w") as hba:
+            rules = [
+                "local all all trust",
+                "hostssl all all 127.0.0.1/32 trust",
+                "hostnossl all all 0.0.0.0/0 reject",
+            ]
+            hba.write("\n".join(rules) + "\n")
+
     def start(self) -> None:
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off"
         self._run(

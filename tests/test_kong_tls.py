@@ -15,6 +15,7 @@ import pytest
 from kong_plugin.schema import Config, ConfigError
 from tests.kong.emulator import KongRequest
 from tests.kong.harness import (
+    Admin,
     PluginServer,
     Sidecar,
     module_sidecar,
@@ -55,6 +56,15 @@ def _tls(pki: Pki, client: bool = True, ca: str | None = None) -> dict[str, obje
     return fields
 
 
+def _consumer(sidecar: Sidecar) -> tuple[Admin, str]:
+    """A consumer of its own on a plan of 3 calls a day."""
+    admin = sidecar.admin()
+    plan, cid = unique("plan"), unique("c")
+    admin.plan(plan, {"day": 3})
+    admin.consumer(cid, plan)
+    return admin, cid
+
+
 TRANSPORTS = {
     "grpc": lambda sidecar: {"http_fallback": False},
     "http port": lambda sidecar: {"protocol": "http"},
@@ -70,10 +80,7 @@ def test_the_plugin_decides_over_mutual_tls_on_every_transport(
     pki,  # noqa: F811
     transport,
 ):
-    admin = sidecar.admin()
-    plan, cid = unique("plan"), unique("c")
-    admin.plan(plan, {"day": 3})
-    admin.consumer(cid, plan)
+    admin, cid = _consumer(sidecar)
     config = sidecar_config(sidecar, fail_mode="closed", **TRANSPORTS[transport](sidecar), **_tls(pki))
     assert config["http_url"].startswith("https://")
     instance = server.kong.start_instance(config)
@@ -92,10 +99,7 @@ def test_without_the_right_certificates_the_fail_mode_answers_and_nothing_counts
     pki,  # noqa: F811
     transport,
 ):
-    admin = sidecar.admin()
-    plan, cid = unique("plan"), unique("c")
-    admin.plan(plan, {"day": 3})
-    admin.consumer(cid, plan)
+    admin, cid = _consumer(sidecar)
     for fields in (
         _tls(pki, client=False),  # mutual TLS: no client certificate
         _tls(pki, ca=str(pki.stranger.cert)),  # a CA that did not sign the sidecar's certificate
