@@ -21,7 +21,7 @@ from kong_plugin.client import Tls
 # here because the plugin ships to Kong hosts without the service; tests/test_boundaries.py
 # keeps the two the same.
 TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-PRODUCT_RE = re.compile(r"[^\s|{}]{1,200}")
+PRODUCT_RE = re.compile(r"[^\s|{}\x00-\x1f\x7f]{1,200}")
 MAX_MICROS = 2**53 - 1
 IDENTITIES = ("consumer_id", "custom_id", "username", "credential", "api_key")
 # Headers that carry secrets never leave Kong in a usage event, whatever the allow-list says.

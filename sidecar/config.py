@@ -111,6 +111,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_client_ca_file: str | None = None
     # API key introspection calls each caller (a token) may make a second.
     introspect_per_second: int = 1000
+    # Failed authentications a source address may make (each within 60 s of the one
+    # before) before it gets 429 too_many_auth_failures until 60 s pass without one.
+    auth_failure_limit: int = 20
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def fail_open(self, tenant: str) -> bool:
@@ -170,6 +173,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("event_dedupe_ttl_seconds", 1, 90 * 86_400),
             ("max_batch_items", 1, 100_000),
             ("introspect_per_second", 1, 1_000_000),
+            ("auth_failure_limit", 1, 1_000_000),
             ("ingest_max_body_bytes", 1024, 512 * 1024 * 1024),
             ("ingest_max_events", 1, 1_000_000),
             ("ingest_max_in_flight", 1, 100_000_000),

@@ -14,8 +14,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.config import Settings
 from sidecar.core.access import Role
-from sidecar.http.access import ACCESS, MAX_FAILURES, describe
+from sidecar.http.access import ACCESS, describe
 from sidecar.http.app import create_app
 from tests.conftest import ADMIN, make_settings, seed
 
@@ -264,13 +265,15 @@ async def test_a_bad_token_request_is_refused_and_mints_nothing(
     assert (await client.get("/v1/admin/tokens", headers=ADMIN)).json()["items"] == []
 
 
-async def test_failed_authentications_are_rate_limited_per_address(client: httpx.AsyncClient) -> None:
+async def test_failed_authentications_are_rate_limited_per_address(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    limit = settings.auth_failure_limit
+    assert limit == 20  # the default
     good = bearer(await mint(client, "viewer"))
     wrong = bearer("aft_0123456789abcdef_" + "x" * 43)
-    results = await asyncio.gather(
-        *(client.get("/v1/admin/consumers", headers=wrong) for _ in range(MAX_FAILURES))
-    )
-    assert [r.status_code for r in results] == [401] * MAX_FAILURES
+    results = await asyncio.gather(*(client.get("/v1/admin/consumers", headers=wrong) for _ in range(limit)))
+    assert [r.status_code for r in results] == [401] * limit
     # past the limit even a good token waits: the address is guessing
     blocked = await client.get("/v1/admin/consumers", headers=good)
     assert blocked.status_code == 429
@@ -284,7 +287,7 @@ async def test_failed_authentications_are_rate_limited_per_address(client: httpx
         for sample in family.samples
         if sample.name == "aforo_auth_failures_total"
     }
-    assert counts["invalid"] >= MAX_FAILURES and counts["rate_limited"] >= 1
+    assert counts["invalid"] >= limit and counts["rate_limited"] >= 1
 
 
 def test_the_roles_are_the_ones_the_readme_names() -> None:

@@ -22,7 +22,7 @@ TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CONSUMER_ID_CHARS = r"[A-Za-z0-9._~@:+=-]{1,200}"
 CONSUMER_ID_RE = re.compile(r"(?!\.\.?\Z)" + CONSUMER_ID_CHARS)
 PLAN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-PRODUCT_RE = re.compile(r"[^\s|{}]{1,200}")
+PRODUCT_RE = re.compile(r"[^\s|{}\x00-\x1f\x7f]{1,200}")
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,200}")
 MAX_LIMIT = 2**53 - 1
 MAX_HITS = 1_000_000
@@ -201,6 +201,8 @@ class AuthorizeRequest(msgspec.Struct, forbid_unknown_fields=True):
         check_id(self.product, PRODUCT_RE, "product")
         if len(self.operation) > 512:
             raise InvalidInput("operation is longer than 512 characters", field="operation")
+        if "\x00" in self.operation:  # it reaches Postgres with the usage record
+            raise InvalidInput("operation may not hold the NUL character", field="operation")
         if self.cost is not None and not 0 <= self.cost <= MAX_MICROS:
             raise InvalidInput(
                 f"cost must be between 0 and {MAX_MICROS} micros", code="invalid_amount", field="cost"
@@ -294,8 +296,10 @@ class UsageEvent(msgspec.Struct, forbid_unknown_fields=True):
         for name in ("product", "route", "service", "method", "decision_id"):
             if len(getattr(self, name)) > 512:
                 raise InvalidInput(f"{name} is longer than 512 characters", field=name)
+            if "\x00" in getattr(self, name):  # Postgres text holds no NUL
+                raise InvalidInput(f"{name} may not hold the NUL character", field=name)
         if len(self.headers) > MAX_EVENT_HEADERS or any(
-            len(k) > 256 or len(v) > 2048 for k, v in self.headers.items()
+            len(k) > 256 or len(v) > 2048 or "\x00" in k + v for k, v in self.headers.items()
         ):
             raise InvalidInput(
                 f"at most {MAX_EVENT_HEADERS} headers, names up to 256 and values up to 2048 characters",

@@ -24,6 +24,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from sidecar.authorizer import Authorizer, DeadlineExceeded
 from sidecar.core.clock import now_ms
+from sidecar.core.digits import digits
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import TENANT_RE, AuthorizeRequest, Decision, WindowStatus, check_id
 from sidecar.core.windows import parse_window
@@ -51,7 +52,7 @@ def _parse_descriptor(tenant: str, entries: dict[str, str], hits: int) -> tuple[
     cost_text = entries.get("cost")
     cost = None
     if cost_text is not None:
-        if not cost_text.lstrip("-").isdigit():
+        if not digits(cost_text.lstrip("-")):
             raise InvalidInput(
                 "cost must be an integer number of micros", code="invalid_amount", field="cost"
             )

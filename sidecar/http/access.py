@@ -10,7 +10,7 @@ README's table is checked against this one (tests/test_access.py).
 Authentication: ``Authorization: Bearer <token>`` where the token is an API token
 (``aft_...``, looked up by id, its secret compared constant-time) or the environment's
 admin token (the bootstrap super-admin). A source address's failures are counted until
-``FAILURE_WINDOW_S`` pass without one; at ``MAX_FAILURES`` it gets 429 before any lookup
+``FAILURE_WINDOW_S`` pass without one; at ``auth_failure_limit`` it gets 429 before any lookup
 (so a guessing client costs neither Redis nor Postgres) until that much time has passed.
 """
 
@@ -61,6 +61,10 @@ ACCESS: dict[tuple[str, str], Rule] = {
     (_GET, "/healthz"): OPEN,
     (_GET, "/readyz"): OPEN,
     (_GET, "/metrics"): OPEN,
+    (_GET, "/openapi.json"): OPEN,
+    (_GET, "/docs"): OPEN,
+    (_GET, "/docs/docs.js"): OPEN,
+    (_GET, "/docs/docs.css"): OPEN,
     (_POST, "/internal/api-keys/introspect"): GATEWAY_OR_ADMIN,
     (_POST, "/v1/api-keys/introspect"): GATEWAY_OR_ADMIN,
     (_POST, "/integrations/kong/ingest"): INGEST_SECRET,
@@ -105,7 +109,10 @@ ACCESS: dict[tuple[str, str], Rule] = {
     (_GET, "/integrations/konnect/health"): READ,
     (_POST, "/integrations/konnect/connection"): ADMIN,
     (_GET, "/integrations/konnect/connection/test"): ADMIN,
-    (_GET, "/integrations/konnect/{kind:str}"): ADMIN,
+    (_GET, "/integrations/konnect/services"): ADMIN,
+    (_GET, "/integrations/konnect/routes"): ADMIN,
+    (_GET, "/integrations/konnect/consumers"): ADMIN,
+    (_GET, "/integrations/konnect/consumer-groups"): ADMIN,
     (_POST, "/integrations/konnect/runtime/preview"): ADMIN,
     (_POST, "/integrations/konnect/runtime/apply"): ADMIN,
     (_POST, "/integrations/apigee/suspend"): BILLING,
@@ -116,8 +123,9 @@ ACCESS: dict[tuple[str, str], Rule] = {
     (_GET, "/integrations/apigee/health"): READ,
 }
 
-MAX_FAILURES = 20  # failed authentications of a source address, each within ...
-FAILURE_WINDOW_S = 60  # ... this many seconds of the one before; then 429 until it passes
+# A source address's failed authentications (the auth_failure_limit setting, default 20),
+# each within this many seconds of the one before; then 429 until that much time passes.
+FAILURE_WINDOW_S = 60
 # A token's last use is written at most this often per process (not on every call).
 TOUCH_EVERY_MS = 60_000
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="aforo"'}
@@ -133,7 +141,8 @@ def describe(rule: Rule) -> str:
 class Gate:
     """Authentication state of one app: failures per source address, last touches."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
         self.failures: TTLCache[str, int] = TTLCache(maxsize=100_000, ttl=FAILURE_WINDOW_S)
         self.touched: TTLCache[str, int] = TTLCache(maxsize=100_000, ttl=TOUCH_EVERY_MS / 1000)
 
@@ -143,12 +152,12 @@ class Gate:
 
     async def authenticate(self, request: Request) -> Principal:
         source = request.client.host if request.client else "-"
-        if self.failures.get(source, 0) >= MAX_FAILURES:
+        if self.failures.get(source, 0) >= self.max_failures:
             metrics.AUTH_FAILURES.labels("rate_limited").inc()
             raise ApiError(
                 429,
                 "too_many_auth_failures",
-                f"more than {MAX_FAILURES} failed authentications from this address; "
+                f"more than {self.max_failures} failed authentications from this address; "
                 f"try again within {FAILURE_WINDOW_S} s",
                 headers={"Retry-After": str(FAILURE_WINDOW_S)},
             )
@@ -237,8 +246,10 @@ def _guarded(endpoint: Endpoint, roles: frozenset[Role]) -> Endpoint:
 
 def protect(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
     """Each route with the check ``ACCESS`` names for it (ValueError for a route it
-    does not name: no endpoint is served without a stated rule)."""
-    out: list[BaseRoute] = []
+    does not name: no endpoint is served without a stated rule). Routes of one path are
+    served as one, so a method the path does not take is a 405 naming every method it
+    does (``Allow``), not only those of the first route."""
+    by_path: dict[str, dict[str, Endpoint]] = {}
     for route in routes:
         if not isinstance(route, Route):
             raise ValueError(f"{route!r}: only plain routes are served")
@@ -247,8 +258,18 @@ def protect(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
         if None in rules or len(rules) != 1:
             raise ValueError(f"{methods} {route.path} has no row in sidecar/http/access.py's ACCESS")
         (rule,) = rules
-        if isinstance(rule, str):
-            out.append(route)
-            continue
-        out.append(Route(route.path, _guarded(route.endpoint, rule), methods=methods, name=route.name))
-    return out
+        endpoint = route.endpoint if isinstance(rule, str) else _guarded(route.endpoint, rule)
+        for method in methods:
+            by_path.setdefault(route.path, {})[method] = endpoint
+    return [Route(path, _by_method(ends), methods=list(ends)) for path, ends in by_path.items()]
+
+
+def _by_method(endpoints: dict[str, Endpoint]) -> Endpoint:
+    if len(endpoints) == 1:
+        return next(iter(endpoints.values()))
+
+    async def endpoint(request: Request) -> Response:
+        # HEAD is served as GET (Starlette adds it to a GET route).
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint

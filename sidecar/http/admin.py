@@ -20,6 +20,7 @@ from sidecar.catalog import Catalog, NeedsPostgres
 from sidecar.core.access import Principal, Role
 from sidecar.core.api_keys import checked_scopes, generate_api_key, hash_api_key
 from sidecar.core.clock import check_lifetime, iso_utc, now_ms
+from sidecar.core.digits import digits
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
     CONSUMER_ID_RE,
@@ -82,7 +83,7 @@ def _page_request(request: Request) -> tuple[str | None, int]:
     """The ``cursor`` (the id to continue after) and ``limit`` of a list call."""
     params = request.query_params
     text = params.get("limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= _MAX_PAGE:
+    if not digits(text) or not 1 <= int(text) <= _MAX_PAGE:
         raise InvalidInput(f"limit must be 1 to {_MAX_PAGE}", field="limit")
     cursor = params.get("cursor")
     after = None
@@ -243,15 +244,17 @@ async def change_status(
     scope(request, tenant)
     if len(reason) > 1000:
         raise InvalidInput("reason is longer than 1000 characters", field="reason")
-    if status is ConsumerStatus.ACTIVE:
+    if status is not ConsumerStatus.REVOKED:
         # Revocation is for good; bringing a revoked consumer back is a deliberate
-        # PUT of the consumer with status "active", not a resume.
+        # PUT of the consumer with status "active", not a resume, nor a suspension
+        # (which a resume could then lift).
         current = await _store(request).get_consumer(tenant, consumer_id, now_ms())
         if current is not None and current.status is ConsumerStatus.REVOKED:
             raise ApiError(
                 409,
                 "consumer_revoked",
-                "a revoked consumer is not resumed; PUT it with status active to reinstate it",
+                "a revoked consumer is neither suspended nor resumed; PUT it with status active "
+                "to reinstate it",
             )
     view = await _catalog(request).set_status(tenant, consumer_id, status, actor(request))
     record(request, f"consumer.{status.value}", tenant, consumer_id, reason=reason)

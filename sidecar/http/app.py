@@ -6,13 +6,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
-from sidecar.http import admin, connections, decisions, ingest, introspection, probes, tokens, usage
+from sidecar.http import admin, connections, decisions, ingest, introspection, openapi, probes, tokens, usage
 from sidecar.http.access import Gate, protect
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.integrations.apigee import routes as apigee_routes
@@ -73,9 +74,11 @@ def create_app(
         Route("/healthz", probes.healthz, methods=["GET"]),
         Route("/readyz", probes.readyz, methods=["GET"]),
         Route("/metrics", probes.metrics_endpoint, methods=["GET"]),
+        *openapi.ROUTES,
     ]
     app = Starlette(routes=protect(routes), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    app.state.gate = Gate()
+    app.state.openapi = msgspec.json.encode(openapi.document(routes))
+    app.state.gate = Gate(settings.auth_failure_limit)
     app.state.introspection_limit = introspection.PerSecond(settings.introspect_per_second)
     app.state.settings = settings
     app.state.store = active

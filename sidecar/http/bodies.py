@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.requests import Request
 
+from sidecar.core.digits import digits
 from sidecar.core.errors import InvalidInput
 from sidecar.http.errors import ApiError
 
@@ -18,7 +19,7 @@ _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refusing (413) before reading more than ``limit`` bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and digits(declared) and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -44,9 +45,24 @@ def decode(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     if not data:
         raise InvalidInput("a JSON body is required", code="malformed_json")
     try:
-        return decoder.decode(data)
+        value = decoder.decode(data)
     except msgspec.MsgspecError as exc:
         raise invalid_from(exc) from None
+    if b"\\u0000" in data and _holds_nul(msgspec.json.decode(data)):
+        # Postgres stores no NUL in text or jsonb: refused here, not at the write (a 500)
+        # or, worse, at the drain of a usage record.
+        raise InvalidInput("strings may not hold the NUL character (\\u0000)", code="invalid_field")
+    return value
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def decode_into(data: bytes, kind: type[T], **fixed: Any) -> T:

@@ -69,11 +69,15 @@ MAX_HEADER_BYTES = 16 * 1024  # names and values of all headers of a request
 REQUEST_TIMEOUT_S = 5.0  # from a request's first byte to its last
 
 
-def _http_response(status: int, body: bytes, retry_after: int | None, keep_alive: bool) -> bytes:
-    head = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
+def _http_response(
+    status: int, body: bytes, retry_after: int | None, keep_alive: bool, headers: bytes = b""
+) -> bytes:
+    """``headers``: more header lines, each ending in CRLF."""
+    head = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%b" % (
         status,
         _REASONS.get(status, b"Unknown"),
         len(body),
+        headers,
     )
     if retry_after is not None:
         head += b"retry-after: %d\r\n" % retry_after
@@ -238,7 +242,10 @@ class _Connection(asyncio.Protocol):
         elif path == b"/healthz" and method == b"GET":
             self._reply_now(200, b'{"status":"ok"}', keep_alive)
         elif route is not None or path == b"/healthz":
-            self._reply_now(405, error_body("method_not_allowed", "Method Not Allowed"), keep_alive)
+            # RFC 9110: a 405 names the methods the resource takes.
+            allow = b"allow: POST\r\n" if route is not None else b"allow: GET\r\n"
+            body = error_body("method_not_allowed", "Method Not Allowed")
+            self.ready(self._queue(keep_alive), _http_response(405, body, None, keep_alive, allow))
         else:
             message = "the decision port serves only the decision endpoints"
             self._reply_now(404, error_body("not_found", message), keep_alive)

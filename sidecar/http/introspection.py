@@ -31,7 +31,14 @@ from sidecar.http.admin_request import admin_body, json_response
 from sidecar.http.bodies import decode_into
 from sidecar.http.errors import ApiError
 
-_INACTIVE = {"active": False}
+
+class Inactive(msgspec.Struct):
+    """An unknown, expired or revoked key, or one whose consumer is gone: nothing else."""
+
+    active: bool = False
+
+
+_INACTIVE = Inactive()
 
 
 class IntrospectRequest(msgspec.Struct, forbid_unknown_fields=True):

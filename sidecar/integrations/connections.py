@@ -19,6 +19,7 @@ from sidecar.integrations.apigee.mapping import ApigeeMapping
 from sidecar.integrations.kong.mapping import KongMapping
 
 CONNECTION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
 ConnectionType = Literal["kong", "konnect", "apigee"]
 # How often the reconciler syncs a connection by default: Kong's Admin API is cheap to
 # walk; Apigee's Management API is polled every 5 minutes (its webhooks are the push).
@@ -47,8 +48,17 @@ class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     def validated(self) -> ConnectionSpec:
         check_id(self.tenant, TENANT_RE, "tenant")
-        url = urlparse(self.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
+        try:
+            url = urlparse(self.base_url)
+            url.port  # noqa: B018 (read for its check: a port that is not a number raises)
+        except ValueError:
+            url = None
+        if (
+            url is None
+            or url.scheme not in ("http", "https")
+            or not url.hostname
+            or not _PRINTABLE.fullmatch(self.base_url)
+        ):
             raise InvalidInput("base_url must be an http(s) URL with a host", field="base_url")
         if self.type == "konnect" and not self.control_plane_id:
             raise InvalidInput("a konnect connection names its control_plane_id", field="control_plane_id")
@@ -63,6 +73,9 @@ class ConnectionSpec(msgspec.Struct, forbid_unknown_fields=True):
             value = getattr(self, name)
             if value is not None and len(value) > 4096:
                 raise InvalidInput(f"{name} must be up to 4096 characters (empty: remove it)", field=name)
+            # Sent in HTTP headers (a bearer token, basic auth): printable ASCII only.
+            if value is not None and not _PRINTABLE.fullmatch(value):
+                raise InvalidInput(f"{name} must be printable ASCII characters", field=name)
         # A bad mapping is refused now, not at the first sync.
         if self.type == "apigee":
             self.apigee_mapping()

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import msgspec
 
+from sidecar.core.digits import digits
+
 log = logging.getLogger("aforo.gateway")
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 MAX_WAIT_S = 30.0  # a Retry-After beyond this is capped: a sync must end
@@ -34,7 +36,7 @@ def retry_after_seconds(value: str | None, default: float, cap: float = MAX_WAIT
     """A Retry-After header's delay in seconds (its HTTP-date form is not used by the
     gateways here: ``default`` then), capped at ``cap``."""
     text = (value or "").strip()
-    seconds = float(text) if text.replace(".", "", 1).isdigit() else default
+    seconds = float(text) if digits(text.replace(".", "", 1)) else default
     return min(seconds, cap)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import msgspec
 
+from sidecar.core.digits import digits
 from sidecar.core.models import PLAN_ID_RE
 from sidecar.core.money import MAX_MICROS
 
@@ -33,7 +34,7 @@ def choose_plan(
     if option.price is not None:
         price = option.price
     else:
-        price = int(marked_price) if (marked_price or "").isdigit() else 0
+        price = int(marked_price) if digits(marked_price or "") else 0
     if not 0 <= price <= MAX_MICROS:
         raise NoPlan("price out of range")
     return plan_id, price

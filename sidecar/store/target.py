@@ -25,6 +25,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
+from sidecar.core.digits import digits
+
 Topology = Literal["auto", "standalone", "cluster", "sentinel"]
 TOPOLOGIES: tuple[Topology, ...] = ("auto", "standalone", "cluster", "sentinel")
 DEFAULT_PORT = 6379
@@ -81,7 +83,7 @@ def _address(text: str, default_port: int, url: str) -> Address:
         host, _, port_text = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
     if not host:
         raise RedisTargetError(f"redis_url {url!r} names a node without a host")
-    if port_text and not port_text.isdigit():
+    if port_text and not digits(port_text):
         raise RedisTargetError(f"redis_url {url!r}: port {port_text!r} is not a number")
     port = int(port_text) if port_text else default_port
     if not 1 <= port <= 65535:
@@ -92,7 +94,7 @@ def _address(text: str, default_port: int, url: str) -> Address:
 def _db(text: str, url: str) -> int:
     if text == "":
         return 0
-    if not text.isdigit() or int(text) > 15_999:
+    if not digits(text) or int(text) > 15_999:
         raise RedisTargetError(f"redis_url {url!r}: database {text!r} is not a number")
     return int(text)
 

@@ -20,6 +20,7 @@ import msgspec
 
 from sidecar.core.api_keys import hash_api_key
 from sidecar.core.catalog_diff import Catalog, Mapped, Skipped
+from sidecar.core.digits import digits
 from sidecar.core.models import (
     CONSUMER_ID_RE,
     MAX_LIMIT,
@@ -127,7 +128,7 @@ def _quota(product: ApigeeProduct, skipped: list[Skipped]) -> dict[str, int]:
         return {}
     unit = (product.quotaTimeUnit or "").lower()
     interval = (product.quotaInterval or "1").strip()
-    if not product.quota.strip().isdigit() or not interval.isdigit():
+    if not digits(product.quota.strip()) or not digits(interval):
         skipped.append(Skipped("limit", product.name, f"quota {product.quota!r} is not a whole number"))
         return {}
     limit = int(product.quota)
@@ -191,7 +192,7 @@ def _plans(
 
 def _usable(credential: Credential, now_ms: int) -> bool:
     text = str(credential.expiresAt if credential.expiresAt is not None else -1)
-    expires = int(text) if text.lstrip("-").isdigit() else -1  # absent or unreadable: never
+    expires = int(text) if digits(text.lstrip("-")) else -1  # absent or unreadable: never
     return credential.status == "approved" and (expires < 0 or expires > now_ms)
 
 

@@ -18,7 +18,7 @@ from sidecar.core.windows import parse_window
 from sidecar.http.access import scope
 from sidecar.http.admin import change_status
 from sidecar.http.admin_request import admin_body, json_response, record
-from sidecar.http.bodies import decode_into, invalid_from, read_body
+from sidecar.http.bodies import decode, decode_into, read_body
 from sidecar.http.connections import (
     guarded,
     health_of,
@@ -166,11 +166,7 @@ async def ingest(request: Request) -> Response:
     """``POST /integrations/apigee/ingest``: aggregated Apigee analytics (the seed shape)."""
     tenant = ingest_tenant(request)
     settings = request.app.state.settings
-    body = await read_body(request, settings.ingest_max_body_bytes)
-    try:
-        payload = _analytics_decoder.decode(body)
-    except msgspec.MsgspecError as exc:
-        raise invalid_from(exc) from None
+    payload = decode(await read_body(request, settings.ingest_max_body_bytes), _analytics_decoder)
     if len(payload.metrics) > settings.ingest_max_events:
         raise ApiError(
             413, "batch_too_large", f"a payload holds at most {settings.ingest_max_events} metrics"

@@ -14,6 +14,7 @@ import hashlib
 
 import msgspec
 
+from sidecar.core.digits import digits
 from sidecar.core.errors import InvalidInput
 from sidecar.core.models import UsageEvent
 
@@ -78,7 +79,7 @@ def _int(value: Number, path: str) -> int:
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and digits(value.strip()):
         number = int(value.strip())
     else:
         raise InvalidInput(

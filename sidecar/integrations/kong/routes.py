@@ -92,22 +92,24 @@ _KONNECT_LISTS = {
 }
 
 
-async def konnect_list(request: Request) -> Response:
+def konnect_list(kind: str) -> Any:
     """``GET /integrations/konnect/{services,routes,consumers,consumer-groups}``: the
-    control plane's objects, every page."""
-    kind = request.path_params["kind"]
-    if kind not in _KONNECT_LISTS:
-        raise NotFound(f"no such list {kind!r} (one of {', '.join(_KONNECT_LISTS)})", code="not_found")
-    tenant = tenant_param(request)
-    connection_id = check_id(
-        request.query_params.get("connection_id", KONNECT_DEFAULT_ID), CONNECTION_ID_RE, "connection_id"
-    )
-    _, store = await postgres(request)
-    async with aclosing(
-        client_for(await typed_connection(store, tenant, connection_id, ("konnect",)))
-    ) as client:
-        items = await guarded(client.walk(_KONNECT_LISTS[kind]))
-    return json_response({"data": items})
+    control plane's objects, every page (one route per list, so any other path under
+    /integrations/konnect/ is a plain 404 or 405)."""
+
+    async def endpoint(request: Request) -> Response:
+        tenant = tenant_param(request)
+        connection_id = check_id(
+            request.query_params.get("connection_id", KONNECT_DEFAULT_ID), CONNECTION_ID_RE, "connection_id"
+        )
+        _, store = await postgres(request)
+        async with aclosing(
+            client_for(await typed_connection(store, tenant, connection_id, ("konnect",)))
+        ) as client:
+            items = await guarded(client.walk(_KONNECT_LISTS[kind]))
+        return json_response({"data": items})
+
+    return endpoint
 
 
 def _seed_status(status: ConsumerStatus) -> Any:
@@ -167,7 +169,7 @@ ROUTES = [
         for_connection(connections.check_connection, KONNECT_DEFAULT_ID),
         methods=["GET"],
     ),
-    Route("/integrations/konnect/{kind:str}", konnect_list, methods=["GET"]),
+    *(Route(f"/integrations/konnect/{kind}", konnect_list(kind), methods=["GET"]) for kind in _KONNECT_LISTS),
     Route(
         "/integrations/konnect/runtime/preview",
         for_connection(connections.preview_import, KONNECT_DEFAULT_ID),
