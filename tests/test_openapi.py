@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import httpx
 import pytest
@@ -95,7 +96,8 @@ async def test_the_docs_page_loads_everything_from_the_sidecar(client: httpx.Asy
 SECRET = "ingest-secret-for-schemathesis"
 
 
-def _schemathesis(sidecar: SidecarProcess, *args: str) -> subprocess.CompletedProcess[str]:
+def _schemathesis(sidecar: SidecarProcess, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``st run`` in ``folder`` (where it keeps its cache of crashes)."""
     command = [
         sys.executable,
         "-m",
@@ -122,12 +124,12 @@ def _schemathesis(sidecar: SidecarProcess, *args: str) -> subprocess.CompletedPr
         "50",
         *args,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=folder)
 
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_answer_off_the_contract(
-    start_sidecar, redis_url: str, prefix: str, migrated_database: str
+    start_sidecar, redis_url: str, prefix: str, migrated_database: str, tmp_path: Path
 ) -> None:
     env = {
         "AFORO_REDIS_URL": redis_url,
@@ -138,12 +140,13 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_contract(
         "AFORO_AUTH_FAILURE_LIMIT": "1000000",
     }
     sidecar = start_sidecar(env)
-    http_port = _schemathesis(sidecar, "--max-examples", "40")
+    http_port = _schemathesis(sidecar, tmp_path, "--max-examples", "40")
     assert http_port.returncode == 0, http_port.stdout[-6000:] + http_port.stderr[-2000:]
     assert "passed" in http_port.stdout and "5xx" not in http_port.stdout
     # The decision port answers the two decision endpoints by the same document.
     decision_port = _schemathesis(
         sidecar,
+        tmp_path,
         "--url",
         sidecar.decision_url,
         "--include-path",
