@@ -132,6 +132,7 @@ def _settings(args: argparse.Namespace, extra: dict[str, object]) -> Settings:
 def _run(settings: Settings, access_log: bool) -> None:
     import uvicorn
 
+    from sidecar.http.guarded_http import GuardedHttpToolsProtocol
     from sidecar.tls import uvicorn_options
 
     logging.basicConfig(
@@ -143,6 +144,8 @@ def _run(settings: Settings, access_log: bool) -> None:
         "log_level": settings.log_level,
         "access_log": access_log,
         "timeout_graceful_shutdown": 5,
+        # Limits on hostile input, as on the decision port (sidecar/http/guarded_http.py).
+        "http": GuardedHttpToolsProtocol,
         **uvicorn_options(settings),
     }
     if settings.workers == 1:
@@ -186,12 +189,15 @@ def _demo(settings: Settings, access_log: bool) -> None:
     print(flush=True)
     import uvicorn
 
+    from sidecar.http.guarded_http import GuardedHttpToolsProtocol
+
     uvicorn.run(
         build_app(settings, store),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=access_log,
+        http=GuardedHttpToolsProtocol,
     )
 
 

@@ -1,8 +1,10 @@
-"""Hostile input at the decision port (issue 18): an oversized declared body answered
-413 at once, an over-long request line 414, oversized headers 431, a request trickling
-in slower than the limit cut off, the process not grown by a huge request line; and
-error bodies that echo at most a short prefix of an offending value. Raw sockets
-against a real sidecar process, so nothing between the client and the server helps."""
+"""Hostile input at both HTTP ports (issue 18): an oversized declared body answered 413
+at once, an over-long request line 414, oversized headers 431, a request trickling in
+slower than the limit cut off, the process not grown by a huge request line; and error
+bodies that echo at most a short prefix of an offending value. Raw sockets against a
+real sidecar process, so nothing between the client and the server helps. The decision
+port has its own server (sidecar/http/decision_server.py), the HTTP port uvicorn's with
+the same limits (sidecar/http/guarded_http.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ def sidecar(redis_url, prefix, start_sidecar):
     return start_sidecar(
         {"AFORO_REDIS_URL": redis_url, "AFORO_KEY_PREFIX": prefix, "AFORO_MAX_BODY_BYTES": "4096"}
     )
+
+
+@pytest.fixture(params=["http port", "decision port"])
+def port(request, sidecar) -> int:
+    return sidecar.port if request.param == "http port" else sidecar.decision_port
 
 
 def _connect(port: int) -> socket.socket:
@@ -59,8 +66,8 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_a_declared_body_over_the_limit_is_413_at_once(sidecar):
-    with _connect(sidecar.decision_port) as sock:
+def test_a_declared_body_over_the_limit_is_413_at_once(sidecar, port):
+    with _connect(port) as sock:
         started = time.monotonic()
         sock.sendall(
             b"POST /v1/authorize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -76,9 +83,9 @@ def test_a_declared_body_over_the_limit_is_413_at_once(sidecar):
     assert elapsed < REQUEST_TIMEOUT_S
 
 
-def test_a_huge_request_line_is_414_and_does_not_grow_the_process(sidecar):
+def test_a_huge_request_line_is_414_and_does_not_grow_the_process(sidecar, port):
     before = _rss_kb(sidecar.proc.pid)
-    with _connect(sidecar.decision_port) as sock:
+    with _connect(port) as sock:
         sock.sendall(b"POST /v1/authorize?" + b"a" * (MAX_URL_BYTES + 10))
         try:
             for _ in range(16 * 1024):  # 16 MB more of it, which the server must not keep
@@ -92,26 +99,26 @@ def test_a_huge_request_line_is_414_and_does_not_grow_the_process(sidecar):
     assert _rss_kb(sidecar.proc.pid) - before < 8 * 1024  # not grown by the 16 MB
 
 
-def test_a_long_request_line_is_answered_414(sidecar):
-    with _connect(sidecar.decision_port) as sock:
+def test_a_long_request_line_is_answered_414(sidecar, port):
+    with _connect(port) as sock:
         sock.sendall(b"GET /healthz?" + b"a" * (MAX_URL_BYTES + 10) + b" HTTP/1.1\r\nhost: x\r\n\r\n")
         status, error = _status_and_error(_read_all(sock))
     assert (status, error["code"]) == (414, "uri_too_long")
 
 
-def test_oversized_headers_are_431(sidecar):
+def test_oversized_headers_are_431(sidecar, port):
     headers = b"".join(b"x-filler-%d: %s\r\n" % (i, b"v" * 1000) for i in range(MAX_HEADER_BYTES // 1000 + 2))
-    with _connect(sidecar.decision_port) as sock:
+    with _connect(port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + headers + b"\r\n")
         status, error = _status_and_error(_read_all(sock))
     assert (status, error["code"]) == (431, "headers_too_large")
 
 
-def test_a_request_trickling_in_is_cut_off_and_others_are_served(sidecar):
+def test_a_request_trickling_in_is_cut_off_and_others_are_served(sidecar, port):
     """One header byte a second (slowloris): the connection is closed within the
     documented limit, while a normal client is served meanwhile."""
     request = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: " + b"z" * 60 + b"\r\n\r\n"
-    with _connect(sidecar.decision_port) as slow:
+    with _connect(port) as slow:
         started = time.monotonic()
         closed_after = None
         for byte in request:
@@ -129,19 +136,19 @@ def test_a_request_trickling_in_is_cut_off_and_others_are_served(sidecar):
                 pass
             if time.monotonic() - started > REQUEST_TIMEOUT_S + 3:
                 break
-            with httpx.Client(base_url=sidecar.decision_url) as other:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as other:
                 assert other.get("/healthz").status_code == 200
     assert closed_after is not None, "the trickling connection was never closed"
     assert REQUEST_TIMEOUT_S - 1 <= closed_after <= REQUEST_TIMEOUT_S + 2
 
 
-def test_a_request_in_pieces_within_the_limit_is_served(sidecar):
+def test_a_request_in_pieces_within_the_limit_is_served(sidecar, port):
     body = json.dumps({"consumer_id": "nobody", "product": "api"}).encode()
     request = (
         b"POST /v1/authorize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\n\r\n%s" % (len(body), body)
     )
-    with _connect(sidecar.decision_port) as sock:
+    with _connect(port) as sock:
         for start in range(0, len(request), 20):
             sock.sendall(request[start : start + 20])
             time.sleep(0.05)
@@ -155,6 +162,8 @@ def test_error_bodies_echo_only_a_prefix_of_a_huge_value(sidecar):
     huge = "x" * 60_000
     with httpx.Client(base_url=sidecar.url) as main:
         response = main.get(f"/v1/admin/consumers/{huge}", headers=ADMIN)
+        assert response.status_code == 414 and len(response.text) < 1_000  # over the line's cap
+        response = main.get(f"/v1/admin/consumers/{huge[:6_000]}", headers=ADMIN)
         assert response.status_code == 400
         assert len(response.text) < 1_000
         response = main.post("/v1/authorize", json={"consumer_id": huge[:3_000], "product": "api"})
@@ -162,3 +171,42 @@ def test_error_bodies_echo_only_a_prefix_of_a_huge_value(sidecar):
     with httpx.Client(base_url=sidecar.decision_url) as fast:
         response = fast.post("/v1/authorize", json={"consumer_id": "c1", "product": "p" * 3_000})
         assert response.status_code == 400 and len(response.text) < 1_000
+
+
+def test_a_connection_that_sends_nothing_is_closed_on_the_http_port(sidecar):
+    """uvicorn closes a connection idle after a response; one that never sends a
+    request is held to the same limit as a request's head."""
+    with _connect(sidecar.port) as idle:
+        started = time.monotonic()
+        idle.settimeout(REQUEST_TIMEOUT_S + 3)
+        assert idle.recv(1) == b""
+        assert REQUEST_TIMEOUT_S - 1 <= time.monotonic() - started <= REQUEST_TIMEOUT_S + 2
+
+
+def test_a_body_trickling_in_is_cut_off_on_the_http_port(sidecar):
+    """The body of a request, once its head is in, at 64 KiB/s at least."""
+    request = (
+        b"POST /v1/admin/plans/slow HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer " + ADMIN["Authorization"].split()[1].encode() + b"\r\n"
+        b"content-length: 100\r\n\r\n{"
+    )
+    with _connect(sidecar.port) as slow:
+        slow.sendall(request)
+        started = time.monotonic()
+        slow.settimeout(1.0)
+        closed_after = None
+        while time.monotonic() - started < REQUEST_TIMEOUT_S + 3:
+            try:
+                slow.sendall(b" ")
+                if slow.recv(65536) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the trickling body was never cut off"
+    assert closed_after <= REQUEST_TIMEOUT_S + 2
+    with httpx.Client(base_url=sidecar.url) as main:  # and nothing was written
+        assert main.get("/v1/admin/plans/slow", headers=ADMIN).status_code == 404

@@ -18,15 +18,19 @@ _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refusing (413) before reading more than ``limit`` bytes."""
+    # The rest of the body stays unread: the connection cannot carry another request.
+    too_large = ApiError(
+        413, "body_too_large", f"request body exceeds {limit} bytes", headers={"Connection": "close"}
+    )
     declared = request.headers.get("content-length")
     if declared is not None and digits(declared) and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+        raise too_large
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 

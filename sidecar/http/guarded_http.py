@@ -1,0 +1,128 @@
+"""The HTTP port's protocol: uvicorn's httptools protocol with the decision port's
+limits on hostile input (sidecar/http/decision_server.py), so neither port can be held
+open or made to buffer without bound:
+
+- a request line over ``MAX_URL_BYTES`` is answered 414 ``uri_too_long``, headers over
+  ``MAX_HEADER_BYTES`` in all 431 ``headers_too_large``, and the connection is closed
+  without reading the rest;
+- a request's line and headers must arrive within ``REQUEST_TIMEOUT_S`` of its first
+  byte (of the connection, for the first request: a connection that sends nothing is
+  closed too), and its body, when it has one, at ``BODY_FLOOR_BYTES_PER_S`` at least
+  (``REQUEST_TIMEOUT_S`` plus its length at that rate; a chunked body of unknown length
+  gets ``CHUNKED_BODY_TIMEOUT_S``); past either the connection is closed (slowloris).
+
+uvicorn's own keep-alive timeout still closes a connection idle between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from sidecar.core.digits import digits
+from sidecar.http.decision_server import MAX_HEADER_BYTES, MAX_URL_BYTES, REQUEST_TIMEOUT_S
+from sidecar.http.errors import error_body
+
+log = logging.getLogger("aforo.http")
+
+BODY_FLOOR_BYTES_PER_S = 64 * 1024
+CHUNKED_BODY_TIMEOUT_S = 60.0
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+
+    # --- the deadline of what is being received -------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.info("HTTP port: a request (or a connection's first one) too slow to arrive; closed")
+            self._refused = True
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(REQUEST_TIMEOUT_S)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # --- refusing oversized input ---------------------------------------------------
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer, close, and stop the parser (httptools stops at the raised error;
+        ``send_400_response`` then answers nothing more)."""
+        self._refused = True
+        self._disarm()
+        body = error_body(code, message)
+        head = (
+            b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+        )
+        self.transport.write(head + body)
+        self.transport.pause_reading()
+        self.transport.close()
+        raise httptools.HttpParserError(f"refused with {status}")
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:
+            super().send_400_response(msg)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    # --- httptools callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = 0
+        if self._deadline is None:
+            self._arm(REQUEST_TIMEOUT_S)
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > MAX_URL_BYTES:
+            self._refuse(414, "uri_too_long", f"the request line is over {MAX_URL_BYTES} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(431, "headers_too_large", f"the request's headers are over {MAX_HEADER_BYTES} bytes")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        length = next((v for n, v in self.headers if n == b"content-length"), None)
+        chunked = any(n == b"transfer-encoding" for n, _ in self.headers)
+        if length is not None and digits(length.decode("latin-1").strip()) and int(length) > 0:
+            self._arm(REQUEST_TIMEOUT_S + int(length) / BODY_FLOOR_BYTES_PER_S)
+        elif chunked:
+            self._arm(CHUNKED_BODY_TIMEOUT_S)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+
+_REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
