@@ -19,11 +19,23 @@ const DECISION = process.env.AFORO_FLOW_DECISION_URL || "";
 const SEED = process.env.AFORO_FLOW_SEED ? JSON.parse(process.env.AFORO_FLOW_SEED) : null;
 // The gateway token of a sidecar that requires one (the encrypted KVM aforo-secrets).
 const SECRETS = process.env.AFORO_FLOW_GATEWAY_TOKEN ? { gateway_token: process.env.AFORO_FLOW_GATEWAY_TOKEN } : null;
+// A sidecar speaking (mutual) TLS: JSON {ca, cert, key} of PEM file paths. The flow is
+// configured the Apigee way: a truststore and a keystore of the environment, by name.
+const TLS = process.env.AFORO_FLOW_TLS ? JSON.parse(process.env.AFORO_FLOW_TLS) : null;
 const skip = SIDECAR && SEED ? false : "needs a running sidecar: AFORO_FLOW_SIDECAR_URL and AFORO_FLOW_SEED (see tests/test_apigee_flow.py)";
 
 let backend;
 let player;
 let apps = {};
+// The TLS settings (aforo-config keys) and the environment's stores they name.
+const tlsConfig = TLS ? { tls_truststore: "aforo-sidecar-ca", tls_keystore: "aforo-client", tls_key_alias: "gateway" } : {};
+const read = (path) => require("node:fs").readFileSync(path, "utf8");
+const tlsStores = TLS
+  ? {
+      truststores: { "aforo-sidecar-ca": read(TLS.ca) },
+      keystores: { "aforo-client": { gateway: { cert: read(TLS.cert), key: read(TLS.key) } } },
+    }
+  : {};
 
 test.before(async () => {
   if (skip) return;
@@ -32,8 +44,9 @@ test.before(async () => {
   apps[SEED.unknown] = { product: SEED.product };
   player = makePlayer({
     // Configured the Apigee Edge way: the environment KVM aforo-config.
-    config: { sidecar_url: SIDECAR, decision_url: DECISION, fail_mode: "closed", tenant: SEED.tenant, cost_header: "X-Aforo-Cost" },
+    config: { sidecar_url: SIDECAR, decision_url: DECISION, fail_mode: "closed", tenant: SEED.tenant, cost_header: "X-Aforo-Cost", ...tlsConfig },
     secrets: SECRETS,
+    tls: tlsStores,
     apps,
     backendUrl: backend.url,
   });
@@ -66,6 +79,9 @@ test("allowed calls reach the backend, are never cached, and are reported as usa
 
     // The authorize question the sidecar got (on its decision port when configured).
     assert.equal(ran(exchange, "SC-Aforo-Authorize")[0].url, `${DECISION || SIDECAR}/integrations/apigee/authorize`);
+    // Over TLS: the sidecar's CA from the truststore, the client certificate from the keystore.
+    const tls = TLS ? { clientCertificate: true, truststore: true } : null;
+    assert.deepEqual(ran(exchange, "SC-Aforo-Authorize")[0].tls, tls);
     const question = JSON.parse(exchange.ctx.message("aforo.authorize.request").content);
     assert.deepEqual(question, {
       appId: app,
@@ -79,6 +95,7 @@ test("allowed calls reach the backend, are never cached, and are reported as usa
     const [usage] = ran(exchange, "SC-Aforo-Usage");
     assert.ok(usage && !usage.failed, JSON.stringify(usage));
     assert.equal(usage.url, `${SIDECAR}/v1/usage`);
+    assert.deepEqual(usage.tls, tls);
     assert.deepEqual(JSON.parse(exchange.ctx.message("aforo.usage.response").content), {
       accepted: 1,
       duplicates: 0,
@@ -234,13 +251,15 @@ test("a request without a valid API key never reaches the shared flow", { skip }
 
 test("configured the Apigee X way (a property set), the KVM is not read", { skip }, async () => {
   const xPlayer = makePlayer({
-    propertySets: { aforo: { sidecar_url: SIDECAR, decision_url: DECISION, tenant: SEED.tenant } },
+    propertySets: { aforo: { sidecar_url: SIDECAR, decision_url: DECISION, tenant: SEED.tenant, ...tlsConfig } },
     secrets: SECRETS,
     apps,
     backendUrl: backend.url,
+    tls: tlsStores,
   });
   const exchange = await xPlayer.runProxy(call(SEED.apps.fresh));
   assert.equal(exchange.status, 200, exchange.body);
+  assert.equal(exchange.ctx.getVariable("aforo.reason"), "ok"); // the sidecar's answer, not the fail mode
   assert.equal(ran(exchange, "KVM-Aforo-Config").length, 0);
   assert.equal(ran(exchange, "SC-Aforo-Authorize").length, 1);
   assert.equal(ran(exchange, "SC-Aforo-Usage").length, 1);

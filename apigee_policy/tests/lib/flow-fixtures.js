@@ -99,8 +99,10 @@ async function closedPortUrl() {
  * A player over the real shared flow and example proxy. `config` goes into the
  * environment KVM aforo-config (the Apigee Edge way) unless `propertySets` is given (the
  * Apigee X way). `secrets` goes into the encrypted KVM aforo-secrets (gateway_token).
+ * `tls` ({truststores, keystores}) are the environment's, as the ServiceCallouts' <SSLInfo>
+ * names them.
  */
-function makePlayer({ config = null, propertySets = null, secrets = null, apps = {}, backendUrl = "http://127.0.0.1:9" } = {}) {
+function makePlayer({ config = null, propertySets = null, secrets = null, apps = {}, backendUrl = "http://127.0.0.1:9", tls = {} } = {}) {
   return new FlowPlayer({
     sharedFlows: { "aforo-authorize": SHARED_FLOW },
     proxy: PROXY,
@@ -108,6 +110,8 @@ function makePlayer({ config = null, propertySets = null, secrets = null, apps =
       kvms: { ...(config ? { "aforo-config": config } : {}), ...(secrets ? { "aforo-secrets": secrets } : {}) },
       propertySets: propertySets || {},
       targetServers: { "aforo-example-backend": backendUrl },
+      truststores: tls.truststores || {},
+      keystores: tls.keystores || {},
     },
     stubs: { VerifyAPIKey: verifyApiKeyStub(apps) },
   });

@@ -5,8 +5,9 @@
 //
 //   Javascript            the bundle's resources/jsc files, in a fresh scope (javascript.js)
 //   ServiceCallout        a real HTTP request, with the policy's <Timeout>, success.codes,
-//                         Request/Set (headers, verb, templated payload) and the
-//                         servicecallout.NAME.target.url override
+//                         Request/Set (headers, verb, templated payload), the
+//                         servicecallout.NAME.target.url override and <SSLInfo> (the
+//                         environment's truststores and keystores, by name)
 //   LookupCache/PopulateCache   an in-memory environment cache with TTLs
 //   KeyValueMapOperations Get, from the environment's KVMs given to the player
 //   AssignMessage         Set/Add/Remove headers, Set payload and status, AssignVariable
@@ -136,9 +137,18 @@ function successCodes(text) {
 }
 
 const keepAlive = { "http:": new http.Agent({ keepAlive: true, maxSockets: 8 }), "https:": new https.Agent({ keepAlive: true, maxSockets: 8 }) };
+const tlsAgents = new Map();
 
-/** One HTTP exchange with a total time budget. Resolves {status, headers, content}. */
-function httpExchange(url, { method, headers, content, timeoutMs }) {
+/** A keep-alive agent for TLS options ({ca, cert, key, rejectUnauthorized}), one per set. */
+function tlsAgent(options) {
+  const id = JSON.stringify(options);
+  if (!tlsAgents.has(id)) tlsAgents.set(id, new https.Agent({ keepAlive: true, maxSockets: 8, ...options }));
+  return tlsAgents.get(id);
+}
+
+/** One HTTP exchange with a total time budget. Resolves {status, headers, content}.
+ *  `tls`: the agent options an <SSLInfo> gave for an https URL (null: the defaults). */
+function httpExchange(url, { method, headers, content, timeoutMs, tls = null }) {
   return new Promise((resolve, reject) => {
     let target;
     try {
@@ -159,7 +169,8 @@ function httpExchange(url, { method, headers, content, timeoutMs }) {
         fn(v);
       }
     };
-    const req = transport.request(target, { method, headers: outHeaders, agent: keepAlive[target.protocol] });
+    const agent = tls && target.protocol === "https:" ? tlsAgent(tls) : keepAlive[target.protocol];
+    const req = transport.request(target, { method, headers: outHeaders, agent });
     const timer = timeoutMs
       ? setTimeout(() => {
           const err = new Error("timeout");
@@ -189,7 +200,8 @@ class FlowPlayer {
    * sharedFlows: {bundleName: dir of its sharedflowbundle/}
    * proxy: dir of an apiproxy/ (for runProxy)
    * environment: {kvms: {map: {key: value}}, propertySets: {set: {key: value}},
-   *               targetServers: {name: "http://host:port"}}
+   *               targetServers: {name: "http://host:port"},
+   *               truststores: {name: PEM}, keystores: {name: {alias: {cert, key}}}}
    * stubs: {PolicyTypeOrName: async (policy, ctx, player) => ...} for policy types the
    *        player does not implement (throw PolicyFailure to fail them).
    */
@@ -490,7 +502,7 @@ class FlowPlayer {
     if (requestEl.attrs.variable) ctx.setMessage(requestEl.attrs.variable, outgoing);
 
     const connection = policy.one("HTTPTargetConnection");
-    only(connection, ["Properties", "URL"]);
+    only(connection, ["Properties", "URL", "SSLInfo"]);
     const props = {};
     const propsEl = connection.one("Properties");
     for (const p of propsEl ? propsEl.all("Property") : []) props[p.attrs.name] = p.text.trim();
@@ -501,6 +513,9 @@ class FlowPlayer {
     entry.url = url;
     entry.timeoutMs = timeoutMs;
 
+    const tls = this.sslInfo(connection.one("SSLInfo"), lookup);
+    entry.tls = tls ? { clientCertificate: Boolean(tls.cert), truststore: Boolean(tls.ca) } : null;
+
     let answer;
     try {
       answer = await httpExchange(url, {
@@ -508,6 +523,7 @@ class FlowPlayer {
         headers: outgoing.headerObject(),
         content: outgoing.content,
         timeoutMs,
+        tls,
       });
     } catch (e) {
       entry.transportError = e.code || e.message;
@@ -522,6 +538,37 @@ class FlowPlayer {
     if (!isSuccess(answer.status)) {
       throw new PolicyFailure("ExecutionFailed", `Execution of ServiceCallout ${name} failed. Reason: ResponseCode ${answer.status} is treated as error`);
     }
+  }
+
+  /**
+   * <SSLInfo> as Apigee reads it (Options for configuring TLS, cloud.google.com/apigee/docs/
+   * api-platform/system-administration/options-configuring-tls): each element may be a
+   * {flow variable}; Enabled false ignores the block; TrustStore names an environment
+   * truststore (the CAs trusted), KeyStore and KeyAlias the client certificate sent when
+   * ClientAuthEnabled; Enforce true refuses a certificate that does not verify. The
+   * environment's truststores are {name: PEM}, its keystores {name: {alias: {cert, key}}}.
+   * Returns agent options for an https URL, or null when the block is absent or disabled.
+   */
+  sslInfo(element, lookup) {
+    if (!element) return null;
+    only(element, ["Enabled", "Enforce", "ClientAuthEnabled", "KeyStore", "KeyAlias", "TrustStore", "IgnoreValidationErrors"]);
+    const value = (name) => render(element.textAt([name], ""), lookup, true).trim();
+    if (value("Enabled") !== "true") return null;
+    const options = { rejectUnauthorized: value("Enforce") === "true" || value("IgnoreValidationErrors") !== "true" };
+    const truststore = value("TrustStore");
+    if (truststore) {
+      const ca = (this.environment.truststores || {})[truststore];
+      if (!ca) throw new PolicyFailure("ExecutionFailed", `no truststore ${truststore} in the environment`);
+      options.ca = ca;
+    }
+    if (value("ClientAuthEnabled") === "true") {
+      const store = (this.environment.keystores || {})[value("KeyStore")] || {};
+      const pair = store[value("KeyAlias")];
+      if (!pair) throw new PolicyFailure("ExecutionFailed", `no key ${value("KeyAlias")} in keystore ${value("KeyStore")}`);
+      options.cert = pair.cert;
+      options.key = pair.key;
+    }
+    return options;
   }
 
   // --- proxy -------------------------------------------------------------------------

@@ -191,3 +191,26 @@ test("the gateway token comes from the encrypted KVM only, and goes to a private
   assert.equal(v(ctx, "private.aforo.authorization"), "Bearer aft_z");
   assert.ok(!String(v(ctx, "aforo.authorize.body") || "").includes("aft_z"));
 });
+
+test("TLS to an https sidecar: the callout's SSLInfo variables from the configured stores", () => {
+  const stores = {
+    "aforo.config.tls_truststore": "aforo-sidecar-ca",
+    "aforo.config.tls_keystore": "aforo-client",
+    "aforo.config.tls_key_alias": "gateway",
+  };
+  let ctx = build({ ...stores, "aforo.config.sidecar_url": "https://sidecar.internal:8443" });
+  assert.equal(v(ctx, "aforo.tls.authorize.enabled"), "true");
+  assert.equal(v(ctx, "aforo.tls.authorize.client_auth"), "true");
+  assert.equal(v(ctx, "aforo.tls.truststore"), "aforo-sidecar-ca");
+  assert.equal(v(ctx, "aforo.tls.keystore"), "aforo-client");
+  assert.equal(v(ctx, "aforo.tls.key_alias"), "gateway");
+  // A keystore without an alias sends no client certificate.
+  ctx = build({ ...stores, "aforo.config.tls_key_alias": "", "aforo.config.sidecar_url": "https://s:8443" });
+  assert.equal(v(ctx, "aforo.tls.authorize.client_auth"), "false");
+  // An http sidecar: the SSLInfo block stays off, whatever the stores say.
+  ctx = build(stores);
+  assert.equal(v(ctx, "aforo.tls.authorize.enabled"), "false");
+  // The decision port's scheme decides for decisions.
+  ctx = build({ ...stores, "aforo.config.decision_url": "https://sidecar.internal:8444" });
+  assert.equal(v(ctx, "aforo.tls.authorize.enabled"), "true");
+});

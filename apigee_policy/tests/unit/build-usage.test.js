@@ -100,3 +100,13 @@ test("missing timings and sizes are 0, the status of an error response is taken"
   assert.equal(event.response_size, 0);
   assert.deepEqual(event.headers, {});
 });
+
+test("usage to an https sidecar sets the usage callout's SSLInfo variables", () => {
+  const tls = { "aforo.config.sidecar_url": "https://sidecar.internal:8443", "aforo.config.tls_truststore": "ca" };
+  let ctx = usage(tls);
+  assert.equal(v(ctx, "aforo.tls.usage.enabled"), "true");
+  assert.equal(v(ctx, "aforo.tls.usage.client_auth"), "false"); // no keystore configured
+  assert.equal(v(ctx, "aforo.tls.truststore"), "ca");
+  ctx = usage();
+  assert.equal(v(ctx, "aforo.tls.usage.enabled"), "false");
+});

@@ -107,6 +107,7 @@
       ",\"tenant\":" + JSON.stringify(s.tenant) +
       "}";
     aforo.set("aforo.authorize.body", body);
+    aforo.setTls("authorize", s.decisionUrl);
     aforo.set("servicecallout.SC-Aforo-Authorize.target.url", s.decisionUrl + "/integrations/apigee/authorize");
     aforo.set("aforo.state", "lookup");
   }

@@ -84,6 +84,7 @@
       headers: headers(s.usageHeaders)
     };
     aforo.set("aforo.usage.body", JSON.stringify(event));
+    aforo.setTls("usage", s.sidecarUrl);
     aforo.set("servicecallout.SC-Aforo-Usage.target.url", s.sidecarUrl + "/v1/usage");
     aforo.set("aforo.usage.ready", "true");
   }

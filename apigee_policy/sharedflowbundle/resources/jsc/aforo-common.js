@@ -24,14 +24,20 @@ var aforo = (function () {
     estimated_cost: "",
     cost_header: "",
     usage: "true",
-    usage_headers: "user-agent"
+    usage_headers: "user-agent",
+    // TLS to an https:// sidecar (the ServiceCallouts' <SSLInfo>): the names of an
+    // environment truststore holding the CA that signed the sidecar's certificate, and of
+    // a keystore and its alias for the client certificate of a sidecar requiring mutual TLS.
+    tls_truststore: "",
+    tls_keystore: "",
+    tls_key_alias: ""
   };
 
   // The sidecar's own validation rules (sidecar/core/models.py): a value it would refuse
   // with 400 must be caught here, or fail mode "open" would let such a request through.
   var TENANT_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
   var CONSUMER_ID_RE = /^[A-Za-z0-9._~@:+=\/-]{1,200}$/;
-  var PRODUCT_RE = /^[^\s|{}]{1,200}$/;
+  var PRODUCT_RE = /^[^\s|{}\x00-\x1f\x7f]{1,200}$/;
   var REQUEST_ID_RE = /^[\x21-\x7e]{1,200}$/;
   // Currency units with at most 6 decimals; at most 9 integer digits keeps the amount in
   // micro-units below the sidecar's ceiling (2^53 - 1).
@@ -143,6 +149,23 @@ var aforo = (function () {
     };
   }
 
+  /* The <SSLInfo> of the ServiceCallout NAME (SC-Aforo-Authorize, SC-Aforo-Usage), from
+     flow variables (Apigee resolves {variables} in SSLInfo): TLS for an https:// URL only,
+     with the configured truststore, and a client certificate when a keystore and an alias
+     are both configured. Apigee's own default (TLS when the URL is https) would look at
+     the policy's placeholder URL, not at the one set here. */
+  function setTls(name, url) {
+    var truststore = setting("tls_truststore");
+    var keystore = setting("tls_keystore");
+    var alias = setting("tls_key_alias");
+    var prefix = "aforo.tls." + name + ".";
+    set(prefix + "enabled", /^https:/.test(url) ? "true" : "false");
+    set(prefix + "client_auth", keystore !== "" && alias !== "" ? "true" : "false");
+    set("aforo.tls.truststore", truststore);
+    set("aforo.tls.keystore", keystore);
+    set("aforo.tls.key_alias", alias);
+  }
+
   function message(reason) {
     return MESSAGES.hasOwnProperty(reason) ? MESSAGES[reason] : "Request not allowed";
   }
@@ -196,6 +219,7 @@ var aforo = (function () {
     get: get,
     message: message,
     set: set,
+    setTls: setTls,
     setting: setting,
     settings: settings,
     text: text,
