@@ -84,7 +84,11 @@ async def _events(redis_url: str, prefix: str, consumer_id: str) -> list:
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "mutual TLS"])
 def test_shared_flow_against_a_running_sidecar(
-    start_sidecar, redis_url: str, prefix: str, pki: Pki, tls: bool  # noqa: F811 (the pki fixture)
+    start_sidecar,
+    redis_url: str,
+    prefix: str,
+    pki: Pki,  # noqa: F811 (the pki fixture)
+    tls: bool,
 ):
     """Acceptance 2: allowed calls proxied and never cached; 1000/day, the 1001st raises
     429 with Retry-After and the next one within ttl_seconds is answered from the cache;
