@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from sidecar.authorizer import Authorizer
 from sidecar.background import in_background
 from sidecar.config import Settings, load_settings
+from sidecar.grpc.contract import describe as grpc_contract
 from sidecar.grpc.server import grpc_server
 from sidecar.http.app import Service, create_app
 from sidecar.http.decision_server import decision_server
@@ -122,7 +123,9 @@ def build_app(settings: Settings, store: Store | None = None) -> Starlette:
                 await pg_catalog.close()
 
         services.append(postgres)
-    return create_app(settings, active, services=services, catalog=catalog)
+    return create_app(
+        settings, active, services=services, catalog=catalog, contract_extensions={"x-grpc": grpc_contract()}
+    )
 
 
 def app_from_env() -> Starlette:

@@ -6,6 +6,7 @@ it from assets the sidecar serves itself; and schemathesis, run against a live s
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,9 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sidecar.grpc.sidecar_service import SidecarService
 from sidecar.http.access import ACCESS, GATEWAY, OPEN
 from sidecar.http.contract import OPERATIONS
-from tests.conftest import ADMIN_TOKEN, SidecarProcess
+from sidecar.server import build_app
+from tests.conftest import ADMIN_TOKEN, SidecarProcess, make_settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _document(client: httpx.AsyncClient) -> dict:
@@ -58,6 +63,22 @@ async def test_every_route_is_in_the_document_with_its_roles(client: httpx.Async
     assert "scopes" in schemas["KeyRequest"]["properties"]
     # A field the path gives is not required of the body (PUT /v1/admin/plans/{plan_id}).
     assert "id" in schemas["Plan"]["required"] and "id" not in schemas["PlanBody"].get("required", [])
+
+
+def test_the_document_carries_the_grpc_api_the_sidecar_serves() -> None:
+    doc = json.loads(build_app(make_settings()).state.openapi)
+    services = {s["name"]: s for s in doc["x-grpc"]["services"]}
+    sidecar = services["aforo.sidecar.v1.Sidecar"]
+    assert (ROOT / sidecar["file"]).is_file()  # the .proto the stubs come from
+    for method in sidecar["methods"]:
+        assert method["name"] in vars(SidecarService), method["name"]  # implemented, not the stub's
+        assert method["input"] in doc["x-grpc"]["messages"] and method["output"] in doc["x-grpc"]["messages"]
+    assert {m["name"] for m in sidecar["methods"]} >= {"Authorize", "ReportUsage", "GetConsumerStatus"}
+    report = next(m for m in sidecar["methods"] if m["name"] == "ReportUsage")
+    assert report["client_streaming"] is True
+    assert "envoy.service.ratelimit.v3.RateLimitService" in services
+    fields = {f["name"]: f for f in doc["x-grpc"]["messages"]["aforo.sidecar.v1.UsageEvent"]}
+    assert fields["headers"]["type"] == "map<string, string>" and not fields["headers"]["repeated"]
 
 
 class _Assets(HTMLParser):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
@@ -36,9 +37,11 @@ def create_app(
     store: Store | None = None,
     services: Sequence[Service] = (),
     catalog: Catalog | None = None,
+    contract_extensions: dict[str, Any] | None = None,
 ) -> Starlette:
     """The app over ``store`` (built from the settings when not given; closed on exit).
-    ``catalog`` is the admin write path; by default the store alone."""
+    ``catalog`` is the admin write path; by default the store alone.
+    ``contract_extensions``: more of the API for /openapi.json (the gRPC side)."""
     owned = store is None
     active: Store = build_store(settings) if store is None else store
     writes: Catalog = StoreCatalog(active) if catalog is None else catalog
@@ -77,7 +80,7 @@ def create_app(
         *openapi.ROUTES,
     ]
     app = Starlette(routes=protect(routes), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    app.state.openapi = msgspec.json.encode(openapi.document(routes))
+    app.state.openapi = msgspec.json.encode(openapi.document(routes, contract_extensions))
     app.state.gate = Gate(settings.auth_failure_limit)
     app.state.introspection_limit = introspection.PerSecond(settings.introspect_per_second)
     app.state.settings = settings

@@ -181,9 +181,10 @@ def _operation(method: str, path: str, op: Operation, rule: Rule, waiting: Waiti
     return body
 
 
-def document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
+def document(routes: Sequence[BaseRoute], extensions: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``routes`` (ValueError when a route has no operation
-    in OPERATIONS or an operation no route)."""
+    in OPERATIONS or an operation no route), with ``extensions`` (``x-...`` keys) at its
+    top level: the composition root adds the gRPC API (``x-grpc``)."""
     paths: dict[str, dict[str, Any]] = {}
     waiting: Waiting = []
     served = set()
@@ -214,6 +215,7 @@ def document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
                 "/integrations/apigee/authorize the same way; gRPC: proto/aforo/sidecar/v1/sidecar.proto."
             ),
         },
+        **(extensions or {}),
         "paths": paths,
         "components": {
             "schemas": components,

@@ -61,6 +61,32 @@
     return item;
   }
 
+  // The gRPC API (x-grpc: the services, their methods, the messages' fields).
+  function grpc(api) {
+    const out = [el("h2", {}, "gRPC")];
+    const message = (name) => {
+      const table = el("table", {}, el("tr", {}, el("th", {}, "field"), el("th", {}, "#"), el("th", {}, "type")));
+      for (const f of api.messages[name] || []) {
+        table.append(el("tr", {}, el("td", {}, f.name), el("td", {}, f.number), el("td", {}, (f.repeated ? "repeated " : "") + f.type)));
+      }
+      return el("div", {}, el("h4", {}, name), table);
+    };
+    for (const service of api.services) {
+      for (const m of service.methods) {
+        const input = (m.client_streaming ? "stream " : "") + m.input;
+        const output = (m.server_streaming ? "stream " : "") + m.output;
+        const head = el("summary", {}, el("span", { class: "method post" }, "RPC"), service.name + "/" + m.name, el("span", { class: "text" }, input + " -> " + output));
+        const item = el("details", {}, head, el("div", { class: "body" }, el("p", {}, "Defined in " + service.file + "."), message(m.input), message(m.output)));
+        item.dataset.search = [service.name, m.name, m.input, m.output, "grpc"].join(" ").toLowerCase();
+        out.push(item);
+      }
+    }
+    const all = el("details", {}, el("summary", {}, "Every message"), el("div", { class: "body" }, ...Object.keys(api.messages).sort().map(message)));
+    all.dataset.search = "grpc messages " + Object.keys(api.messages).join(" ").toLowerCase();
+    out.push(all);
+    return out;
+  }
+
   function render(doc) {
     const root = document.getElementById("api");
     root.textContent = "";
@@ -77,6 +103,7 @@
     }
     root.append(el("p", {}, (doc.info && doc.info.description) || ""));
     for (const [tag, items] of byTag) root.append(el("h2", {}, tag), ...items);
+    if (doc["x-grpc"]) root.append(...grpc(doc["x-grpc"]));
     document.getElementById("filter").addEventListener("input", (event) => {
       const words = event.target.value.toLowerCase().split(/\s+/).filter(Boolean);
       for (const item of root.querySelectorAll("details")) {
