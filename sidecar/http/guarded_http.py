@@ -5,11 +5,12 @@ open or made to buffer without bound:
 - a request line over ``MAX_URL_BYTES`` is answered 414 ``uri_too_long``, headers over
   ``MAX_HEADER_BYTES`` in all 431 ``headers_too_large``, and the connection is closed
   without reading the rest;
-- a request's line and headers must arrive within ``REQUEST_TIMEOUT_S`` of its first
-  byte (of the connection, for the first request: a connection that sends nothing is
-  closed too), and its body, when it has one, at ``BODY_FLOOR_BYTES_PER_S`` at least
-  (``REQUEST_TIMEOUT_S`` plus its length at that rate; a chunked body of unknown length
-  gets ``CHUNKED_BODY_TIMEOUT_S``); past either the connection is closed (slowloris).
+- a new connection must send within ``REQUEST_TIMEOUT_S``; a request's line and headers
+  must arrive within ``REQUEST_TIMEOUT_S`` of its first byte, and its body, when it has
+  one, at ``BODY_FLOOR_BYTES_PER_S`` at least (``REQUEST_TIMEOUT_S`` plus its length at
+  that rate; a chunked body of unknown length gets ``CHUNKED_BODY_TIMEOUT_S``); past
+  either the connection is closed (slowloris). As on the decision port, a request that
+  arrives in one read costs no timer: one is set only when a read leaves it incomplete.
 
 uvicorn's own keep-alive timeout still closes a connection idle between requests.
 """
@@ -39,12 +40,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
         self._header_bytes = 0
+        self._in_head = False  # a request's line and headers are coming
+        self._began = 0.0  # when its first byte came (loop time)
+        self._content_length = 0
+        self._chunked = False
+        self._body_deadline: float | None = None  # loop time by which its body must be in
 
     # --- the deadline of what is being received -------------------------------------
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._too_slow)
+        self._deadline = self.loop.call_later(max(seconds, 0.0), self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -60,6 +66,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # A connection that sends nothing is held to a request head's limit too.
         self._arm(REQUEST_TIMEOUT_S)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -88,16 +95,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)
+        if self._refused:
+            return
+        self._disarm()  # a connection's first bytes, or more of a slow request
+        super().data_received(data)
+        # A request that arrived in this read is done and costs no timer; one that is
+        # still coming gets the time its part has left to arrive.
+        if self._in_head:
+            self._arm(REQUEST_TIMEOUT_S - (self.loop.time() - self._began))
+        elif self._body_deadline is not None:
+            self._arm(self._body_deadline - self.loop.time())
 
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
-        if self._deadline is None:
-            self._arm(REQUEST_TIMEOUT_S)
+        self._content_length = 0
+        self._chunked = False
+        self._in_head = True
+        self._began = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -108,20 +125,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
             self._refuse(431, "headers_too_large", f"the request's headers are over {MAX_HEADER_BYTES} bytes")
+        lowered = name.lower()
+        if lowered == b"content-length":
+            text = value.decode("latin-1").strip()
+            self._content_length = int(text) if digits(text) else 0
+        elif lowered == b"transfer-encoding":
+            self._chunked = True
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
-        length = next((v for n, v in self.headers if n == b"content-length"), None)
-        chunked = any(n == b"transfer-encoding" for n, _ in self.headers)
-        if length is not None and digits(length.decode("latin-1").strip()) and int(length) > 0:
-            self._arm(REQUEST_TIMEOUT_S + int(length) / BODY_FLOOR_BYTES_PER_S)
-        elif chunked:
-            self._arm(CHUNKED_BODY_TIMEOUT_S)
+        self._in_head = False
+        length = self._content_length
+        if length:
+            self._body_deadline = self.loop.time() + REQUEST_TIMEOUT_S + length / BODY_FLOOR_BYTES_PER_S
+        elif self._chunked:
+            self._body_deadline = self.loop.time() + CHUNKED_BODY_TIMEOUT_S
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._body_deadline = None
         super().on_message_complete()
 
 
