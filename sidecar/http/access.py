@@ -81,6 +81,7 @@ ACCESS: dict[tuple[str, str], Rule] = {
     (_PUT, "/v1/admin/plans/{plan_id}"): ADMIN,
     (_DELETE, "/v1/admin/plans/{plan_id}"): ADMIN,
     # consumers, wallets, keys
+    (_GET, "/v1/usage/consumers/{consumer_id}/current"): READ_CONSUMERS,
     (_GET, "/v1/admin/consumers"): READ_CONSUMERS,
     (_GET, "/v1/admin/consumers/{consumer_id}"): READ_CONSUMERS,
     (_GET, "/v1/admin/consumers/{consumer_id}/wallet-notices"): READ_CONSUMERS,

@@ -14,7 +14,18 @@ from starlette.routing import Route
 from sidecar.authorizer import Authorizer
 from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
-from sidecar.http import admin, connections, decisions, ingest, introspection, openapi, probes, tokens, usage
+from sidecar.http import (
+    admin,
+    connections,
+    decisions,
+    ingest,
+    introspection,
+    openapi,
+    probes,
+    tokens,
+    usage,
+    usage_query,
+)
 from sidecar.http.access import Gate, protect
 from sidecar.http.errors import EXCEPTION_HANDLERS
 from sidecar.integrations.apigee import routes as apigee_routes
@@ -71,6 +82,7 @@ def create_app(
         Route("/integrations/apigee/authorize", decisions.apigee_authorize, methods=["POST"]),
         Route("/v1/usage", usage.report_usage, methods=["POST"]),
         *admin.ROUTES,
+        *usage_query.ROUTES,
         *connections.ROUTES,
         *kong_routes.ROUTES,
         *apigee_routes.ROUTES,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from sidecar.core.access import TOKEN_ID_RE, RotateRequest, TokenRequest, TokenView
+from sidecar.core.current_usage import CurrentUsage
 from sidecar.core.models import (
     CONSUMER_ID_CHARS,
     PLAN_ID_RE,
@@ -377,6 +378,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {200: Answer(description='{"balance", "applied"}.')},
         body=TopUp,
         from_path=("consumer_id",),
+    ),
+    ("GET", "/v1/usage/consumers/{consumer_id}/current"): Operation(
+        "A consumer's current period: each window's used, limit, remaining, resets_at; the wallet.",
+        "consumers",
+        {200: Answer(CurrentUsage)},
+        query=(TENANT,),
     ),
     ("GET", "/v1/admin/reconciliation"): Operation(
         "Redis windows against the Postgres ledger, drift flagged.",
