@@ -108,16 +108,8 @@ class Plugin:
         # Raises ConfigError: kong-pdk answers StartInstance with its message.
         self.cfg = Config.parse(config)
         cfg = self.cfg
-        address = (
-            cfg.grpc_target,
-            cfg.http_url,
-            cfg.protocol,
-            cfg.http_fallback,
-            cfg.decision_url,
-            cfg.gateway_token,
-            cfg.tls,
-        )
-        self.client = client_for(*address)
+        address = cfg.address
+        self.client = client_for(address)
         self.batcher = (
             usage.batcher_for(
                 self.client,

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -172,6 +172,20 @@ class Tls:
 PLAIN = Tls()
 
 
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where and how to reach one sidecar: what a plugin configuration says of it, and
+    the key under which the process keeps one client (and one usage batcher) for it."""
+
+    grpc_target: str
+    http_url: str
+    protocol: str = "grpc"
+    http_fallback: bool = True
+    decision_url: str | None = None  # the decision port; None: http_url
+    gateway_token: str | None = field(default=None, repr=False)  # a secret: never in a log line
+    tls: Tls = PLAIN
+
+
 class _HttpPool:
     """Keep-alive HTTP/1.1 connections to one sidecar, shared by all threads."""
 
@@ -246,27 +260,20 @@ class _HttpPool:
 
 
 class SidecarClient:
-    def __init__(
-        self,
-        grpc_target: str,
-        http_url: str,
-        protocol: str,
-        http_fallback: bool,
-        decision_url: str | None = None,
-        gateway_token: str | None = None,
-        tls: Tls = PLAIN,
-    ) -> None:
-        self.grpc_target = grpc_target
-        self.tls = tls
-        self.use_grpc = protocol == "grpc"
-        self.use_http = protocol == "http" or http_fallback
+    def __init__(self, address: Address) -> None:
+        self.grpc_target = address.grpc_target
+        self.tls = address.tls
+        self.use_grpc = address.protocol == "grpc"
+        self.use_http = address.protocol == "http" or address.http_fallback
         # The sidecar's gateway token (when it requires one), on every call: a header
         # over HTTP, metadata over gRPC.
-        auth = {} if gateway_token is None else {"Authorization": f"Bearer {gateway_token}"}
+        token = address.gateway_token
+        auth = {} if token is None else {"Authorization": f"Bearer {token}"}
         self._metadata = tuple((k.lower(), v) for k, v in auth.items()) or None
-        self._http = _HttpPool(http_url, auth, tls)
+        self._http = _HttpPool(address.http_url, auth, address.tls)
         # The sidecar's decision port serves decisions only (usage stays on http_url).
-        self._decisions = _HttpPool(decision_url, auth, tls) if decision_url else self._http
+        decision_url = address.decision_url
+        self._decisions = _HttpPool(decision_url, auth, address.tls) if decision_url else self._http
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.SidecarStub | None = None
@@ -446,24 +453,15 @@ def _chunks(events: Sequence[dict[str, Any]]) -> list[bytes]:
     return chunks
 
 
-_clients: dict[tuple[Any, ...], SidecarClient] = {}
+_clients: dict[Address, SidecarClient] = {}
 _clients_lock = threading.Lock()
 _clients_pid = os.getpid()
 
 
-def client_for(
-    grpc_target: str,
-    http_url: str,
-    protocol: str,
-    http_fallback: bool,
-    decision_url: str | None = None,
-    gateway_token: str | None = None,
-    tls: Tls = PLAIN,
-) -> SidecarClient:
+def client_for(address: Address) -> SidecarClient:
     """The process's client for this sidecar address (and token and TLS), created on first use."""
     global _clients_pid
-    key = (grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token, tls)
-    client = _clients.get(key)
+    client = _clients.get(address)
     if client is not None and _clients_pid == os.getpid():
         return client
     with _clients_lock:
@@ -471,12 +469,10 @@ def client_for(
             # A forked child must not use its parent's gRPC channel (gRPC is not fork-safe).
             _clients.clear()
             _clients_pid = os.getpid()
-        client = _clients.get(key)
+        client = _clients.get(address)
         if client is None:
-            client = SidecarClient(
-                grpc_target, http_url, protocol, http_fallback, decision_url, gateway_token, tls
-            )
-            _clients[key] = client
+            client = SidecarClient(address)
+            _clients[address] = client
         return client
 
 

@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-from kong_plugin.client import Tls
+from kong_plugin.client import Address, Tls
 
 # The sidecar's own rules for a tenant and a product (sidecar/core/models.py), written
 # here because the plugin ships to Kong hosts without the service; tests/test_boundaries.py
@@ -354,6 +354,18 @@ class Config:
     @property
     def tls(self) -> Tls:
         return Tls(self.grpc_tls, self.tls_ca_file, self.tls_client_cert_file, self.tls_client_key_file)
+
+    @property
+    def address(self) -> Address:
+        return Address(
+            self.grpc_target,
+            self.http_url,
+            self.protocol,
+            self.http_fallback,
+            self.decision_url,
+            self.gateway_token,
+            self.tls,
+        )
 
     def _check_tls(self) -> None:
         """Files that do not load fail here, naming the field, not on every request."""

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from kong_plugin.client import SidecarClient, SidecarUnavailable
+from kong_plugin.client import Address, SidecarClient, SidecarUnavailable
 
 log = logging.getLogger("aforo.kong.usage")
 
@@ -167,11 +167,11 @@ _batchers_lock = threading.Lock()
 
 
 def batcher_for(
-    client: SidecarClient, key: tuple[Any, ...], queue_size: int, batch_size: int, flush_interval_s: float
+    client: SidecarClient, address: Address, queue_size: int, batch_size: int, flush_interval_s: float
 ) -> UsageBatcher:
     """The process's batcher for this sidecar and queue settings: plugin instances
     configured alike (the usual case) share one queue and one sender thread."""
-    full_key = (*key, queue_size, batch_size, flush_interval_s)
+    full_key = (address, queue_size, batch_size, flush_interval_s)
     with _batchers_lock:
         batcher = _batchers.get(full_key)
         if batcher is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kong_plugin.client import Ask, SidecarClient  # noqa: E402
+from kong_plugin.client import Address, Ask, SidecarClient  # noqa: E402
 from sidecar.store.redis_store import RedisStore  # noqa: E402
 from tests.conftest import delete_prefix  # noqa: E402
 from tests.kong.emulator import Exchange, KongRequest  # noqa: E402
@@ -59,9 +59,11 @@ def direct_clients(sidecar: Sidecar) -> dict[str, SidecarClient]:
     """The plugin's own client on each transport, called from this process without the
     plugin server or Kong: the sidecar's own answer, which the access phase adds to."""
     return {
-        "grpc": SidecarClient(sidecar.grpc_target, sidecar.url, "grpc", False),
-        "http": SidecarClient(sidecar.grpc_target, sidecar.url, "http", False),
-        "decision port": SidecarClient(sidecar.grpc_target, sidecar.url, "http", False, sidecar.decision_url),
+        "grpc": SidecarClient(Address(sidecar.grpc_target, sidecar.url, "grpc", False)),
+        "http": SidecarClient(Address(sidecar.grpc_target, sidecar.url, "http", False)),
+        "decision port": SidecarClient(
+            Address(sidecar.grpc_target, sidecar.url, "http", False, sidecar.decision_url)
+        ),
     }
 
 

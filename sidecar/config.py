@@ -220,14 +220,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise SettingsError(f"{name}: no such file {path!r}")
-        if self.tls_cert_file is not None:
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
             import ssl
 
+            from sidecar.tls import load_context  # imports this module: here, not at the top
+
             try:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
-                if self.tls_client_ca_file is not None:
-                    context.load_verify_locations(self.tls_client_ca_file)
+                load_context(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
             except (ssl.SSLError, ValueError) as exc:
                 raise SettingsError(f"the TLS files do not load: {exc}") from None
         return self

@@ -29,15 +29,21 @@ from sidecar.config import Settings
 log = logging.getLogger(__name__)
 
 
-def _context(settings: Settings) -> ssl.SSLContext:
-    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+def load_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
+    """A server context from PEM files (raises ssl.SSLError, OSError or ValueError for
+    files that do not load: the settings check runs it at start)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    if settings.tls_client_ca_file is not None:
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(settings.tls_client_ca_file)
+        context.load_verify_locations(client_ca_file)
     return context
+
+
+def _context(settings: Settings) -> ssl.SSLContext:
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    return load_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
 
 
 def _grpc_configuration(settings: Settings) -> grpc.ServerCertificateConfiguration:

@@ -290,6 +290,14 @@ async def test_failed_authentications_are_rate_limited_per_address(
     assert counts["invalid"] >= limit and counts["rate_limited"] >= 1
 
 
+async def test_the_failed_authentication_limit_is_a_setting() -> None:
+    app = create_app(make_settings(auth_failure_limit=3))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sidecar") as http:
+        wrong = bearer("aft_0123456789abcdef_" + "x" * 43)
+        statuses = [(await http.get("/v1/admin/consumers", headers=wrong)).status_code for _ in range(4)]
+    assert statuses == [401, 401, 401, 429]
+
+
 def test_the_roles_are_the_ones_the_readme_names() -> None:
     text = README.read_text()
     table = text[text.index("| role | may |") : text.index("A token of one tenant never sees another")]

@@ -57,6 +57,8 @@ def test_to_env_rebuilds_the_same_settings():
         ({"workers": 2}, "workers > 1 needs redis_url"),
         ({"redis_url": "http://localhost:6379"}, "is not a Redis URL"),
         ({"decision_timeout_ms": 0}, "decision_timeout_ms 0 is out of range"),
+        ({"introspect_per_second": 0}, "introspect_per_second 0 is out of range"),
+        ({"auth_failure_limit": 0}, "auth_failure_limit 0 is out of range"),
         ({"admin_token": "short"}, "admin_token must be at least 16 characters"),
         ({"tenant_fail_modes": "acme"}, "tenant_fail_modes expects entries like tenant=closed"),
         ({"tenant_fail_modes": "acme=half"}, "tenant_fail_modes"),

@@ -117,9 +117,11 @@ def test_without_the_right_certificates_the_fail_mode_answers_and_nothing_counts
     [
         ({"tls_client_cert_file": "x.pem"}, "go together"),
         ({"tls_ca_file": "/nonexistent/ca.pem"}, "not found"),
-        ({"tls_client_cert_file": "/etc/hostname", "tls_client_key_file": "/etc/hostname"}, "do not load"),
+        ({"tls_client_cert_file": "{garbage}", "tls_client_key_file": "{garbage}"}, "do not load"),
     ],
 )
-def test_tls_files_that_cannot_work_fail_the_config(change, words):
+def test_tls_files_that_cannot_work_fail_the_config(change, words, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
     with pytest.raises(ConfigError, match=words):
-        Config.parse(change)
+        Config.parse({name: value.format(garbage=garbage) for name, value in change.items()})

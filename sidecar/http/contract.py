@@ -70,9 +70,6 @@ class Operation(NamedTuple):
     # the same value): not required in the body's schema.
     from_path: tuple[str, ...] = ()
 
-    def path_param(self, name: str) -> Param:
-        return PATH_PARAMS[name]
-
     def implied_errors(self, rule: Rule, has_path: bool, has_query: bool) -> set[int]:
         """What every route of this kind can answer: a bad body or parameter (400), a
         body over the limit (413), an unknown object (404), the credentials (401, 403,

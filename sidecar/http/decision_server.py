@@ -69,7 +69,7 @@ MAX_HEADER_BYTES = 16 * 1024  # names and values of all headers of a request
 REQUEST_TIMEOUT_S = 5.0  # from a request's first byte to its last
 
 
-def _http_response(
+def http_response(
     status: int, body: bytes, retry_after: int | None, keep_alive: bool, headers: bytes = b""
 ) -> bytes:
     """``headers``: more header lines, each ending in CRLF."""
@@ -90,7 +90,7 @@ def _internal_error(keep_alive: bool) -> bytes:
     """The 500 response of a bug, logged with its traceback (call from an except)."""
     log.exception("unhandled error on the decision port")
     body = error_body("internal_error", "internal error; see the sidecar's log")
-    return _http_response(500, body, None, keep_alive)
+    return http_response(500, body, None, keep_alive)
 
 
 class _Reply:
@@ -116,9 +116,7 @@ class _Reply:
         except Exception:
             connection.ready(self, _internal_error(self.keep_alive))
             return
-        connection.ready(
-            self, _http_response(answer.status, answer.body, answer.retry_after, self.keep_alive)
-        )
+        connection.ready(self, http_response(answer.status, answer.body, answer.retry_after, self.keep_alive))
 
 
 class _Connection(asyncio.Protocol):
@@ -245,7 +243,7 @@ class _Connection(asyncio.Protocol):
             # RFC 9110: a 405 names the methods the resource takes.
             allow = b"allow: POST\r\n" if route is not None else b"allow: GET\r\n"
             body = error_body("method_not_allowed", "Method Not Allowed")
-            self.ready(self._queue(keep_alive), _http_response(405, body, None, keep_alive, allow))
+            self.ready(self._queue(keep_alive), http_response(405, body, None, keep_alive, allow))
         else:
             message = "the decision port serves only the decision endpoints"
             self._reply_now(404, error_body("not_found", message), keep_alive)
@@ -261,7 +259,7 @@ class _Connection(asyncio.Protocol):
         return reply
 
     def _reply_now(self, status: int, body: bytes, keep_alive: bool) -> None:
-        self.ready(self._queue(keep_alive), _http_response(status, body, None, keep_alive))
+        self.ready(self._queue(keep_alive), http_response(status, body, None, keep_alive))
 
     def _decide(self, route: DecisionRoute, body: bytes, keep_alive: bool) -> None:
         try:
@@ -297,7 +295,7 @@ class _Connection(asyncio.Protocol):
                 body = error_body("gateway_token_required", REFUSALS[MISSING])
             else:
                 body = error_body("unauthorized", REFUSALS[INVALID])
-            self.ready(reply, _http_response(401, body, None, reply.keep_alive))
+            self.ready(reply, http_response(401, body, None, reply.keep_alive))
             return
         try:
             pending = reply.pending = self.authorizer.begin(request)

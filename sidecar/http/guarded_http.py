@@ -25,7 +25,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.core.digits import digits
-from sidecar.http.decision_server import MAX_HEADER_BYTES, MAX_URL_BYTES, REQUEST_TIMEOUT_S
+from sidecar.http.decision_server import MAX_HEADER_BYTES, MAX_URL_BYTES, REQUEST_TIMEOUT_S, http_response
 from sidecar.http.errors import error_body
 
 log = logging.getLogger("aforo.http")
@@ -80,12 +80,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         ``send_400_response`` then answers nothing more)."""
         self._refused = True
         self._disarm()
-        body = error_body(code, message)
-        head = (
-            b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
-        )
-        self.transport.write(head + body)
+        self.transport.write(http_response(status, error_body(code, message), None, keep_alive=False))
         self.transport.pause_reading()
         self.transport.close()
         raise httptools.HttpParserError(f"refused with {status}")
@@ -145,6 +140,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._body_deadline = None
         super().on_message_complete()
-
-
-_REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}

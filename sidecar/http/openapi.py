@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from sidecar import __version__
 from sidecar.http.access import ACCESS, GATEWAY, INGEST_SECRET, OPEN, Rule
-from sidecar.http.contract import OPERATIONS, Operation, Param
+from sidecar.http.contract import OPERATIONS, PATH_PARAMS, Operation, Param
 from sidecar.http.errors import Envelope
 from sidecar.http.ingest import SECRET_HEADER, TENANT_HEADER
 
@@ -41,18 +41,13 @@ _STATUS_TEXT = {
     200: "OK",
     201: "Created",
     202: "Accepted",
-    204: "No Content",
     400: "Invalid input: nothing was changed",
     401: "No credentials, or credentials that are not valid",
     403: "Valid credentials without the role this needs",
     404: "No such object (or one of another tenant)",
-    405: "Method not allowed",
     409: "Conflicts with the current state: nothing was changed",
     413: "Body larger than the limit",
-    415: "Body of a media type this does not take",
     429: "Too many requests (failed authentications, or a per-caller limit)",
-    431: "Headers too large",
-    500: "Internal error",
     501: "Needs a setting this sidecar does not have (Postgres)",
     502: "The gateway answered with an error",
     503: "The store (Redis or Postgres) did not answer: retry",
@@ -140,7 +135,7 @@ def _operation(method: str, path: str, op: Operation, rule: Rule, waiting: Waiti
         body["x-aforo-roles"] = roles
         body["description"] = "Roles: " + ", ".join(roles) + ("." if rule != GATEWAY else " (when required).")
     path_names = _PATH_PARAM.findall(path)
-    params = [_parameter(op.path_param(name), "path") for name in path_names]
+    params = [_parameter(PATH_PARAMS[name], "path") for name in path_names]
     params += [_parameter(q, "query") for q in op.query]
     if rule == INGEST_SECRET:
         # Not a header parameter: a header the operation does not name is no error.
