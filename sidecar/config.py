@@ -93,7 +93,23 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     full_sync_interval_seconds: int = 300
     # Between these scans the reconciler drains only the streams sidecars marked dirty.
     stream_scan_interval_seconds: int = 60
+    # The reconciler's Prometheus endpoint (/metrics on host): its lag, backlog and
+    # webhook deliveries; 0 turns it off. `serve` has /metrics on its HTTP port instead.
+    reconciler_metrics_port: int = 9466
     drift_threshold_pct: float = 2.0
+    # Reconciler: drop the monthly partitions of usage_records and gateway_events whose
+    # month ended more than this many months ago (the rollups stay); 0 keeps them forever.
+    usage_retention_months: int = 0
+    # Webhook deliveries (the reconciler sends them): each retried with exponential
+    # backoff and jitter, from webhook_retry_first_seconds doubling up to
+    # webhook_retry_max_seconds apart, for webhook_retry_hours after the event, then
+    # given up (redeliverable by hand). A receiver has webhook_timeout_seconds to answer.
+    webhook_retry_first_seconds: int = 5
+    webhook_retry_max_seconds: int = 3_600
+    webhook_retry_hours: int = 24
+    webhook_timeout_seconds: int = 10
+    webhook_concurrency: int = 16  # deliveries in flight at once
+    webhook_poll_ms: int = 1_000  # how often pending deliveries are looked for when idle
     # Keys that seal gateway connection secrets at rest (AES-256-GCM): "id=<base64 of
     # 32 random bytes>,...". The first seals; all open (put a new key first to rotate).
     secret_keys: dict[str, str] = {}
@@ -181,6 +197,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("drain_batch", 1, 100_000),
             ("full_sync_interval_seconds", 1, 86_400 * 7),
             ("stream_scan_interval_seconds", 1, 86_400),
+            ("usage_retention_months", 0, 1200),
+            ("reconciler_metrics_port", 0, 65535),
+            ("webhook_retry_first_seconds", 1, 3_600),
+            ("webhook_retry_max_seconds", 1, 86_400),
+            ("webhook_retry_hours", 24, 24 * 30),
+            ("webhook_timeout_seconds", 1, 60),
+            ("webhook_concurrency", 1, 1_000),
+            ("webhook_poll_ms", 10, 60_000),
             ("deny_ttl_seconds", 0, 86_400),
             ("quota_ttl_cap_seconds", 0, 86_400 * 31),
         ):

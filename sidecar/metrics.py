@@ -12,6 +12,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -48,6 +49,24 @@ AUTH_FAILURES = Counter(
     "admin_disabled, forbidden (a role short), rate_limited (too many failures from one address).",
     ["reason"],
 )
+WEBHOOK_DELIVERIES = Counter(
+    "aforo_webhook_deliveries_total",
+    "Webhook delivery attempts by the reconciler: delivered (2xx), failed (to be retried), "
+    "gave_up (failed past the retry period; redeliver by hand).",
+    ["result"],
+)
+STORE_BREAKER_OPEN = Gauge(
+    "aforo_store_breaker_open",
+    "1 while the breaker of a Redis node is open (a refused or lost connection, or missed "
+    "deadlines: its commands fail at once for breaker_cooldown_ms), 0 once it is tried again.",
+    ["node"],
+    multiprocess_mode="max",  # several workers: open if open in any of them
+)
+
+
+def store_breaker(node: str, is_open: bool) -> None:
+    """Called on the breaker's transitions only, never per decision."""
+    STORE_BREAKER_OPEN.labels(node).set(1 if is_open else 0)
 
 
 # Resolved once: labels() validates and locks on every call, the decision path need not.

@@ -442,6 +442,8 @@ def reconciler(tmp_path) -> Iterator[Callable[..., ReconcilerProcess]]:
                 "AFORO_KEY_PREFIX": prefix,
                 "AFORO_DRAIN_INTERVAL_MS": "50",
                 "AFORO_LOG_LEVEL": "info",
+                # Off unless a test asks (tests/test_monitoring.py): two at once would share 9466.
+                "AFORO_RECONCILER_METRICS_PORT": "0",
                 **extra,
             }
         )

@@ -82,6 +82,7 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
             "0006_connections.sql",
             "0007_api_tokens.sql",
             "0008_api_key_scopes.sql",
+            "0009_alerts_webhooks.sql",
         ]
         tables = {
             r["tablename"]
@@ -90,8 +91,9 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
         assert {"plans", "consumers", "api_keys", "wallets", "wallet_transactions", "usage_records"} <= tables
         assert {"gateway_events", "audit_log", "tenants", "schema_migrations", "wallet_notices"} <= tables
         assert {"connections", "connection_secrets", "api_tokens"} <= tables
+        assert {"alerts", "webhooks", "webhook_deliveries", "webhook_attempts"} <= tables
         assert await migrate(conn) == []
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 8
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 9
         # An applied migration edited afterwards is refused, not skipped.
         await conn.execute("UPDATE schema_migrations SET checksum = 'x'")
         with pytest.raises(Exception, match="applied with different content"):

@@ -244,6 +244,8 @@ class UsageRecord(msgspec.Struct):
     operation: str
     cost: int
     hits: int
+    # The quota levels this call took a window across (sidecar/core/alerts.py), '' if none.
+    crossings: str = ""
 
 
 MAX_EVENT_HEADERS = 32

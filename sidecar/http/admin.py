@@ -7,9 +7,6 @@ for a developer token, the consumers) the token may see.
 
 from __future__ import annotations
 
-import base64
-from typing import Any
-
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,7 +17,6 @@ from sidecar.catalog import Catalog, NeedsPostgres
 from sidecar.core.access import Principal, Role
 from sidecar.core.api_keys import checked_scopes, generate_api_key, hash_api_key
 from sidecar.core.clock import check_lifetime, iso_utc, now_ms
-from sidecar.core.digits import digits
 from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import (
     CONSUMER_ID_RE,
@@ -37,7 +33,16 @@ from sidecar.core.models import (
 )
 from sidecar.core.money import MAX_MICROS
 from sidecar.http.access import principal, scope, scope_consumer
-from sidecar.http.admin_request import actor, admin_body, json_response, record, tenant_param
+from sidecar.http.admin_request import (
+    Page,
+    actor,
+    admin_body,
+    json_response,
+    page_cursor,
+    page_request,
+    record,
+    tenant_param,
+)
 from sidecar.http.bodies import decode_into
 from sidecar.http.connections import push_status
 from sidecar.http.errors import ApiError
@@ -71,40 +76,10 @@ async def put_plan(request: Request) -> Response:
     return json_response(plan, 201 if created else 200)
 
 
-_MAX_PAGE = 1000
-
-
-class _Page(msgspec.Struct):
-    items: list[Any]
-    next_cursor: str | None
-
-
-def _page_request(request: Request) -> tuple[str | None, int]:
-    """The ``cursor`` (the id to continue after) and ``limit`` of a list call."""
-    params = request.query_params
-    text = params.get("limit", "100")
-    if not digits(text) or not 1 <= int(text) <= _MAX_PAGE:
-        raise InvalidInput(f"limit must be 1 to {_MAX_PAGE}", field="limit")
-    cursor = params.get("cursor")
-    after = None
-    if cursor:
-        try:
-            after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidInput("cursor is not one this API gave", field="cursor") from None
-        if not after or not after.isprintable():
-            raise InvalidInput("cursor is not one this API gave", field="cursor")
-    return after, int(text)
-
-
-def _cursor(after: str | None) -> str | None:
-    return None if after is None else base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
-
-
 async def list_plans(request: Request) -> Response:
-    after, limit = _page_request(request)
+    after, limit = page_request(request)
     plans, last = await _store(request).list_plans(tenant_param(request), after, limit)
-    return json_response(_Page(plans, _cursor(last)))
+    return json_response(Page(plans, page_cursor(last)))
 
 
 async def delete_plan(request: Request) -> Response:
@@ -147,7 +122,7 @@ async def get_consumer(request: Request) -> Response:
 
 
 async def list_consumers(request: Request) -> Response:
-    after, limit = _page_request(request)
+    after, limit = page_request(request)
     params = request.query_params
     plan_id = params.get("plan_id")
     if plan_id is not None:
@@ -161,7 +136,7 @@ async def list_consumers(request: Request) -> Response:
     who = principal(request)
     if who.role is Role.DEVELOPER:
         # Its own consumers only, whatever the page holds.
-        return json_response(_Page(await _own_consumers(request, tenant, who, plan_id, status), None))
+        return json_response(Page(await _own_consumers(request, tenant, who, plan_id, status), None))
     views, last = await _store(request).list_consumers(
         tenant,
         after,
@@ -170,7 +145,7 @@ async def list_consumers(request: Request) -> Response:
         plan_id=plan_id,
         status=None if status is None else ConsumerStatus(status),
     )
-    return json_response(_Page(views, _cursor(last)))
+    return json_response(Page(views, page_cursor(last)))
 
 
 async def _own_consumers(

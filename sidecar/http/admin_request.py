@@ -4,6 +4,7 @@ the caller may see) and the actor, answer JSON, and log one line per change."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -11,6 +12,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sidecar.core.digits import digits
+from sidecar.core.errors import InvalidInput
 from sidecar.core.models import DEFAULT_TENANT, TENANT_RE, check_id
 from sidecar.http.access import principal, scope
 from sidecar.http.bodies import read_body
@@ -51,3 +54,33 @@ def record(request: Request, action: str, tenant: str, target: str, **detail: An
         actor(request),
         " ".join(f"{k}={v!r}" for k, v in detail.items()),
     )
+
+
+MAX_PAGE = 1000
+
+
+class Page(msgspec.Struct):
+    items: list[Any]
+    next_cursor: str | None
+
+
+def page_request(request: Request) -> tuple[str | None, int]:
+    """The ``cursor`` (the id to continue after) and ``limit`` of a list call."""
+    params = request.query_params
+    text = params.get("limit", "100")
+    if not digits(text) or not 1 <= int(text) <= MAX_PAGE:
+        raise InvalidInput(f"limit must be 1 to {MAX_PAGE}", field="limit")
+    cursor = params.get("cursor")
+    after = None
+    if cursor:
+        try:
+            after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("cursor is not one this API gave", field="cursor") from None
+        if not after or not after.isprintable():
+            raise InvalidInput("cursor is not one this API gave", field="cursor")
+    return after, int(text)
+
+
+def page_cursor(after: str | None) -> str | None:
+    return None if after is None else base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")

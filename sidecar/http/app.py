@@ -16,6 +16,7 @@ from sidecar.catalog import Catalog, StoreCatalog
 from sidecar.config import Settings
 from sidecar.http import (
     admin,
+    alerts,
     connections,
     decisions,
     ingest,
@@ -84,6 +85,7 @@ def create_app(
         *admin.ROUTES,
         *usage_query.ROUTES,
         *connections.ROUTES,
+        *alerts.ROUTES,
         *kong_routes.ROUTES,
         *apigee_routes.ROUTES,
         Route("/healthz", probes.healthz, methods=["GET"]),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from sidecar.core.access import TOKEN_ID_RE, RotateRequest, TokenRequest, TokenView
+from sidecar.core.alerts import AlertRules, AlertType
 from sidecar.core.current_usage import CurrentUsage
 from sidecar.core.models import (
     CONSUMER_ID_CHARS,
@@ -24,12 +25,16 @@ from sidecar.core.models import (
     Decision,
     Plan,
 )
+from sidecar.core.usage_summary import GRANULARITIES
+from sidecar.core.webhooks import WEBHOOK_ID_RE, WebhookSpec
 from sidecar.http.access import GATEWAY, INGEST_SECRET, OPEN, Rule
 from sidecar.http.admin import KeyRequest, StatusChange, TopUp
+from sidecar.http.alerts import DELIVERY_STATUSES
 from sidecar.http.connections import ApplyRequest, Health
 from sidecar.http.decisions import ApigeeAuthorize, ApigeeDecision
 from sidecar.http.introspection import Inactive, Introspection, IntrospectRequest
 from sidecar.http.usage import UsageAnswer
+from sidecar.http.usage_query import UsageSummary
 from sidecar.integrations.apigee.analytics import Analytics
 from sidecar.integrations.apigee.routes import AppStatusChange, CatalogSync, EnforceQuota
 from sidecar.integrations.catalog_import import ImportResult
@@ -37,6 +42,7 @@ from sidecar.integrations.connections import CONNECTION_ID_RE, ConnectionSpec, C
 from sidecar.integrations.kong.log_entries import KongLog
 from sidecar.integrations.kong.routes import EnforceGroup
 from sidecar.reconciler.report import Report
+from sidecar.reconciler.webhook_store import WebhookView
 
 
 class Param(NamedTuple):
@@ -56,6 +62,7 @@ class Answer(NamedTuple):
     schema: Any = None
     description: str = ""
     media_type: str | None = "application/json"
+    also: tuple[str, ...] = ()  # other media types it may come as (a string each: CSV)
 
 
 class Operation(NamedTuple):
@@ -98,6 +105,8 @@ PATH_PARAMS = {
     "key_hash": Param("key_hash", "The key's SHA-256, 64 hex digits.", pattern="[0-9a-fA-F]{64}"),
     "token_id": Param("token_id", "The token's id (16 hex digits).", pattern=TOKEN_ID_RE.pattern),
     "connection_id": Param("connection_id", "The connection's id.", pattern=CONNECTION_ID_RE.pattern),
+    "webhook_id": Param("webhook_id", "The webhook endpoint's id.", pattern=WEBHOOK_ID_RE.pattern),
+    "delivery_id": Param("delivery_id", "The delivery's id (digits).", pattern="[0-9]{1,19}"),
 }
 
 TENANT = Param("tenant", "The tenant (default: default).", pattern=TENANT_RE.pattern)
@@ -382,6 +391,22 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {200: Answer(CurrentUsage)},
         query=(TENANT,),
     ),
+    ("GET", "/v1/usage/summary"): Operation(
+        "Calls, charged micros and bytes per calendar bucket and group, from the rollups; JSON or CSV.",
+        "consumers",
+        {200: Answer(UsageSummary, "JSON, or CSV with Accept: text/csv; both streamed.", also=("text/csv",))},
+        query=(
+            Param("from", "Start, ISO 8601 (a date: midnight in tz); a whole hour.", required=True),
+            Param("to", "End (exclusive), ISO 8601; a whole hour.", required=True),
+            Param("granularity", "Bucket size (default day; week from Monday).", enum=GRANULARITIES),
+            Param("group_by", "Comma-separated: consumer, product, plan, status."),
+            Param("consumer_id", "Only this consumer.", pattern=CONSUMER_ID_CHARS),
+            Param("product", "Only this product."),
+            Param("tz", "IANA time zone of the calendar buckets (default UTC)."),
+            TENANT,
+        ),
+        errors=frozenset({404}) | POSTGRES,
+    ),
     ("GET", "/v1/admin/reconciliation"): Operation(
         "Redis windows against the Postgres ledger, drift flagged.",
         "consumers",
@@ -430,6 +455,83 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         body=ApplyRequest,
         query=(TENANT,),
         errors=GATEWAY_ERRORS,
+    ),
+    # --- alerts and webhooks ---------------------------------------------------------------
+    ("GET", "/v1/admin/alerts"): Operation(
+        "The alerts that fired, newest first.",
+        "alerts",
+        {200: Answer(description='{"items": [alert], "next_cursor"}.')},
+        query=(
+            *PAGE,
+            Param("consumer_id", "Only this consumer's alerts.", pattern=CONSUMER_ID_CHARS),
+            Param("type", "Only alerts of this type.", enum=tuple(t.value for t in AlertType)),
+            TENANT,
+        ),
+        errors=frozenset({404}) | POSTGRES,
+    ),
+    ("GET", "/v1/admin/alert-rules"): Operation(
+        "The tenant's alert rules (the defaults until set).",
+        "alerts",
+        {200: Answer(AlertRules)},
+        query=(TENANT,),
+        errors=frozenset({404}) | POSTGRES,
+    ),
+    ("PUT", "/v1/admin/alert-rules"): Operation(
+        "Set the tenant's alert rules (fields left out take their defaults).",
+        "alerts",
+        {200: Answer(AlertRules)},
+        body=AlertRules,
+        body_required=False,
+        errors=POSTGRES,
+    ),
+    ("GET", "/v1/admin/webhooks"): Operation(
+        "List the tenant's webhook endpoints.",
+        "alerts",
+        {200: Answer(description='{"items": [webhook]}.')},
+        query=(TENANT,),
+        errors=frozenset({404}) | POSTGRES,
+    ),
+    ("GET", "/v1/admin/webhooks/{webhook_id}"): Operation(
+        "Read one webhook endpoint (never its secret).",
+        "alerts",
+        {200: Answer(WebhookView)},
+        query=(TENANT,),
+        errors=POSTGRES,
+    ),
+    ("PUT", "/v1/admin/webhooks/{webhook_id}"): Operation(
+        "Create (its signing secret answered once) or replace a webhook endpoint.",
+        "alerts",
+        {201: Answer(WebhookView, CREATED_OR_REPLACED), 200: Answer(WebhookView, CREATED_OR_REPLACED)},
+        body=WebhookSpec,
+        errors=POSTGRES,
+    ),
+    ("DELETE", "/v1/admin/webhooks/{webhook_id}"): Operation(
+        "Delete a webhook endpoint; its pending deliveries are given up, the log stays.",
+        "alerts",
+        {200: DELETED},
+        query=(TENANT,),
+        errors=POSTGRES,
+    ),
+    ("POST", "/v1/admin/webhooks/{webhook_id}/secret"): Operation(
+        "A new signing secret, answered once.",
+        "alerts",
+        {200: Answer(WebhookView)},
+        query=(TENANT,),
+        errors=POSTGRES,
+    ),
+    ("GET", "/v1/admin/webhooks/{webhook_id}/deliveries"): Operation(
+        "The delivery log, newest first: status, attempts, last error, next attempt.",
+        "alerts",
+        {200: Answer(description='{"items": [delivery], "next_cursor"}.')},
+        query=(*PAGE, Param("status", "Only deliveries in this status.", enum=DELIVERY_STATUSES), TENANT),
+        errors=POSTGRES,
+    ),
+    ("POST", "/v1/admin/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): Operation(
+        "Send a delivery again, with the same webhook-id.",
+        "alerts",
+        {202: Answer(description='{"redelivering": true, "tenant", "webhook_id", "id"}.')},
+        query=(TENANT,),
+        errors=frozenset({409}) | POSTGRES,
     ),
     # --- Kong and Konnect ------------------------------------------------------------------
     ("POST", "/integrations/kong/suspend"): _seed_status("Suspend", "kong", StatusChange),

@@ -158,6 +158,8 @@ def _operation(method: str, path: str, op: Operation, rule: Rule, waiting: Waiti
             else:
                 schema = {"type": "string"}
             entry["content"] = {answer.media_type: {"schema": schema}}
+            for media_type in answer.also:
+                entry["content"][media_type] = {"schema": {"type": "string"}}
         responses[str(status)] = entry
     errors = set(op.errors) | op.implied_errors(rule, bool(path_names), bool(op.query))
     for status in sorted(errors):

@@ -1,23 +1,42 @@
-"""What a consumer has used, for billing teams and customer portals.
+"""What consumers have used, for billing teams and customer portals.
 
     GET /v1/usage/consumers/{consumer_id}/current[?tenant=]
+    GET /v1/usage/summary?from&to[&granularity&group_by&consumer_id&product&tz&tenant]
 
 The current period of each limited window (used, limit, remaining, resets_at) and the
-wallet, read from the hot store: what the very next decision sees. For the admin,
-billing and viewer roles, and a developer token for its own consumers."""
+wallet, read from the hot store: what the very next decision sees. The summary: calls,
+charged micros and bytes per calendar bucket and group, read from the rollups in
+Postgres (sidecar/reconciler/rollups.py), as JSON or (``Accept: text/csv``) CSV, both
+streamed from a server-side cursor. For the admin, billing and viewer roles, and a
+developer token for its own consumers."""
 
 from __future__ import annotations
 
+import csv
+import io
+import zoneinfo
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from sidecar.catalog import TruthUnavailable
+from sidecar.core.access import Role
 from sidecar.core.clock import now_ms
 from sidecar.core.current_usage import current_usage
-from sidecar.core.errors import NotFound
+from sidecar.core.errors import InvalidInput, NotFound
 from sidecar.core.models import CONSUMER_ID_RE, check_id
+from sidecar.core.usage_summary import SummaryQuery, parse_summary
 from sidecar.http.access import scope_consumer
 from sidecar.http.admin_request import json_response, tenant_param
+from sidecar.http.errors import ApiError
+from sidecar.reconciler import rollups
+from sidecar.reconciler.catalog import PostgresCatalog
+
+CHUNK_ROWS = 2000  # rows fetched from the cursor, and sent, at a time
 
 
 async def current(request: Request) -> Response:
@@ -35,4 +54,162 @@ async def current(request: Request) -> Response:
     return json_response(current_usage(view, plan, now))
 
 
-ROUTES = [Route("/v1/usage/consumers/{consumer_id}/current", current, methods=["GET"])]
+class SummaryRow(msgspec.Struct, omit_defaults=True):
+    """One bucket of one group: the group-by fields it was asked for, and its sums."""
+
+    bucket: str  # the bucket's start, ISO 8601 in the query's time zone
+    calls: int
+    charged: int  # micros
+    bytes: int
+    consumer_id: str | None = None
+    product: str | None = None
+    plan_id: str | None = None
+    status: str | None = None
+
+
+class UsageSummary(msgspec.Struct):
+    """``GET /v1/usage/summary`` as JSON (for the contract: the answer is streamed)."""
+
+    tenant: str
+    from_: str = msgspec.field(name="from")
+    to: str = ""
+    granularity: str = "day"
+    time_zone: str = "UTC"
+    group_by: list[str] = []
+    source: str = "daily"  # the rollups read: daily or hourly
+    buckets: list[SummaryRow] = []
+
+
+_encode = msgspec.json.Encoder().encode
+# Postgres did not answer, or went away: nothing was sent yet.
+_UNREACHABLE = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+def _wants_csv(request: Request) -> bool:
+    accept = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
+    return "text/csv" in accept
+
+
+class _Format:
+    """How a summary's head, rows and tail are written."""
+
+    def __init__(self, query: SummaryQuery, csv_wanted: bool) -> None:
+        self.query = query
+        self.csv = csv_wanted
+        self.zone = zoneinfo.ZoneInfo(query.time_zone)
+        self.fields = query.fields()
+        self.first = True
+
+    def head(self) -> bytes:
+        if self.csv:
+            return self._csv([self.fields])
+        q = self.query
+        head = _encode(
+            UsageSummary(
+                tenant=q.tenant,
+                from_=q.start.astimezone(self.zone).isoformat(),
+                to=q.end.astimezone(self.zone).isoformat(),
+                granularity=q.granularity,
+                time_zone=q.time_zone,
+                group_by=list(q.group_by),
+                source="daily" if q.uses_daily() else "hourly",
+            )
+        )
+        return head[: -len(b"[]}")] + b"["  # the buckets follow
+
+    def rows(self, records: Sequence[asyncpg.Record]) -> bytes:
+        if self.csv:
+            return self._csv([self._bucket(r["bucket"]), *(r[f] for f in self.fields[1:])] for r in records)
+        parts = []
+        for r in records:
+            row = SummaryRow(bucket=self._bucket(r["bucket"]), **{f: r[f] for f in self.fields[1:]})
+            parts.append(_encode(row) if self.first else b"," + _encode(row))
+            self.first = False
+        return b"".join(parts)
+
+    def tail(self) -> bytes:
+        return b"" if self.csv else b"]}"
+
+    def _bucket(self, value: object) -> str:
+        return value.astimezone(self.zone).isoformat()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _csv(rows: object) -> bytes:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\r\n").writerows(rows)  # type: ignore[arg-type]
+        return out.getvalue().encode()
+
+
+async def _chunks(pool: asyncpg.Pool, sql: str, args: list[object], form: _Format) -> AsyncIterator[bytes]:
+    """The answer's bytes, read from a server-side cursor CHUNK_ROWS at a time. The
+    first chunk (the head and the first rows) comes once the query has answered."""
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        cursor = await conn.cursor(sql, *args)
+        records = await cursor.fetch(CHUNK_ROWS)
+        yield form.head() + form.rows(records)
+        while len(records) == CHUNK_ROWS:
+            records = await cursor.fetch(CHUNK_ROWS)
+            yield form.rows(records)
+    yield form.tail()
+
+
+async def summary(request: Request) -> Response:
+    tenant = tenant_param(request)
+    query = parse_summary(request.query_params, request.query_params.getlist("group_by"), tenant)
+    who = getattr(request.state, "principal", None)
+    mine: list[str] | None = None
+    if query.consumer_id is not None:
+        scope_consumer(request, tenant, query.consumer_id)
+    elif who is not None and who.role is Role.DEVELOPER:
+        mine = sorted(who.consumers)  # a developer token sees its own consumers only
+    catalog = request.app.state.catalog
+    if not isinstance(catalog, PostgresCatalog):
+        raise ApiError(
+            501, "postgres_required", "the usage rollups are kept in Postgres: set AFORO_DATABASE_URL"
+        )
+    ledger = await catalog.ledger()
+    sql, args = rollups.summary(query, mine)
+    form = _Format(query, _wants_csv(request))
+    chunks = _chunks(ledger.pool, sql, args, form)
+    try:
+        first = await anext(chunks)  # errors answer as errors until the first byte is sent
+    except _UNREACHABLE as exc:
+        raise TruthUnavailable(f"postgres unreachable: {exc!r}") from exc
+    except (TimeoutError, asyncpg.QueryCanceledError):
+        raise ApiError(
+            503,
+            "query_timeout",
+            "the summary took too long: ask for a shorter range or a coarser granularity",
+            headers={"Retry-After": "1"},
+        ) from None
+    except asyncpg.InvalidParameterValueError:
+        raise InvalidInput(
+            f"tz {query.time_zone!r} is not a time zone Postgres knows", code="invalid_time_zone", field="tz"
+        ) from None
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    if form.csv:
+        return StreamingResponse(
+            body(),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="usage-summary.csv"'},
+        )
+    return StreamingResponse(body(), media_type="application/json")
+
+
+ROUTES = [
+    Route("/v1/usage/consumers/{consumer_id}/current", current, methods=["GET"]),
+    Route("/v1/usage/summary", summary, methods=["GET"]),
+]

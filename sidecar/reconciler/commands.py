@@ -12,7 +12,7 @@ import asyncpg
 import msgspec
 
 from sidecar.config import Settings
-from sidecar.reconciler import audit
+from sidecar.reconciler import audit, monitoring
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.migrations import MigrationError, migrate
 from sidecar.reconciler.report import reconciliation_report, render_table
@@ -78,8 +78,14 @@ async def _reconcile(settings: Settings, once: bool) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        metrics_server = monitoring.serve(settings.host, settings.reconciler_metrics_port)
         log.info("reconciler started")
-        await reconciler.run(stop)
+        try:
+            await reconciler.run(stop)
+        finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
         log.info("reconciler stopped")
         return 0
     finally:
@@ -98,7 +104,7 @@ def run_data_command(args: argparse.Namespace, settings: Settings) -> int:
         if args.report:
             return asyncio.run(_report(settings, args.json))
         return asyncio.run(_reconcile(settings, args.once))
-    except (MigrationError, SchemaNotReady) as exc:
+    except (MigrationError, SchemaNotReady, monitoring.MetricsPortBusy) as exc:
         print(f"aforo-sidecar: {exc}", file=sys.stderr)
         return 2
     except RECOVERABLE as exc:

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from sidecar.core.alerts import balance_alerts, crossing_alerts, notice_alerts
 from sidecar.core.errors import Conflict, InvalidInput, NotFound
 from sidecar.core.models import (
     ConsumerKey,
@@ -22,6 +23,8 @@ from sidecar.core.models import (
 )
 from sidecar.core.money import MAX_MICROS
 from sidecar.core.wallet_rules import AutoTopup, Notice
+from sidecar.reconciler import rollups
+from sidecar.reconciler.alerts import record_alerts, rules_of
 
 
 class PlanRow(msgspec.Struct, frozen=True):
@@ -400,7 +403,7 @@ class Ledger:
                        (tenant, consumer_id, request_id, decision_id, ts, product, operation, cost, hits)
                    SELECT $1, $2, * FROM unnest($3::text[], $4::text[], $5::timestamptz[], $6::text[],
                                                 $7::text[], $8::bigint[], $9::bigint[])
-                   ON CONFLICT DO NOTHING RETURNING cost""",
+                   ON CONFLICT DO NOTHING RETURNING decision_id, cost, ts, product, hits""",
                 tenant,
                 consumer_id,
                 [r.request_id for r in records],
@@ -412,6 +415,9 @@ class Ledger:
                 [r.hits for r in records],
             )
             debit = sum(r["cost"] for r in new)
+            await rollups.add_usage(conn, tenant, consumer_id, new)  # the new rows only
+            # The quota levels the new rows' calls crossed, with them or not at all.
+            await record_alerts(conn, crossing_alerts(records, {r["decision_id"] for r in new}))
             known = await conn.fetchval(
                 "SELECT 1 FROM consumers WHERE tenant = $1 AND id = $2", tenant, consumer_id
             )
@@ -438,6 +444,22 @@ class Ledger:
                     consumer_id,
                     debit,
                 )
+                # Settlements of a consumer are serialised by its wallet row: the one that
+                # takes the balance across a threshold is the only one to see it.
+                rules = (await rules_of(conn, {tenant}))[tenant]
+                last_ms = max(r.ts_ms for r in records)
+                await record_alerts(
+                    conn,
+                    balance_alerts(
+                        tenant,
+                        consumer_id,
+                        row["balance"] + debit,
+                        row["balance"],
+                        last_ms,
+                        batch_reference,
+                        rules.low_balance_micros,
+                    ),
+                )
             else:
                 row = await conn.fetchrow(
                     f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE tenant = $1 AND consumer_id = $2",
@@ -458,32 +480,55 @@ class Ledger:
         }  # fmt: skip
         started = [_ts(e.started_at_ms) if e.started_at_ms else None for e in events]
         headers = [msgspec.json.encode(e.headers).decode() for e in events]
-        inserted = await self.pool.fetch(
-            """INSERT INTO gateway_events (tenant, consumer_id, request_id, product, route, service, method,
-                   status, latency_ms, upstream_latency_ms, gateway_latency_ms, request_size, response_size,
-                   decision_id, count, errors, started_at, headers)
-               SELECT t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h::jsonb FROM unnest(
-                   $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                   $8::int[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
-                   $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[], $18::text[])
-                   AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h)
-               ON CONFLICT DO NOTHING RETURNING 1""",
-            *columns.values(),
-            started,
-            headers,
-        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The table is partitioned by recorded_at, so no unique key can hold an event
+            # once (migration 0011): one writer at a time, and an event a partition holds
+            # (or an earlier one of this batch) is skipped.
+            await conn.execute("SELECT pg_advisory_xact_lock(72618, 1101)")
+            inserted = await conn.fetch(
+                """INSERT INTO gateway_events (tenant, consumer_id, request_id, product, route, service,
+                       method, status, latency_ms, upstream_latency_ms, gateway_latency_ms, request_size,
+                       response_size, decision_id, count, errors, started_at, headers)
+                   SELECT DISTINCT ON (t, c, r) t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa,
+                       h::jsonb
+                   FROM unnest(
+                       $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                       $8::int[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
+                       $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[], $18::text[])
+                       WITH ORDINALITY AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h, i)
+                   WHERE NOT EXISTS (SELECT 1 FROM gateway_events g
+                                     WHERE g.tenant = u.t AND g.consumer_id = u.c AND g.request_id = u.r)
+                   ORDER BY t, c, r, i
+                   RETURNING tenant, consumer_id, product, status, count, errors,
+                       request_size + response_size AS bytes, coalesce(started_at, recorded_at) AS at""",
+                *columns.values(),
+                started,
+                headers,
+            )
+            await rollups.add_events(conn, inserted)  # the new events only
         return len(inserted)
 
     async def record_notices(self, tenant: str, consumer_id: str, notices: list[Notice]) -> int:
-        """Record wallet notices, each once (by id); returns how many were new."""
-        inserted = await self.pool.fetch(
+        """Record wallet notices, each once (by id), and the alerts of the new ones in
+        the same transaction; returns how many were new."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await self._insert_notices(conn, tenant, consumer_id, notices)
+            new = {r["id"] for r in inserted}
+            await record_alerts(conn, notice_alerts(tenant, consumer_id, [n for n in notices if n.id in new]))
+        return len(inserted)
+
+    @staticmethod
+    async def _insert_notices(
+        conn: asyncpg.Connection, tenant: str, consumer_id: str, notices: list[Notice]
+    ) -> list[asyncpg.Record]:
+        return await conn.fetch(
             """INSERT INTO wallet_notices
                    (tenant, consumer_id, id, type, at, balance, threshold, amount, currency)
                SELECT $1, $2, i, ty, a, b, th, am, cu FROM unnest(
                    $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bigint[], $8::bigint[],
                    $9::text[])
                    AS n(i, ty, a, b, th, am, cu)
-               ON CONFLICT DO NOTHING RETURNING 1""",
+               ON CONFLICT DO NOTHING RETURNING id""",
             tenant,
             consumer_id,
             [n.id for n in notices],
@@ -494,7 +539,6 @@ class Ledger:
             [n.amount for n in notices],
             [n.currency for n in notices],
         )
-        return len(inserted)
 
     async def notices(self, tenant: str, consumer_id: str) -> list[Notice]:
         rows = await self.pool.fetch(

@@ -15,14 +15,17 @@ import asyncpg
 import msgspec
 
 from sidecar.config import Settings
+from sidecar.core.webhooks import RetryPolicy
 from sidecar.integrations import sync_loop
 from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.secret_box import SecretBox
+from sidecar.reconciler import monitoring, partitions
 from sidecar.reconciler.catalog import PostgresCatalog
 from sidecar.reconciler.drain import drain_events, drain_notices, drain_usage
 from sidecar.reconciler.ledger import Ledger
 from sidecar.reconciler.migrations import pending
 from sidecar.reconciler.sync import apply_change, full_sync
+from sidecar.reconciler.webhooks import Dispatcher
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.redis_store import RedisStore
 
@@ -70,6 +73,21 @@ class Backoff:
         self.delay = self.first
 
 
+def webhook_dispatcher(settings: Settings, pool: asyncpg.Pool, box: SecretBox | None) -> Dispatcher:
+    policy = RetryPolicy(
+        first_s=settings.webhook_retry_first_seconds,
+        max_s=settings.webhook_retry_max_seconds,
+        period_s=settings.webhook_retry_hours * 3600,
+    )
+    return Dispatcher(
+        pool,
+        box,
+        policy,
+        timeout_s=settings.webhook_timeout_seconds,
+        concurrency=settings.webhook_concurrency,
+    )
+
+
 class Reconciler:
     def __init__(self, settings: Settings, store: RedisStore) -> None:
         self.settings = settings
@@ -93,6 +111,7 @@ class Reconciler:
             try:
                 await self._session(stop, backoff)
             except* RECOVERABLE as group:
+                monitoring.INTERRUPTIONS.inc()
                 log.warning(
                     "reconciler interrupted (%s); retrying in %.1fs", group.exceptions[0], backoff.delay
                 )
@@ -113,6 +132,7 @@ class Reconciler:
             catalog = PostgresCatalog(self.settings, self.store)
             box = SecretBox(self.settings.secret_keys) if self.settings.secret_keys else None
             connections = ConnectionStore(pool, box)
+            dispatcher = webhook_dispatcher(self.settings, pool, box)
             try:
                 # Listen before the full sync: a change made during it is applied after.
                 await listener.add_listener(CHANNEL, lambda *args: self._notified(changes, args[3]))
@@ -123,9 +143,12 @@ class Reconciler:
                     tasks.create_task(self._apply_changes(ledger, changes, stop))
                     tasks.create_task(self._drain(ledger, stop))
                     tasks.create_task(self._resync(ledger, listener, stop))
+                    tasks.create_task(partitions.maintain(pool, self.settings, stop))  # ahead, retention
                     # Imports write through the admin write path, as the API does.
                     tasks.create_task(sync_loop.run(connections, ledger, catalog, stop))
+                    tasks.create_task(dispatcher.run(stop, self.settings.webhook_poll_ms / 1000))
             finally:
+                await dispatcher.close()
                 await catalog.close()
                 with contextlib.suppress(Exception):
                     await listener.close(timeout=2)
@@ -160,19 +183,28 @@ class Reconciler:
             await self.store.beat()  # the health endpoints read it
             if time.monotonic() - last_scan >= self.settings.stream_scan_interval_seconds:
                 last_scan = time.monotonic()
-                await drain_usage(ledger, self.store, batch)
-                await drain_events(ledger, self.store, batch)
-                await drain_notices(ledger, self.store, batch)
+                usage = await drain_usage(ledger, self.store, batch)
+                events = await drain_events(ledger, self.store, batch)
+                notices = await drain_notices(ledger, self.store, batch)
             else:
                 popped = await self.store.take_dirty(DIRTY_BATCH)
                 try:
-                    await drain_usage(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "u"])
-                    await drain_events(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "g"])
-                    await drain_notices(ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "n"])
+                    usage = await drain_usage(
+                        ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "u"]
+                    )
+                    events = await drain_events(
+                        ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "g"]
+                    )
+                    notices = await drain_notices(
+                        ledger, self.store, batch, [(t, c) for k, t, c in popped if k == "n"]
+                    )
                 except BaseException:
                     with contextlib.suppress(*RECOVERABLE):
                         await self.store.return_dirty(popped)
                     raise
+            # The backlog left after the pass (one SCARD): what the dashboards and alerts watch.
+            _, waiting = await self.store.health()
+            monitoring.drained(usage, events, notices, waiting)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
 

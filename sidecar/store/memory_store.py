@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from sidecar.core.access import ApiToken
+from sidecar.core.alerts import quota_crossings
 from sidecar.core.api_keys import key_refusal
 from sidecar.core.decision import evaluate
 from sidecar.core.errors import Conflict, InvalidInput, NotFound
@@ -169,11 +170,13 @@ class MemoryStore:
         )
         if consumer is None:
             return Outcome(verdict.reason.value, 0, None, call.decision_id, 0, limits, limits)
+        crossings = ""
         if verdict.reason is Reason.OK:
             for i, limit in enumerate(limits):
                 if limit is not None:
                     used[i] += call.hits
                     consumer.counters[i] = (call.window_starts_ms[i], used[i])
+            crossings = quota_crossings(limits, used, call.hits, call.resets_ms)
             self._debit(consumer, plan.price, verdict.charged, call.now_ms)
             self._record(
                 UsageRecord(
@@ -186,6 +189,7 @@ class MemoryStore:
                     operation=call.operation,
                     cost=verdict.charged,
                     hits=call.hits,
+                    crossings=crossings,
                 )
             )
         outcome = Outcome(
@@ -467,12 +471,15 @@ class MemoryStore:
             return
         at = event_time(event.started_at_ms, now_ms)
         bounds = periods(at)
+        limits: list[int | None] = [None] * len(WINDOWS)
+        used: list[int | None] = [None] * len(WINDOWS)
         for i, limit in enumerate(plan.limits()):
             # Only a period still running is counted: an ended one is gone from Redis too.
             if limit is not None and bounds.resets[i] > now_ms:
                 period = consumer.counters.get(i)
                 count = period[1] if period is not None and period[0] == bounds.starts[i] else 0
                 consumer.counters[i] = (bounds.starts[i], count + rating.hits)
+                limits[i], used[i] = limit, count + rating.hits
         self._debit(consumer, plan.price, rating.cost, now_ms)
         self._record(
             UsageRecord(
@@ -485,6 +492,7 @@ class MemoryStore:
                 operation=event.route,
                 cost=rating.cost,
                 hits=rating.hits,
+                crossings=quota_crossings(limits, used, rating.hits, bounds.resets),
             )
         )
 

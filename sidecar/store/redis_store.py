@@ -126,6 +126,7 @@ def _usage_record(f: dict[bytes, bytes]) -> UsageRecord:
         operation=f[b"op"].decode(),
         cost=int(f[b"cost"]),
         hits=int(f[b"hits"]),
+        crossings=f.get(b"x", b"").decode(),
     )
 
 
@@ -259,12 +260,12 @@ class RedisStore:
         self._dirty: set[str] = set()
         self.keys = KeySpace(prefix)
         self._topup_ttl_ms = topup_reference_ttl_ms
-        self._decide = Script("decide.lua", "wallet_rules.lua")
+        self._decide = Script("decide.lua", "wallet_rules.lua", "alerts.lua")
         self._bind = Script("bind.lua")
         self._status = Script("status.lua")
         self._topup = Script("topup.lua", "wallet_rules.lua")
         self._key = Script("key.lua")
-        self._event = Script("event.lua", "wallet_rules.lua")
+        self._event = Script("event.lua", "wallet_rules.lua", "alerts.lua")
         self._plan = Script("plan.lua")
         self._settle = Script("settle.lua", "wallet_rules.lua")
         self._plan_delete = Script("plan_delete.lua")

@@ -28,6 +28,7 @@ from typing import Any
 
 import hiredis
 
+from sidecar import metrics
 from sidecar.store.base import StoreDown, StoreUnavailable
 from sidecar.store.target import Address, RedisTarget
 
@@ -249,6 +250,7 @@ class PipelinedConnection:
         a deadline per command. The first command after it probes the node again."""
         if self._cooldown_s:
             self.down_until = time.monotonic() + self._cooldown_s
+            metrics.store_breaker(self.name, True)
 
     def lost(self, protocol: _Protocol) -> None:
         if self._protocol is protocol:
@@ -283,6 +285,8 @@ class PipelinedConnection:
                 raise
             self._protocol = protocol
             self._closed = False
+            if self._cooldown_s:  # connected: the node answers (also the gauge's first value)
+                metrics.store_breaker(self.name, False)
             return protocol
 
     async def _open(self) -> _Protocol:
@@ -342,7 +346,8 @@ class PipelinedConnection:
             if time.monotonic() < self.down_until:
                 on_reply(StoreDown(f"redis {self.name} is down (breaker open)"))
                 return True
-            self.down_until = 0.0
+            self.down_until = 0.0  # half open: this command tries the node again
+            metrics.store_breaker(self.name, False)
         protocol = self._protocol
         if protocol is None:
             return False
@@ -376,6 +381,8 @@ class PipelinedConnection:
 
     def close(self) -> None:
         self._closed = True
+        if self._cooldown_s:  # a node dropped from the topology must not stay "open"
+            metrics.store_breaker(self.name, False)
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()

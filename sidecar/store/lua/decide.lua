@@ -17,6 +17,9 @@
 --   17 apply-by ms (Redis clock; '0' = no limit): a decision that reaches Redis later is
 --      refused with reason 'expired' and changes nothing, since its caller has already
 --      answered from the fail mode and must not be charged behind its back
+-- The usage record of an allowed call carries, in field 'x', the quota levels (80, 90,
+-- 100% of a limit) its increment took a window across (sidecar/core/alerts.py): the
+-- count moves only here, so each crossing of a window period is reported once.
 -- Returns {replayed, reason, charged, balance|nil, decision_id, retry_at_ms,
 --          used1..used5, limit1..limit5, notices}; -1 marks an unlimited window. `used`
 --          is the count after the decision (unchanged when denied); `notices` how many
@@ -138,8 +141,15 @@ for i = 1, 5 do
 end
 local before = balance
 balance = unsettled_base - redis.call('HINCRBY', KEYS[1], 'spent', cost_text)
-redis.call('XADD', KEYS[2], '*', 'rid', ARGV[9], 'did', ARGV[10], 'ts', ARGV[8], 't', ARGV[6],
-  'c', ARGV[7], 'p', ARGV[11], 'op', ARGV[12], 'cost', cost_text, 'hits', ARGV[14])
+local entry = {'rid', ARGV[9], 'did', ARGV[10], 'ts', ARGV[8], 't', ARGV[6],
+  'c', ARGV[7], 'p', ARGV[11], 'op', ARGV[12], 'cost', cost_text, 'hits', ARGV[14]}
+-- The quota levels this increment crossed (alerts.lua, prepended at load).
+local x = crossings(limits, used, hits, ARGV)
+if x ~= '' then
+  entry[#entry + 1] = 'x'
+  entry[#entry + 1] = x
+end
+redis.call('XADD', KEYS[2], '*', unpack(entry))
 
 -- The wallet rules on this debit (wallet_rules.lua, prepended at load).
 local notices = after_debit(KEYS[1], KEYS[3], ARGV[8], before, balance, tonumber(c[3]), c[4], c[14], c[13],

@@ -12,7 +12,8 @@
 --       of KEYS 7..11  16 now ms  17 '1' to rate, '0' to store only
 -- Returns {stored, rated, notices}: stored 0 when the request id was already recorded
 -- (nothing changed); rated 1 when it was counted and charged (one usage record appended
--- with decision id 'ev:<request id>'); notices: wallet notices appended.
+-- with decision id 'ev:<request id>', and in field 'x' the quota levels its count took a
+-- window across, as decide.lua does); notices: wallet notices appended.
 -- Guarantees: marker, event, counts, debit, usage record and notices are written
 -- together or not at all, so a resent event is stored and charged exactly once. Not
 -- rated: an event a decision covered (a decision id given, or this request id's
@@ -37,10 +38,14 @@ if count <= 0 or cost > 9007199254740991 then
   return {1, 0, 0}
 end
 local now = tonumber(ARGV[16])
+local limits, used, resets = {-1, -1, -1, -1, -1}, {-1, -1, -1, -1, -1}, {}
 for i = 1, 5 do
   local reset = tonumber(ARGV[10 + i])
+  resets[i] = ARGV[10 + i]
   if c[5 + i] and reset > now then
-    if redis.call('INCRBY', KEYS[6 + i], ARGV[9]) == count then
+    limits[i] = tonumber(c[5 + i])
+    used[i] = redis.call('INCRBY', KEYS[6 + i], ARGV[9])
+    if used[i] == count then
       redis.call('PEXPIREAT', KEYS[6 + i], reset + 600000)
     end
   end
@@ -49,8 +54,15 @@ local cost_text = string.format('%d', cost)
 local unsettled_base = tonumber(c[3]) + tonumber(c[5])
 local before = unsettled_base - tonumber(c[4])
 local balance = unsettled_base - redis.call('HINCRBY', KEYS[3], 'spent', cost_text)
-redis.call('XADD', KEYS[4], '*', 'rid', ARGV[3], 'did', 'ev:' .. ARGV[3], 'ts', ARGV[4], 't', ARGV[5],
-  'c', ARGV[6], 'p', ARGV[7], 'op', ARGV[8], 'cost', cost_text, 'hits', ARGV[9])
+local entry = {'rid', ARGV[3], 'did', 'ev:' .. ARGV[3], 'ts', ARGV[4], 't', ARGV[5],
+  'c', ARGV[6], 'p', ARGV[7], 'op', ARGV[8], 'cost', cost_text, 'hits', ARGV[9]}
+-- The quota levels the event's count took a window across (alerts.lua).
+local x = crossings(limits, used, count, resets)
+if x ~= '' then
+  entry[#entry + 1] = 'x'
+  entry[#entry + 1] = x
+end
+redis.call('XADD', KEYS[4], '*', unpack(entry))
 
 local notices = after_debit(KEYS[3], KEYS[5], ARGV[16], before, balance, price, c[2], c[12], c[11], c[13])
 return {1, 1, notices}
