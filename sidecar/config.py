@@ -97,6 +97,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # webhook deliveries; 0 turns it off. `serve` has /metrics on its HTTP port instead.
     reconciler_metrics_port: int = 9466
     drift_threshold_pct: float = 2.0
+    # The reconciler compares each UTC day with the gateway's counts this many hours after
+    # it ends (gateways report late: Apigee analytics up to 25 h); on demand any time.
+    gateway_drift_delay_hours: int = 2
     # Reconciler: drop the monthly partitions of usage_records and gateway_events whose
     # month ended more than this many months ago (the rollups stay); 0 keeps them forever.
     usage_retention_months: int = 0
@@ -199,6 +202,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ("stream_scan_interval_seconds", 1, 86_400),
             ("usage_retention_months", 0, 1200),
             ("reconciler_metrics_port", 0, 65535),
+            ("gateway_drift_delay_hours", 0, 72),
             ("webhook_retry_first_seconds", 1, 3_600),
             ("webhook_retry_max_seconds", 1, 86_400),
             ("webhook_retry_hours", 24, 24 * 30),

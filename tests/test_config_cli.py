@@ -208,3 +208,14 @@ def test_a_bare_audit_says_which_tool_is_missing():
     result = _cli("audit")
     assert result.returncode == 2
     assert "aforo-sidecar audit verify" in result.stderr and "audit_command" not in result.stderr
+
+
+def test_the_readme_configuration_table_has_a_row_per_setting():
+    """Each field of Settings, with its variable, in README's Configuration table; and
+    no row for a field that does not exist."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as readme:
+        text = readme.read()
+    table = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `(AFORO_\w+)` \|", table, re.MULTILINE))
+    assert set(rows) == set(Settings.__struct_fields__)
+    assert all(variable == f"AFORO_{field.upper()}" for field, variable in rows.items())

@@ -83,6 +83,8 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
             "0007_api_tokens.sql",
             "0008_api_key_scopes.sql",
             "0009_alerts_webhooks.sql",
+            "0010_usage_rollups.sql",
+            "0011_partitioned_ledger.sql",
         ]
         tables = {
             r["tablename"]
@@ -92,8 +94,9 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
         assert {"gateway_events", "audit_log", "tenants", "schema_migrations", "wallet_notices"} <= tables
         assert {"connections", "connection_secrets", "api_tokens"} <= tables
         assert {"alerts", "webhooks", "webhook_deliveries", "webhook_attempts"} <= tables
+        assert {"usage_rollup_hourly", "usage_rollup_daily", "usage_records_default"} <= tables
         assert await migrate(conn) == []
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 9
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 11
         # An applied migration edited afterwards is refused, not skipped.
         await conn.execute("UPDATE schema_migrations SET checksum = 'x'")
         with pytest.raises(Exception, match="applied with different content"):

@@ -269,8 +269,13 @@ async def test_a_receiver_down_for_ten_minutes_gets_every_event_in_order_once_ba
             answers = await asyncio.gather(*(s.decide(consumer_id) for _ in range(12)))
             assert sum(a["allow"] for a in answers) == 10
         await Reconciler(s.settings, s.store).run_once()
-        alerts = await s.db.fetch("SELECT id, consumer_id, type FROM alerts ORDER BY id")
-        assert Counter(a["type"] for a in alerts) == {"quota.threshold": 12, "wallet.empty": 4}
+        every = await s.db.fetch("SELECT id, consumer_id, type FROM alerts ORDER BY id")
+        assert Counter(a["type"] for a in every) == {
+            "quota.threshold": 12,
+            "wallet.empty": 4,
+            "balance.zero": 4,
+        }
+        alerts = [a for a in every if a["type"] != "balance.zero"]  # what the endpoint subscribed to
         assert await s.db.fetchval("SELECT count(*) FROM webhook_deliveries") == 16
 
         clock = Clock()
@@ -354,11 +359,14 @@ async def test_a_receiver_down_for_ten_minutes_gets_every_event_in_order_once_ba
         assert row["status"] == "delivered" and row["attempts"] >= 2
 
         listed = (await s.http.get("/v1/admin/alerts?limit=5", headers=ADMIN)).json()
-        assert [a["id"] for a in listed["items"]] == [str(a["id"]) for a in reversed(alerts)][:5]
+        assert [a["id"] for a in listed["items"]] == [str(a["id"]) for a in reversed(every)][:5]
         page_two = await s.http.get(
             f"/v1/admin/alerts?limit=20&cursor={listed['next_cursor']}", headers=ADMIN
         )
-        assert len(page_two.json()["items"]) == 11 and page_two.json()["next_cursor"] is None
+        assert [a["id"] for a in page_two.json()["items"]] == [str(a["id"]) for a in reversed(every)][5:]
+        assert page_two.json()["next_cursor"] is None
+        quota_only = await s.http.get("/v1/admin/alerts?type=quota.threshold&consumer_id=c1", headers=ADMIN)
+        assert [a["data"]["level"] for a in quota_only.json()["items"]] == [100, 90, 80]
 
 
 async def test_a_delivery_is_given_up_after_the_retry_period_and_a_deleted_webhook_stops(
@@ -482,6 +490,7 @@ async def test_a_tenants_rules_choose_what_fires_and_balance_alerts_fire_once_pe
             "wallet_empty": True,
             "wallet_topup_requested": True,
             "wallet_resumed": True,
+            "drift_threshold_pct": None,
         }
         rules = {"quota_levels": [100], "low_balance_micros": 500, "wallet_resumed": False}
         put = await s.http.put("/v1/admin/alert-rules", json=rules, headers=ADMIN)
@@ -520,3 +529,31 @@ async def test_a_tenants_rules_choose_what_fires_and_balance_alerts_fire_once_pe
         await Reconciler(s.settings, s.store).run_once()
         types = Counter(r["type"] for r in await s.db.fetch("SELECT type FROM alerts"))
         assert types == {"quota.threshold": 1, "balance.low": 2, "balance.zero": 2, "wallet.empty": 2}
+
+
+async def test_a_slow_receiver_holds_only_its_own_deliveries(migrated_database, redis_url, prefix):
+    slow, fast = Receiver().start(), Receiver().start()
+    slow.delay_s = 2.0
+    async with stack(migrated_database, redis_url, prefix, secret_keys=KEYS) as s:
+        await _webhook(s.http, "slow", slow.url, QUOTA)
+        await _webhook(s.http, "fast", fast.url, QUOTA)
+        await seed(s.http, windows={"day": 10}, consumer_id="c1")
+        answers = await asyncio.gather(*(s.decide("c1") for _ in range(10)))
+        assert all(a["allow"] for a in answers)
+        await Reconciler(s.settings, s.store).run_once()
+        dispatcher = Dispatcher(s.db, SecretBox(KEYS), RetryPolicy(), timeout_s=10, concurrency=4)
+        stop = asyncio.Event()
+        running = asyncio.create_task(dispatcher.run(stop, poll_s=0.05))
+        try:
+            await until(lambda: len(fast.messages()) == 3, 10, "the fast receiver's three deliveries")
+            # Meanwhile the slow one is still answering its first.
+            assert len(slow.messages()) == 0
+            await until(lambda: len(slow.messages()) == 3, 20, "the slow receiver's three deliveries")
+        finally:
+            stop.set()
+            await running
+            await dispatcher.close()
+            slow.stop()
+            fast.stop()
+        levels = [msgspec.json.decode(m.body)["data"]["data"]["level"] for m in slow.messages()]
+        assert levels == [80, 90, 100]  # in order, one at a time

@@ -38,6 +38,7 @@ class AlertType(enum.StrEnum):
     WALLET_RESUMED = "wallet.resumed"  # a top-up lifted the hold
     BALANCE_LOW = "balance.low"  # a settlement took the balance below the tenant's threshold
     BALANCE_ZERO = "balance.zero"  # a settlement took the balance from above zero to zero or below
+    GATEWAY_DRIFT = "gateway.drift"  # an hour's allowed calls off the gateway's count (sidecar/core/drift.py)
 
 
 # What a wallet notice (NoticeType) fires.
@@ -181,6 +182,8 @@ class AlertRules(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     wallet_empty: bool = True
     wallet_topup_requested: bool = True
     wallet_resumed: bool = True
+    # gateway.drift above this percentage (None: the drift_threshold_pct setting).
+    drift_threshold_pct: float | None = None
 
     def validated(self) -> AlertRules:
         if any(level not in QUOTA_LEVELS for level in self.quota_levels):
@@ -192,6 +195,10 @@ class AlertRules(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise InvalidInput(
                 f"low_balance_micros must be 1 to {MAX_LOW_BALANCE} (or null: off)",
                 field="low_balance_micros",
+            )
+        if self.drift_threshold_pct is not None and not 0 <= self.drift_threshold_pct <= 100:
+            raise InvalidInput(
+                "drift_threshold_pct must be 0 to 100 (null: the setting)", field="drift_threshold_pct"
             )
         self.quota_levels = sorted(set(self.quota_levels))
         return self

@@ -496,8 +496,11 @@ class Ledger:
                        $8::int[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
                        $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[], $18::text[])
                        WITH ORDINALITY AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h, i)
-                   WHERE NOT EXISTS (SELECT 1 FROM gateway_events g
-                                     WHERE g.tenant = u.t AND g.consumer_id = u.c AND g.request_id = u.r)
+                   -- a probe of each partition's index per event (LIMIT: never a scan of them all)
+                   LEFT JOIN LATERAL (SELECT 1 AS held FROM gateway_events g
+                                      WHERE g.tenant = u.t AND g.consumer_id = u.c AND g.request_id = u.r
+                                      LIMIT 1) x ON true
+                   WHERE x.held IS NULL
                    ORDER BY t, c, r, i
                    RETURNING tenant, consumer_id, product, status, count, errors,
                        request_size + response_size AS bytes, coalesce(started_at, recorded_at) AS at""",

@@ -18,7 +18,6 @@ its own deliveries. Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -95,22 +94,39 @@ class Dispatcher:
         await self.client.aclose()
 
     async def run(self, stop: asyncio.Event, poll_s: float) -> None:
-        """Until ``stop``: send what is due; when nothing was, wait ``poll_s``."""
-        while not stop.is_set():
-            if await self.run_once():
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=poll_s)
+        """Until ``stop``: keep up to ``concurrency`` deliveries in flight, each on its
+        own, so a slow receiver holds a slot, never the others' deliveries; look for due
+        ones again as soon as one ends, or every ``poll_s``."""
+        in_flight: set[asyncio.Task[None]] = set()
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                free = self.concurrency - len(in_flight)
+                claimed = await self._claim(free) if free > 0 else []
+                for delivery in claimed:
+                    in_flight.add(asyncio.ensure_future(self._deliver(delivery)))
+                if claimed and len(in_flight) < self.concurrency:
+                    continue  # there may be more due
+                done, _ = await asyncio.wait(
+                    {*in_flight, stopping}, timeout=poll_s, return_when="FIRST_COMPLETED"
+                )
+                for task in done - {stopping}:
+                    in_flight.discard(task)
+                    task.result()  # a database failure ends the session (the reconciler retries)
+        finally:
+            stopping.cancel()
+            if in_flight:  # each ends within the timeout; a lease outlives it
+                await asyncio.wait(in_flight, timeout=self.timeout_s + 1)
 
     async def run_once(self) -> int:
         """Claim the due heads (one per endpoint and consumer) and send them; returns how
         many were attempted."""
-        claimed = await self._claim()
+        claimed = await self._claim(self.concurrency)
         if claimed:
             await asyncio.gather(*(self._deliver(c) for c in claimed))
         return len(claimed)
 
-    async def _claim(self) -> list[Claimed]:
+    async def _claim(self, limit: int) -> list[Claimed]:
         now = self.clock() / 1000
         lease = _at(now + self.timeout_s + LEASE_MARGIN_S)
         rows = await self.pool.fetch(
@@ -135,7 +151,7 @@ class Dispatcher:
                    extract(epoch FROM d.retry_since)::float8 AS retry_since_s, w.url, w.sealed_secret""",
             _at(now),
             lease,
-            self.concurrency,
+            limit,
         )
         return [Claimed(**dict(r), lease=lease) for r in rows]
 
