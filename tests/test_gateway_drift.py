@@ -6,6 +6,8 @@ a run stores its report and raises one gateway.drift alert per flagged hour, onc
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +18,7 @@ from sidecar.core.models import AuthorizeRequest
 from sidecar.reconciler import gateway_drift
 from sidecar.reconciler.service import Reconciler
 from tests.conftest import ADMIN, seed
+from tests.test_access import bearer, mint
 from tests.test_postgres import stack
 
 SECRET = "ingest-secret-0123456789"
@@ -47,6 +50,10 @@ def _hour_with_room() -> datetime:
         time.sleep(3600 - now.minute * 60 - now.second + 1)
         now = datetime.now(UTC)
     return now.replace(minute=0, second=0, microsecond=0)
+
+
+def _z(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _bucket(hour: datetime, app: str, calls: int, errors: int = 0) -> dict:
@@ -93,7 +100,10 @@ async def test_an_apigee_bucket_of_1000_against_970_allowed_flags_3_pct_and_aler
 
         end = hour + timedelta(hours=1)
         first = await gateway_drift.run(s.db, "default", hour - timedelta(hours=1), end, 2.0, "test")
-        rows = {r.consumer_id: r for r in first.rows}
+        async with s.db.acquire() as conn:
+            compared = await gateway_drift.compare(conn, "default", hour, end, 2.0)
+        rows = {r.consumer_id: r for r in compared}
+        assert [r.consumer_id for r in first.flagged_rows] == ["app-drifting"]
         assert set(rows) == {"app-drifting", "app-close"}
         drifting, close = rows["app-drifting"], rows["app-close"]
         assert (drifting.allowed, drifting.gateway, drifting.drift, drifting.drift_pct, drifting.flagged) == (
@@ -171,7 +181,102 @@ async def test_per_request_gateway_events_count_what_the_gateway_let_through(
         events.append({"consumer_id": "c1", "request_id": "kong-403", "product": "payments", "status": 403})
         assert (await s.http.post("/v1/usage", json=events)).json()["accepted"] == 16
         await Reconciler(s.settings, s.store).run_once()
-        report = await gateway_drift.run(s.db, "default", hour, hour + timedelta(hours=1), 2.0, "test")
-        (row,) = report.rows
+        async with s.db.acquire() as conn:
+            (row,) = await gateway_drift.compare(conn, "default", hour, hour + timedelta(hours=1), 2.0)
         assert (row.allowed, row.gateway, row.drift, row.flagged) == (10, 12, 2, True)
         assert row.drift_pct == round(2 * 100 / 12, 4)
+
+
+async def test_the_gateway_report_over_http_as_json_and_csv_and_a_run_on_demand(
+    migrated_database, redis_url, prefix
+):
+    overrides = {
+        "ingest_secrets": {"default": SECRET},
+        "apigee_analytics": "record",
+        "decision_timeout_ms": 10_000,
+    }
+    async with stack(migrated_database, redis_url, prefix, **overrides) as s:
+        hour = _hour_with_room()
+        for app in ("app-a", "app-b"):
+            await seed(s.http, windows={"day": 1_000}, consumer_id=app, wallet_mode="postpaid")
+        await _allow(s, "app-a", 97)
+        await _allow(s, "app-b", 100)
+        for app in ("app-a", "app-b"):
+            answer = await s.http.post(
+                "/integrations/apigee/ingest", json=_bucket(hour, app, 100), headers=INGEST
+            )
+            assert answer.json()["recordsProcessed"] == 1
+        await Reconciler(s.settings, s.store).run_once()
+        span = f"from={_z(hour)}&to={_z(hour + timedelta(hours=1))}"
+        path = f"/v1/admin/reconciliation?source=gateway&{span}"
+        viewer = bearer(await mint(s.http, "viewer"))
+
+        as_json = await s.http.get(path, headers=viewer)
+        assert as_json.status_code == 200, as_json.text
+        body = as_json.json()
+        assert (body["tenant"], body["source"], body["threshold_pct"]) == ("default", "gateway", 2.0)
+        got = {
+            (r["consumer_id"], r["allowed"], r["gateway"], r["drift_pct"], r["flagged"]) for r in body["rows"]
+        }
+        assert got == {("app-a", 97, 100, 3.0, True), ("app-b", 100, 100, 0.0, False)}
+
+        as_csv = await s.http.get(path, headers={**viewer, "Accept": "text/csv"})
+        assert as_csv.headers["content-type"].startswith("text/csv")
+        lines = list(csv.reader(io.StringIO(as_csv.text)))
+        assert lines[0] == [
+            "consumer_id",
+            "product",
+            "hour",
+            "allowed",
+            "gateway",
+            "drift",
+            "drift_pct",
+            "flagged",
+        ]
+        assert sorted(lines[1:]) == [
+            ["app-a", "payments", body["rows"][0]["hour"], "97", "100", "3", "3.0", "True"],
+            ["app-b", "payments", body["rows"][0]["hour"], "100", "100", "0", "0.0", "False"],
+        ]
+        assert await s.db.fetchval("SELECT count(*) FROM gateway_drift_runs") == 0  # reading stores nothing
+
+        forbidden = await s.http.post(f"/v1/admin/reconciliation/gateway?{span}", headers=viewer)
+        assert forbidden.status_code == 403
+        ran = await s.http.post(f"/v1/admin/reconciliation/gateway?{span}", headers=ADMIN)
+        assert ran.status_code == 201, ran.text
+        run = ran.json()
+        assert (run["compared"], run["flagged"], run["alerts"]) == (2, 1, 1)
+        assert [r["consumer_id"] for r in run["flagged_rows"]] == ["app-a"]
+        alerts = (await s.http.get("/v1/admin/alerts?type=gateway.drift", headers=viewer)).json()["items"]
+        assert [(a["consumer_id"], a["data"]["drift_pct"]) for a in alerts] == [("app-a", 3.0)]
+        again = (await s.http.post(f"/v1/admin/reconciliation/gateway?{span}", headers=ADMIN)).json()
+        assert again["alerts"] == 0
+
+        h = _z(hour)
+        for query, code, field in (
+            ("source=gateway", "invalid_range", "from"),
+            (f"source=gateway&from={h}&to={h}", "invalid_range", "from"),
+            (f"source=gateway&from={h}&to=2099-01-01T00:00:00Z", "invalid_range", "to"),
+            (
+                f"source=gateway&from={h[:14]}30:00Z&to={_z(hour + timedelta(hours=2))}",
+                "invalid_range",
+                "from",
+            ),
+            (f"source=gateway&from=yesterday&to={h}", "invalid_time", "from"),
+            ("source=redis", "invalid_request", "source"),
+        ):
+            refused = await s.http.get(f"/v1/admin/reconciliation?{query}", headers=viewer)
+            assert (
+                refused.status_code,
+                refused.json()["error"]["code"],
+                refused.json()["error"]["field"],
+            ) == (400, code, field), query
+        assert await s.db.fetchval("SELECT count(*) FROM gateway_drift_runs") == 2
+
+
+async def test_the_gateway_report_needs_postgres(client) -> None:
+    response = await client.get(
+        "/v1/admin/reconciliation?source=gateway&from=2026-01-01&to=2026-01-02", headers=ADMIN
+    )
+    assert (response.status_code, response.json()["error"]["code"]) == (501, "postgres_required")
+    ran = await client.post("/v1/admin/reconciliation/gateway?from=2026-01-01&to=2026-01-02", headers=ADMIN)
+    assert (ran.status_code, ran.json()["error"]["code"]) == (501, "postgres_required")

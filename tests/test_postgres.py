@@ -85,6 +85,7 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
             "0009_alerts_webhooks.sql",
             "0010_usage_rollups.sql",
             "0011_partitioned_ledger.sql",
+            "0012_gateway_drift.sql",
         ]
         tables = {
             r["tablename"]
@@ -95,8 +96,9 @@ async def test_migrations_apply_to_an_empty_database_and_reapply_as_a_no_op(data
         assert {"connections", "connection_secrets", "api_tokens"} <= tables
         assert {"alerts", "webhooks", "webhook_deliveries", "webhook_attempts"} <= tables
         assert {"usage_rollup_hourly", "usage_rollup_daily", "usage_records_default"} <= tables
+        assert {"alert_rules", "gateway_drift_runs", "gateway_drift_rows"} <= tables
         assert await migrate(conn) == []
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 11
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 12
         # An applied migration edited afterwards is refused, not skipped.
         await conn.execute("UPDATE schema_migrations SET checksum = 'x'")
         with pytest.raises(Exception, match="applied with different content"):

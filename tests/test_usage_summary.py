@@ -263,8 +263,12 @@ async def test_a_batch_settled_again_changes_nothing(
         ]  # fmt: skip
         aggregate = UsageEvent(consumer_id="app-1", request_id="ag", product="search", count=40, errors=4,
                                started_at_ms=int(WEEK.timestamp() * 1000), response_size=9_000)  # fmt: skip
-        assert await e.ledger.record_events([*events, aggregate, events[0]]) == 6
-        assert await e.ledger.record_events([*events, aggregate]) == 0
+        received = [int(WEEK.timestamp() * 1000) + i for i in range(7)]
+        # events[0] twice in one batch (the same stream entry): once; the batch drained again: nothing.
+        assert (
+            await e.ledger.record_events([*events, aggregate, events[0]], [*received[:6], received[0]]) == 6
+        )
+        assert await e.ledger.record_events([*events, aggregate], received[:6]) == 0
         status = await e.summary(
             **{"from": "2026-11-02", "to": "2026-11-03", "group_by": "status", "consumer_id": "app-1"}
         )

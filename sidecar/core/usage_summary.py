@@ -84,7 +84,7 @@ def zone_of(name: str) -> zoneinfo.ZoneInfo:
     return zoneinfo.ZoneInfo(name)
 
 
-def _time(text: str | None, zone: zoneinfo.ZoneInfo, field: str) -> datetime:
+def parse_time(text: str | None, zone: zoneinfo.ZoneInfo, field: str) -> datetime:
     if text is None or text == "":
         raise InvalidInput(f"{field} is required", code="invalid_range", field=field)
     try:
@@ -105,7 +105,29 @@ def _time(text: str | None, zone: zoneinfo.ZoneInfo, field: str) -> datetime:
     return value
 
 
-def _whole_hours(zone: zoneinfo.ZoneInfo, start: datetime, end: datetime) -> bool:
+def time_range(
+    params: Mapping[str, str], zone: zoneinfo.ZoneInfo, max_days: int, why: str = ""
+) -> tuple[datetime, datetime]:
+    """``from`` and ``to`` (UTC), from before to, at most ``max_days`` apart."""
+    start = parse_time(params.get("from"), zone, "from")
+    end = parse_time(params.get("to"), zone, "to")
+    if start >= end:
+        raise InvalidInput("from must be before to", code="invalid_range", field="from")
+    if end - start > timedelta(days=max_days):
+        raise InvalidInput(f"at most {max_days} days{why}", code="invalid_range", field="to")
+    return start, end
+
+
+def whole_hours(start: datetime, end: datetime) -> None:
+    """Both ends on a whole hour (the rollups' and the drift report's resolution)."""
+    for field, value in (("from", start), ("to", end)):
+        if value != value.replace(minute=0, second=0, microsecond=0):
+            raise InvalidInput(
+                f"{field} must be a whole hour: the rollups hold hours", code="invalid_range", field=field
+            )
+
+
+def _whole_hour_offsets(zone: zoneinfo.ZoneInfo, start: datetime, end: datetime) -> bool:
     """Whether the zone's offset is a whole number of hours throughout [start, end] (each
     day's, and both ends'), so its calendar buckets start on UTC hours."""
     moments = [start + timedelta(days=d) for d in range((end - start).days + 1)] + [end]
@@ -136,28 +158,15 @@ def parse_summary(params: Mapping[str, str], group_by: Sequence[str], tenant: st
         )
     tz = params.get("tz") or "UTC"
     zone = zone_of(tz)
-    start = _time(params.get("from"), zone, "from")
-    end = _time(params.get("to"), zone, "to")
-    if start >= end:
-        raise InvalidInput("from must be before to", code="invalid_range", field="from")
-    if end - start > timedelta(days=MAX_RANGE_DAYS[granularity]):
-        raise InvalidInput(
-            f"at most {MAX_RANGE_DAYS[granularity]} days with granularity {granularity}",
-            code="invalid_range",
-            field="to",
-        )
-    if tz != "UTC" and not _whole_hours(zone, start, end):
+    start, end = time_range(params, zone, MAX_RANGE_DAYS[granularity], f" with granularity {granularity}")
+    if tz != "UTC" and not _whole_hour_offsets(zone, start, end):
         raise InvalidInput(
             f"tz {tz!r} is not a whole number of hours from UTC in this range: its calendar "
             "buckets do not start on the hours the rollups hold",
             code="unsupported_time_zone",
             field="tz",
         )
-    for field, value in (("from", start), ("to", end)):
-        if value != value.replace(minute=0, second=0, microsecond=0):
-            raise InvalidInput(
-                f"{field} must be a whole hour: the rollups hold hours", code="invalid_range", field=field
-            )
+    whole_hours(start, end)
     consumer_id = params.get("consumer_id") or None
     if consumer_id is not None:
         check_id(consumer_id, CONSUMER_ID_RE, "consumer_id")

@@ -96,6 +96,7 @@ ACCESS: dict[tuple[str, str], Rule] = {
     (_POST, "/v1/admin/consumers/{consumer_id}/keys"): ADMIN,
     (_DELETE, "/v1/admin/consumers/{consumer_id}/keys/{key_hash}"): ADMIN,
     (_GET, "/v1/admin/reconciliation"): READ,
+    (_POST, "/v1/admin/reconciliation/gateway"): BILLING,
     # gateway connections and imports
     (_GET, "/v1/admin/connections"): READ,
     (_GET, "/v1/admin/connections/{connection_id}"): READ,

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.authorizer import Authorizer
-from sidecar.catalog import Catalog, NeedsPostgres
+from sidecar.catalog import Catalog
 from sidecar.core.access import Principal, Role
 from sidecar.core.api_keys import checked_scopes, generate_api_key, hash_api_key
 from sidecar.core.clock import check_lifetime, iso_utc, now_ms
@@ -347,17 +347,7 @@ async def revoke_key(request: Request) -> Response:
     return json_response({"revoked": True, "key_hash": key_hash})
 
 
-async def reconciliation(request: Request) -> Response:
-    try:
-        # A tenant's token sees its own tenant's consumers only (the bootstrap token all).
-        report = await _catalog(request).reconciliation(principal(request).tenant)
-    except NeedsPostgres as exc:
-        raise ApiError(501, "postgres_required", str(exc)) from None
-    return json_response(report)
-
-
 ROUTES = [
-    Route("/v1/admin/reconciliation", reconciliation, methods=["GET"]),
     Route("/v1/admin/plans", list_plans, methods=["GET"]),
     Route("/v1/admin/plans/{plan_id}", put_plan, methods=["PUT"]),
     Route("/v1/admin/plans/{plan_id}", get_plan, methods=["GET"]),

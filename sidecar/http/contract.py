@@ -33,6 +33,7 @@ from sidecar.http.alerts import DELIVERY_STATUSES
 from sidecar.http.connections import ApplyRequest, Health
 from sidecar.http.decisions import ApigeeAuthorize, ApigeeDecision
 from sidecar.http.introspection import Inactive, Introspection, IntrospectRequest
+from sidecar.http.reconciliation import SOURCES
 from sidecar.http.usage import UsageAnswer
 from sidecar.http.usage_query import UsageSummary
 from sidecar.integrations.apigee.analytics import Analytics
@@ -41,7 +42,7 @@ from sidecar.integrations.catalog_import import ImportResult
 from sidecar.integrations.connections import CONNECTION_ID_RE, ConnectionSpec, ConnectionView
 from sidecar.integrations.kong.log_entries import KongLog
 from sidecar.integrations.kong.routes import EnforceGroup
-from sidecar.reconciler.report import Report
+from sidecar.reconciler.gateway_drift import DriftRun
 from sidecar.reconciler.webhook_store import WebhookView
 
 
@@ -408,10 +409,29 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         errors=frozenset({404}) | POSTGRES,
     ),
     ("GET", "/v1/admin/reconciliation"): Operation(
-        "Redis windows against the Postgres ledger, drift flagged.",
+        "source=ledger (default): Redis windows against the ledger (a Report). source=gateway: the"
+        " allowed calls against the gateway's counts per consumer, product and hour (tenant, source,"
+        " start, end, threshold_pct, rows); JSON or CSV, streamed.",
         "consumers",
-        {200: Answer(Report)},
-        errors=POSTGRES,
+        {200: Answer(description="A Report, or the gateway comparison.", also=("text/csv",))},
+        query=(
+            Param("source", "What to compare with (default ledger).", enum=SOURCES),
+            Param("from", "source=gateway: start, ISO 8601 (UTC unless given); a whole hour."),
+            Param("to", "source=gateway: end (exclusive); a whole hour, at most 31 days on."),
+            TENANT,
+        ),
+        errors=frozenset({404}) | POSTGRES,
+    ),
+    ("POST", "/v1/admin/reconciliation/gateway"): Operation(
+        "Compare with the gateway's counts, store the run, alert on each flagged hour (once).",
+        "consumers",
+        {201: Answer(DriftRun)},
+        query=(
+            Param("from", "Start, ISO 8601 (UTC unless given); a whole hour.", required=True),
+            Param("to", "End (exclusive); a whole hour, at most 31 days on.", required=True),
+            TENANT,
+        ),
+        errors=frozenset({404}) | POSTGRES,
     ),
     # --- gateway connections ---------------------------------------------------------------
     ("GET", "/v1/admin/connections"): Operation(

@@ -12,18 +12,15 @@ developer token for its own consumers."""
 
 from __future__ import annotations
 
-import csv
-import io
 import zoneinfo
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from sidecar.catalog import TruthUnavailable
 from sidecar.core.access import Role
 from sidecar.core.clock import now_ms
 from sidecar.core.current_usage import current_usage
@@ -33,10 +30,9 @@ from sidecar.core.usage_summary import SummaryQuery, parse_summary
 from sidecar.http.access import scope_consumer
 from sidecar.http.admin_request import json_response, tenant_param
 from sidecar.http.errors import ApiError
+from sidecar.http.streamed import csv_bytes, stream, wants_csv
 from sidecar.reconciler import rollups
 from sidecar.reconciler.catalog import PostgresCatalog
-
-CHUNK_ROWS = 2000  # rows fetched from the cursor, and sent, at a time
 
 
 async def current(request: Request) -> Response:
@@ -81,18 +77,6 @@ class UsageSummary(msgspec.Struct):
 
 
 _encode = msgspec.json.Encoder().encode
-# Postgres did not answer, or went away: nothing was sent yet.
-_UNREACHABLE = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-)
-
-
-def _wants_csv(request: Request) -> bool:
-    accept = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
-    return "text/csv" in accept
 
 
 class _Format:
@@ -107,7 +91,7 @@ class _Format:
 
     def head(self) -> bytes:
         if self.csv:
-            return self._csv([self.fields])
+            return csv_bytes([self.fields])
         q = self.query
         head = _encode(
             UsageSummary(
@@ -124,7 +108,7 @@ class _Format:
 
     def rows(self, records: Sequence[asyncpg.Record]) -> bytes:
         if self.csv:
-            return self._csv([self._bucket(r["bucket"]), *(r[f] for f in self.fields[1:])] for r in records)
+            return csv_bytes([self._bucket(r["bucket"]), *(r[f] for f in self.fields[1:])] for r in records)
         parts = []
         for r in records:
             row = SummaryRow(bucket=self._bucket(r["bucket"]), **{f: r[f] for f in self.fields[1:]})
@@ -137,25 +121,6 @@ class _Format:
 
     def _bucket(self, value: object) -> str:
         return value.astimezone(self.zone).isoformat()  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _csv(rows: object) -> bytes:
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\r\n").writerows(rows)  # type: ignore[arg-type]
-        return out.getvalue().encode()
-
-
-async def _chunks(pool: asyncpg.Pool, sql: str, args: list[object], form: _Format) -> AsyncIterator[bytes]:
-    """The answer's bytes, read from a server-side cursor CHUNK_ROWS at a time. The
-    first chunk (the head and the first rows) comes once the query has answered."""
-    async with pool.acquire() as conn, conn.transaction(readonly=True):
-        cursor = await conn.cursor(sql, *args)
-        records = await cursor.fetch(CHUNK_ROWS)
-        yield form.head() + form.rows(records)
-        while len(records) == CHUNK_ROWS:
-            records = await cursor.fetch(CHUNK_ROWS)
-            yield form.rows(records)
-    yield form.tail()
 
 
 async def summary(request: Request) -> Response:
@@ -174,39 +139,12 @@ async def summary(request: Request) -> Response:
         )
     ledger = await catalog.ledger()
     sql, args = rollups.summary(query, mine)
-    form = _Format(query, _wants_csv(request))
-    chunks = _chunks(ledger.pool, sql, args, form)
     try:
-        first = await anext(chunks)  # errors answer as errors until the first byte is sent
-    except _UNREACHABLE as exc:
-        raise TruthUnavailable(f"postgres unreachable: {exc!r}") from exc
-    except (TimeoutError, asyncpg.QueryCanceledError):
-        raise ApiError(
-            503,
-            "query_timeout",
-            "the summary took too long: ask for a shorter range or a coarser granularity",
-            headers={"Retry-After": "1"},
-        ) from None
+        return await stream(ledger.pool, sql, args, _Format(query, wants_csv(request)), "usage-summary.csv")
     except asyncpg.InvalidParameterValueError:
         raise InvalidInput(
             f"tz {query.time_zone!r} is not a time zone Postgres knows", code="invalid_time_zone", field="tz"
         ) from None
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield first
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await chunks.aclose()
-
-    if form.csv:
-        return StreamingResponse(
-            body(),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": 'attachment; filename="usage-summary.csv"'},
-        )
-    return StreamingResponse(body(), media_type="application/json")
 
 
 ROUTES = [

@@ -90,7 +90,10 @@ async def drain_events(
     number of new event rows."""
 
     async def record(tenant: str, consumer_id: str, entries: list[tuple[str, UsageEvent]]) -> int:
-        return await ledger.record_events([event for _, event in entries])
+        # The entry id's milliseconds: when Redis received it, the same on a re-drain.
+        return await ledger.record_events(
+            [event for _, event in entries], [int(entry_id.split("-", 1)[0]) for entry_id, _ in entries]
+        )
 
     total = await _copy_out(
         await store.scan_streams("g") if streams is None else streams,

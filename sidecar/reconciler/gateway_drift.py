@@ -17,11 +17,11 @@ from sidecar.reconciler.alerts import record_alerts, rules_of
 
 log = logging.getLogger("aforo.reconciler")
 SCHEDULE = "schedule"
-# A gateway event is stored after it started: events recorded this long before the range
-# cannot belong to it, so older partitions of gateway_events are skipped.
+# A gateway event is received after it started: events received this long before the
+# range cannot belong to it, so older partitions of gateway_events are skipped.
 CLOCK_SKEW = timedelta(hours=1)
 
-_COMPARE = f"""
+COMPARE_SQL = f"""
 WITH allowed AS (
     SELECT consumer_id, product, date_trunc('hour', ts, 'UTC') AS hour, sum(hits)::bigint AS n
     FROM usage_records
@@ -35,7 +35,7 @@ WITH allowed AS (
             ELSE greatest(count - errors, 0)
         END)::bigint AS n
     FROM gateway_events
-    WHERE tenant = $1 AND recorded_at >= $4
+    WHERE tenant = $1 AND received_at >= $4
         AND coalesce(started_at, recorded_at) >= $2 AND coalesce(started_at, recorded_at) < $3
     GROUP BY 1, 2, 3
 ), reporting AS (
@@ -50,29 +50,36 @@ ORDER BY consumer_id, product, hour
 """
 
 
-def _iso(moment: datetime) -> str:
+def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def compare_args(tenant: str, start: datetime, end: datetime) -> list[object]:
+    """COMPARE_SQL's arguments."""
+    return [tenant, start, end, start - CLOCK_SKEW]
+
+
+def drift_row(tenant: str, r: asyncpg.Record, threshold_pct: float) -> DriftRow:
+    """A row of COMPARE_SQL."""
+    return DriftRow(
+        tenant=tenant,
+        consumer_id=r["consumer_id"],
+        product=r["product"],
+        hour=iso(r["hour"]),
+        hour_ms=int(r["hour"].timestamp() * 1000),
+        allowed=r["allowed"],
+        gateway=r["gateway"],
+        drift=r["gateway"] - r["allowed"],
+        drift_pct=drift_pct(r["allowed"], r["gateway"]),
+        flagged=is_flagged(r["allowed"], r["gateway"], threshold_pct),
+    )
 
 
 async def compare(
     conn: asyncpg.Connection, tenant: str, start: datetime, end: datetime, threshold_pct: float
 ) -> list[DriftRow]:
-    rows = await conn.fetch(_COMPARE, tenant, start, end, start - CLOCK_SKEW)
-    return [
-        DriftRow(
-            tenant=tenant,
-            consumer_id=r["consumer_id"],
-            product=r["product"],
-            hour=_iso(r["hour"]),
-            hour_ms=int(r["hour"].timestamp() * 1000),
-            allowed=r["allowed"],
-            gateway=r["gateway"],
-            drift=r["gateway"] - r["allowed"],
-            drift_pct=drift_pct(r["allowed"], r["gateway"]),
-            flagged=is_flagged(r["allowed"], r["gateway"], threshold_pct),
-        )
-        for r in rows
-    ]
+    rows = await conn.fetch(COMPARE_SQL, *compare_args(tenant, start, end))
+    return [drift_row(tenant, r, threshold_pct) for r in rows]
 
 
 async def threshold_of(conn: asyncpg.Connection, tenant: str, default_pct: float) -> float:
@@ -89,7 +96,7 @@ class DriftRun(msgspec.Struct):
     compared: int
     flagged: int
     alerts: int  # new gateway.drift alerts (an hour already alerted on is not again)
-    rows: list[DriftRow]
+    flagged_rows: list[DriftRow]  # every row is stored with the run (gateway_drift_rows)
 
 
 async def run(
@@ -132,7 +139,7 @@ async def run(
         )
         alerts = await record_alerts(conn, [drift_alert(r, threshold) for r in flagged])
     return DriftRun(
-        str(run_id), tenant, _iso(start), _iso(end), threshold, len(rows), len(flagged), alerts, rows
+        str(run_id), tenant, iso(start), iso(end), threshold, len(rows), len(flagged), alerts, flagged
     )
 
 

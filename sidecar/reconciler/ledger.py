@@ -468,8 +468,10 @@ class Ledger:
                 )
         return _wallet(row), len(new)
 
-    async def record_events(self, events: Sequence[UsageEvent]) -> int:
-        """Record gateway events, each once; returns how many were new."""
+    async def record_events(self, events: Sequence[UsageEvent], received_ms: Sequence[int]) -> int:
+        """Record gateway events, each once per (tenant, consumer, request id, the time
+        Redis received it: ``received_ms``, its stream entry's), so a batch drained again
+        is skipped; returns how many were new. Their rollups in the same transaction."""
         columns: dict[str, list[Any]] = {
             name: [getattr(e, name) for e in events]
             for name in (
@@ -481,32 +483,23 @@ class Ledger:
         started = [_ts(e.started_at_ms) if e.started_at_ms else None for e in events]
         headers = [msgspec.json.encode(e.headers).decode() for e in events]
         async with self.pool.acquire() as conn, conn.transaction():
-            # The table is partitioned by recorded_at, so no unique key can hold an event
-            # once (migration 0011): one writer at a time, and an event a partition holds
-            # (or an earlier one of this batch) is skipped.
-            await conn.execute("SELECT pg_advisory_xact_lock(72618, 1101)")
             inserted = await conn.fetch(
                 """INSERT INTO gateway_events (tenant, consumer_id, request_id, product, route, service,
                        method, status, latency_ms, upstream_latency_ms, gateway_latency_ms, request_size,
-                       response_size, decision_id, count, errors, started_at, headers)
-                   SELECT DISTINCT ON (t, c, r) t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa,
-                       h::jsonb
-                   FROM unnest(
+                       response_size, decision_id, count, errors, started_at, headers, received_at)
+                   SELECT t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h::jsonb, ra FROM unnest(
                        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                        $8::int[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
-                       $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[], $18::text[])
-                       WITH ORDINALITY AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h, i)
-                   -- a probe of each partition's index per event (LIMIT: never a scan of them all)
-                   LEFT JOIN LATERAL (SELECT 1 AS held FROM gateway_events g
-                                      WHERE g.tenant = u.t AND g.consumer_id = u.c AND g.request_id = u.r
-                                      LIMIT 1) x ON true
-                   WHERE x.held IS NULL
-                   ORDER BY t, c, r, i
+                       $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[], $18::text[],
+                       $19::timestamptz[])
+                       AS u(t, c, r, p, ro, s, m, st, l, ul, gl, rq, rs, d, n, e, sa, h, ra)
+                   ON CONFLICT DO NOTHING
                    RETURNING tenant, consumer_id, product, status, count, errors,
                        request_size + response_size AS bytes, coalesce(started_at, recorded_at) AS at""",
                 *columns.values(),
                 started,
                 headers,
+                [_ts(ms) for ms in received_ms],
             )
             await rollups.add_events(conn, inserted)  # the new events only
         return len(inserted)

@@ -7,15 +7,18 @@
 -- batch drained again after a crash routes every row to the partition that already holds
 -- it and ON CONFLICT finds it there.
 --
--- gateway_events is partitioned by recorded_at, when Postgres stored the event: always
--- set, by this database's clock, so new rows land in the current month's partition, and
--- retention means "stored more than N months ago". started_at was not chosen: it is what
--- a gateway says (absent for many events, any year a gateway's clock or a client sends)
--- and would scatter rows into the default partition. recorded_at differs between a first
--- insert and a re-drain, so it cannot be in a key that deduplicates: the table has no
--- primary key, and the reconciler keeps an event once per (tenant, consumer_id,
--- request_id) itself (sidecar/reconciler/ledger.py record_events: one writer at a time,
--- and an event whose key any partition holds is skipped; the index below answers that).
+-- gateway_events is partitioned by received_at, a new column: when Redis accepted the
+-- event, the time of its entry in the consumer's event stream (the entry id's
+-- milliseconds). It is always set, by the Redis clock, so new rows land in the current
+-- month's partition and retention means "received more than N months ago"; and it is
+-- the same when a batch is drained again after a crash (the entries are read again with
+-- their ids), so the primary key (tenant, consumer_id, request_id, received_at) keeps an
+-- event once and ON CONFLICT skips a re-drained one. An event sent again later is kept
+-- out by the hot store first (event.lua's marker for event_dedupe_ttl_seconds); one sent
+-- again after that is stored and rated again, in Redis and here alike. started_at was
+-- not chosen: it is what a gateway says (absent for many events, any year a gateway's
+-- clock or a client sends) and would scatter rows into the default partition. Rows
+-- already stored take their recorded_at.
 --
 -- Each table gets a DEFAULT partition as a safety net (a row no monthly partition
 -- covers); aforo_ensure_partition moves its rows of a month into that month's partition
@@ -28,7 +31,7 @@
 
 -- The column a ledger table is partitioned by.
 CREATE FUNCTION aforo_partition_key(parent text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE parent WHEN 'usage_records' THEN 'ts' WHEN 'gateway_events' THEN 'recorded_at' END
+    SELECT CASE parent WHEN 'usage_records' THEN 'ts' WHEN 'gateway_events' THEN 'received_at' END
 $$;
 
 -- The monthly partition of ``parent`` for the UTC month holding ``within``: created when
@@ -119,9 +122,10 @@ CREATE TABLE usage_records_default PARTITION OF usage_records DEFAULT;
 ALTER TABLE gateway_events RENAME TO gateway_events_unpartitioned;
 ALTER INDEX gateway_events_pkey RENAME TO gateway_events_unpartitioned_pkey;
 CREATE TABLE gateway_events (
-    LIKE gateway_events_unpartitioned INCLUDING DEFAULTS INCLUDING CONSTRAINTS
-) PARTITION BY RANGE (recorded_at);
-CREATE INDEX gateway_events_request ON gateway_events (tenant, consumer_id, request_id);
+    LIKE gateway_events_unpartitioned INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
+    received_at timestamptz NOT NULL,
+    PRIMARY KEY (tenant, consumer_id, request_id, received_at)
+) PARTITION BY RANGE (received_at);
 CREATE TABLE gateway_events_default PARTITION OF gateway_events DEFAULT;
 
 -- A partition for every month holding rows, and the current month and the next two.
@@ -146,6 +150,6 @@ BEGIN
 END $$;
 
 INSERT INTO usage_records SELECT * FROM usage_records_unpartitioned;
-INSERT INTO gateway_events SELECT * FROM gateway_events_unpartitioned;
+INSERT INTO gateway_events SELECT *, recorded_at FROM gateway_events_unpartitioned;
 DROP TABLE usage_records_unpartitioned;
 DROP TABLE gateway_events_unpartitioned;
