@@ -23,6 +23,12 @@ from tests.test_postgres import stack
 
 SECRET = "ingest-secret-0123456789"
 INGEST = {"X-Aforo-Ingest-Secret": SECRET}
+# Apigee analytics stored, not rated: the aforo-authorize flow decides every call.
+APIGEE_RECORDED = {
+    "ingest_secrets": {"default": SECRET},
+    "apigee_analytics": "record",
+    "decision_timeout_ms": 10_000,
+}
 
 
 @pytest.mark.parametrize(
@@ -79,12 +85,7 @@ async def _allow(s, consumer_id: str, n: int) -> None:
 async def test_an_apigee_bucket_of_1000_against_970_allowed_flags_3_pct_and_alerts_once(
     migrated_database, redis_url, prefix
 ):
-    overrides = {
-        "ingest_secrets": {"default": SECRET},
-        "apigee_analytics": "record",
-        "decision_timeout_ms": 10_000,
-    }
-    async with stack(migrated_database, redis_url, prefix, **overrides) as s:
+    async with stack(migrated_database, redis_url, prefix, **APIGEE_RECORDED) as s:
         hour = _hour_with_room()
         for app in ("app-drifting", "app-close", "app-silent"):
             await seed(s.http, windows={"day": 10_000}, consumer_id=app, wallet_mode="postpaid")
@@ -190,12 +191,7 @@ async def test_per_request_gateway_events_count_what_the_gateway_let_through(
 async def test_the_gateway_report_over_http_as_json_and_csv_and_a_run_on_demand(
     migrated_database, redis_url, prefix
 ):
-    overrides = {
-        "ingest_secrets": {"default": SECRET},
-        "apigee_analytics": "record",
-        "decision_timeout_ms": 10_000,
-    }
-    async with stack(migrated_database, redis_url, prefix, **overrides) as s:
+    async with stack(migrated_database, redis_url, prefix, **APIGEE_RECORDED) as s:
         hour = _hour_with_room()
         for app in ("app-a", "app-b"):
             await seed(s.http, windows={"day": 1_000}, consumer_id=app, wallet_mode="postpaid")
@@ -271,6 +267,13 @@ async def test_the_gateway_report_over_http_as_json_and_csv_and_a_run_on_demand(
                 refused.json()["error"]["field"],
             ) == (400, code, field), query
         assert await s.db.fetchval("SELECT count(*) FROM gateway_drift_runs") == 2
+        # The ledger report takes ?tenant= too: one the caller may see.
+        ledger = await s.http.get("/v1/admin/reconciliation?tenant=default", headers=viewer)
+        assert ledger.status_code == 200 and "rows" in ledger.json()
+        elsewhere = await s.http.get("/v1/admin/reconciliation?tenant=acme", headers=viewer)
+        assert (elsewhere.status_code, elsewhere.json()["error"]["code"]) == (404, "tenant_not_found")
+        bad = await s.http.get("/v1/admin/reconciliation?tenant=", headers=ADMIN)
+        assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_identifier")
 
 
 async def test_the_gateway_report_needs_postgres(client) -> None:

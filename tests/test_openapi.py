@@ -19,6 +19,7 @@ import pytest
 from sidecar.grpc.sidecar_service import SidecarService
 from sidecar.http.access import ACCESS, GATEWAY, OPEN
 from sidecar.http.contract import OPERATIONS
+from sidecar.integrations.secret_box import new_key
 from sidecar.server import build_app
 from tests.conftest import ADMIN_TOKEN, SidecarProcess, make_settings
 
@@ -157,6 +158,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_contract(
         "AFORO_KEY_PREFIX": prefix,
         "AFORO_DATABASE_URL": migrated_database,
         "AFORO_INGEST_SECRETS": f"default={SECRET}",
+        "AFORO_SECRET_KEYS": f"k1={new_key()}",  # webhook and connection secrets are sealed
         # The negative cases send no credentials on purpose, hundreds of times.
         "AFORO_AUTH_FAILURE_LIMIT": "1000000",
     }

@@ -120,6 +120,8 @@ async def test_a_webhook_is_made_read_replaced_rotated_and_deleted_its_secret_sh
         ({"url": "https://billing.example.com/", "events": QUOTA, "description": "a\x00b"}, None),
         ({"url": "https://billing.example.com/", "events": QUOTA, "secret": "mine"}, None),
         ({"events": QUOTA}, None),
+        ({"url": "https://billing.example.com/", "events": QUOTA, "tenant": ""}, "tenant"),
+        ({"url": "https://billing.example.com/", "events": QUOTA, "tenant": "a b"}, "tenant"),
     ],
 )
 async def test_a_bad_webhook_is_refused_and_nothing_is_made(
@@ -491,6 +493,10 @@ async def test_a_tenants_rules_choose_what_fires_and_balance_alerts_fire_once_pe
             "wallet_topup_requested": True,
             "wallet_resumed": True,
             "drift_threshold_pct": None,
+            "usage_spike_pct": 200,
+            "usage_spike_min_calls": 100,
+            "error_rate_pct": 5.0,
+            "error_rate_min_calls": 20,
         }
         rules = {"quota_levels": [100], "low_balance_micros": 500, "wallet_resumed": False}
         put = await s.http.put("/v1/admin/alert-rules", json=rules, headers=ADMIN)
@@ -499,6 +505,11 @@ async def test_a_tenants_rules_choose_what_fires_and_balance_alerts_fire_once_pe
             ({"quota_levels": [75]}, "quota_levels"),
             ({"low_balance_micros": 0}, "low_balance_micros"),
             ({"quota_levels": "all"}, "quota_levels"),
+            ({"usage_spike_pct": 100}, "usage_spike_pct"),
+            ({"error_rate_pct": 100}, "error_rate_pct"),
+            ({"error_rate_min_calls": 0}, "error_rate_min_calls"),
+            ({"drift_threshold_pct": 101}, "drift_threshold_pct"),
+            ({"tenant": ""}, "tenant"),
         ):
             refused = await s.http.put("/v1/admin/alert-rules", json=bad, headers=ADMIN)
             assert (refused.status_code, refused.json()["error"].get("field")) == (400, field), refused.text

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from sidecar.core.errors import InvalidInput
-from sidecar.core.models import UsageRecord
+from sidecar.core.models import TENANT_RE, UsageRecord, check_id
 from sidecar.core.wallet_rules import Notice
 from sidecar.core.windows import WINDOWS
 
@@ -38,6 +38,8 @@ class AlertType(enum.StrEnum):
     WALLET_RESUMED = "wallet.resumed"  # a top-up lifted the hold
     BALANCE_LOW = "balance.low"  # a settlement took the balance below the tenant's threshold
     BALANCE_ZERO = "balance.zero"  # a settlement took the balance from above zero to zero or below
+    USAGE_SPIKE = "usage.spike"  # an hour's calls above the rule's share of the trailing week's mean
+    GATEWAY_ERROR_RATE = "gateway.error_rate"  # an hour's gateway errors above the rule's share
     GATEWAY_DRIFT = "gateway.drift"  # an hour's allowed calls off the gateway's count (sidecar/core/drift.py)
 
 
@@ -184,8 +186,17 @@ class AlertRules(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     wallet_resumed: bool = True
     # gateway.drift above this percentage (None: the drift_threshold_pct setting).
     drift_threshold_pct: float | None = None
+    # usage.spike: an hour's allowed calls of a consumer and product above this percentage
+    # of its mean hour over the 7 days before (None: off), once it has usage_spike_min_calls.
+    usage_spike_pct: int | None = 200
+    usage_spike_min_calls: int = 100
+    # gateway.error_rate: an hour's gateway errors (5xx, and the errors of aggregated rows)
+    # above this percentage of its calls (None: off), once it has error_rate_min_calls.
+    error_rate_pct: float | None = 5.0
+    error_rate_min_calls: int = 20
 
     def validated(self) -> AlertRules:
+        check_id(self.tenant, TENANT_RE, "tenant")
         if any(level not in QUOTA_LEVELS for level in self.quota_levels):
             raise InvalidInput(
                 f"quota_levels may hold {', '.join(map(str, QUOTA_LEVELS))} (percent of a limit)",
@@ -200,6 +211,15 @@ class AlertRules(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise InvalidInput(
                 "drift_threshold_pct must be 0 to 100 (null: the setting)", field="drift_threshold_pct"
             )
+        if self.usage_spike_pct is not None and not 101 <= self.usage_spike_pct <= 1_000_000:
+            raise InvalidInput("usage_spike_pct must be 101 to 1000000 (null: off)", field="usage_spike_pct")
+        if self.error_rate_pct is not None and not 0 < self.error_rate_pct < 100:
+            raise InvalidInput(
+                "error_rate_pct must be above 0 and below 100 (null: off)", field="error_rate_pct"
+            )
+        for name in ("usage_spike_min_calls", "error_rate_min_calls"):
+            if not 1 <= getattr(self, name) <= MAX_LOW_BALANCE:
+                raise InvalidInput(f"{name} must be 1 to {MAX_LOW_BALANCE}", field=name)
         self.quota_levels = sorted(set(self.quota_levels))
         return self
 
@@ -213,3 +233,35 @@ class AlertRules(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             AlertType.BALANCE_ZERO: self.balance_zero,
             AlertType.BALANCE_LOW: self.low_balance_micros is not None,
         }.get(alert.type, True)
+
+
+BASELINE_HOURS = 7 * 24  # the trailing week a usage spike is measured against
+
+
+def spike_alert(
+    tenant: str, consumer_id: str, product: str, hour_ms: int, calls: int, week_calls: int, rules: AlertRules
+) -> NewAlert | None:
+    """usage.spike of one consumer, product and hour: ``calls`` in the hour against
+    ``week_calls`` in the BASELINE_HOURS before it (a mean hour of week_calls / 168;
+    compared in integers). No history, no spike: a first hour is not one."""
+    pct = rules.usage_spike_pct
+    if pct is None or calls < rules.usage_spike_min_calls or week_calls <= 0:
+        return None
+    if calls * 100 * BASELINE_HOURS <= pct * week_calls:
+        return None
+    mean = week_calls / BASELINE_HOURS
+    data = {"product": product, "hour_ms": hour_ms, "calls": calls, "baseline_per_hour": round(mean, 2),
+            "threshold_pct": pct, "pct": round(calls * 100 / mean, 1)}  # fmt: skip
+    return NewAlert(tenant, consumer_id, AlertType.USAGE_SPIKE, f"{product}:{hour_ms}", hour_ms, data)
+
+
+def error_rate_alert(
+    tenant: str, consumer_id: str, product: str, hour_ms: int, calls: int, errors: int, rules: AlertRules
+) -> NewAlert | None:
+    """gateway.error_rate of one consumer, product and hour."""
+    pct = rules.error_rate_pct
+    if pct is None or calls < rules.error_rate_min_calls or errors * 100 <= pct * calls:
+        return None
+    data = {"product": product, "hour_ms": hour_ms, "calls": calls, "errors": errors,
+            "error_rate_pct": round(errors * 100 / calls, 2), "threshold_pct": pct}  # fmt: skip
+    return NewAlert(tenant, consumer_id, AlertType.GATEWAY_ERROR_RATE, f"{product}:{hour_ms}", hour_ms, data)

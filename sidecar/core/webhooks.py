@@ -28,6 +28,7 @@ import msgspec
 
 from sidecar.core.alerts import AlertType
 from sidecar.core.errors import InvalidInput
+from sidecar.core.models import TENANT_RE, check_id
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
@@ -67,6 +68,7 @@ class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     description: str = ""
 
     def validated(self) -> WebhookSpec:
+        check_id(self.tenant, TENANT_RE, "tenant")
         if len(self.url) > MAX_URL or any(ord(ch) < 33 for ch in self.url):
             raise InvalidInput(f"url must be at most {MAX_URL} characters, without spaces", field="url")
         try:

@@ -101,9 +101,11 @@ async def reconciliation(request: Request) -> Response:
         raise InvalidInput(f"source must be one of {', '.join(SOURCES)}", field="source")
     if source == "gateway":
         return await _gateway(request)
+    # ?tenant= names one (that the caller may see); without it, a tenant's token sees its
+    # own tenant's consumers, the admin token every tenant's.
+    tenant = tenant_param(request) if "tenant" in request.query_params else principal(request).tenant
     try:
-        # A tenant's token sees its own tenant's consumers only (the bootstrap token all).
-        report = await request.app.state.catalog.reconciliation(principal(request).tenant)
+        report = await request.app.state.catalog.reconciliation(tenant)
     except NeedsPostgres as exc:
         raise ApiError(501, "postgres_required", str(exc)) from None
     return json_response(report)

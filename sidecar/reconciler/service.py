@@ -20,7 +20,7 @@ from sidecar.core.webhooks import RetryPolicy
 from sidecar.integrations import sync_loop
 from sidecar.integrations.connection_store import ConnectionStore
 from sidecar.integrations.secret_box import SecretBox
-from sidecar.reconciler import gateway_drift, monitoring, partitions
+from sidecar.reconciler import gateway_drift, hourly_alerts, monitoring, partitions
 from sidecar.reconciler.catalog import PostgresCatalog
 from sidecar.reconciler.drain import drain_events, drain_notices, drain_usage
 from sidecar.reconciler.ledger import Ledger
@@ -148,6 +148,7 @@ class Reconciler:
                     # Imports write through the admin write path, as the API does.
                     tasks.create_task(sync_loop.run(connections, ledger, catalog, stop))
                     tasks.create_task(dispatcher.run(stop, self.settings.webhook_poll_ms / 1000))
+                    tasks.create_task(hourly_alerts.run_forever(pool, stop))
                     delay = timedelta(hours=self.settings.gateway_drift_delay_hours)
                     tasks.create_task(
                         gateway_drift.run_forever(pool, self.settings.drift_threshold_pct, delay, stop)

@@ -162,6 +162,8 @@ class WebhookStore:
 
     async def rotate_secret(self, tenant: str, webhook_id: str, actor: str) -> WebhookView | None:
         """A new signing secret, answered once; deliveries from now on are signed with it."""
+        if await self.get(tenant, webhook_id) is None:
+            return None
         secret, sealed = self._seal(tenant, webhook_id)
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(

@@ -1,6 +1,6 @@
 -- alerts.lua: the quota crossings of sidecar/core/alerts.py:quota_crossings, prepended
 -- to the scripts that count calls (decide.lua, event.lua) when they are loaded; it
--- touches no key. Its caller's increment is atomic, so the one increment that takes a
+-- touches only the usage stream its caller passes (the caller's slot). Its caller's increment is atomic, so the one increment that takes a
 -- window's count across a level is the only one to report it.
 
 local WINDOW_NAMES = {'minute', 'hour', 'day', 'week', 'month'}
@@ -30,4 +30,15 @@ local function crossings(limits, used, hits, resets)
     end
   end
   return table.concat(out, ',')
+end
+
+-- add_usage: append one usage record (`entry`: field, value, ...) to `stream`, with the
+-- crossings of its increment in field 'x' when there are any.
+local function add_usage(stream, entry, limits, used, hits, resets)
+  local x = crossings(limits, used, hits, resets)
+  if x ~= '' then
+    entry[#entry + 1] = 'x'
+    entry[#entry + 1] = x
+  end
+  redis.call('XADD', stream, '*', unpack(entry))
 end

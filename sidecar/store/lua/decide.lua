@@ -141,15 +141,9 @@ for i = 1, 5 do
 end
 local before = balance
 balance = unsettled_base - redis.call('HINCRBY', KEYS[1], 'spent', cost_text)
-local entry = {'rid', ARGV[9], 'did', ARGV[10], 'ts', ARGV[8], 't', ARGV[6],
-  'c', ARGV[7], 'p', ARGV[11], 'op', ARGV[12], 'cost', cost_text, 'hits', ARGV[14]}
--- The quota levels this increment crossed (alerts.lua, prepended at load).
-local x = crossings(limits, used, hits, ARGV)
-if x ~= '' then
-  entry[#entry + 1] = 'x'
-  entry[#entry + 1] = x
-end
-redis.call('XADD', KEYS[2], '*', unpack(entry))
+-- With the quota levels this increment crossed (alerts.lua, prepended at load).
+add_usage(KEYS[2], {'rid', ARGV[9], 'did', ARGV[10], 'ts', ARGV[8], 't', ARGV[6],
+  'c', ARGV[7], 'p', ARGV[11], 'op', ARGV[12], 'cost', cost_text, 'hits', ARGV[14]}, limits, used, hits, ARGV)
 
 -- The wallet rules on this debit (wallet_rules.lua, prepended at load).
 local notices = after_debit(KEYS[1], KEYS[3], ARGV[8], before, balance, tonumber(c[3]), c[4], c[14], c[13],

@@ -54,15 +54,9 @@ local cost_text = string.format('%d', cost)
 local unsettled_base = tonumber(c[3]) + tonumber(c[5])
 local before = unsettled_base - tonumber(c[4])
 local balance = unsettled_base - redis.call('HINCRBY', KEYS[3], 'spent', cost_text)
-local entry = {'rid', ARGV[3], 'did', 'ev:' .. ARGV[3], 'ts', ARGV[4], 't', ARGV[5],
-  'c', ARGV[6], 'p', ARGV[7], 'op', ARGV[8], 'cost', cost_text, 'hits', ARGV[9]}
--- The quota levels the event's count took a window across (alerts.lua).
-local x = crossings(limits, used, count, resets)
-if x ~= '' then
-  entry[#entry + 1] = 'x'
-  entry[#entry + 1] = x
-end
-redis.call('XADD', KEYS[4], '*', unpack(entry))
+-- With the quota levels the event's count took a window across (alerts.lua).
+add_usage(KEYS[4], {'rid', ARGV[3], 'did', 'ev:' .. ARGV[3], 'ts', ARGV[4], 't', ARGV[5],
+  'c', ARGV[6], 'p', ARGV[7], 'op', ARGV[8], 'cost', cost_text, 'hits', ARGV[9]}, limits, used, count, resets)
 
 local notices = after_debit(KEYS[3], KEYS[5], ARGV[16], before, balance, price, c[2], c[12], c[11], c[13])
 return {1, 1, notices}
