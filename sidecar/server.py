@@ -62,8 +62,13 @@ async def _invalidations(settings: Settings, authorizer: Authorizer, store: Stor
                 # Not listening: no denial may be answered from memory.
                 authorizer.standing.live = False
 
-    async with in_background(listen()):
-        yield
+    try:
+        async with in_background(listen()):
+            yield
+    finally:
+        # Stopped, or left behind because its pub/sub close hangs: either way this
+        # process no longer hears invalidations, so no denial is answered from memory.
+        authorizer.standing.live = False
 
 
 @contextlib.asynccontextmanager

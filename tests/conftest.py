@@ -123,7 +123,9 @@ async def store(backend_url: str | None, prefix: str) -> AsyncIterator[Store]:
     if backend_url is None:
         yield MemoryStore()
         return
-    redis_store = RedisStore(backend_url, prefix=prefix)
+    # A connect (for Sentinel: ask a sentinel, then reach the primary) may take longer
+    # than the production default of 250 ms on a busy 2-core test machine.
+    redis_store = RedisStore(backend_url, prefix=prefix, connect_timeout_s=2.0)
     await redis_store.load_scripts()
     yield redis_store
     await redis_store.close()
